@@ -1,0 +1,775 @@
+"""
+ddpm.py: Denoising Diffusion Probabilistic Models in one file, read top to bottom.
+
+    DDPM   Ho, Jain & Abbeel 2020, https://arxiv.org/abs/2006.11239  (Eq. and Algorithm numbers below are its)
+    DDIM   Song, Meng & Ermon 2020, https://arxiv.org/abs/2010.02502  (fast sampling with fewer steps)
+    CFG    Ho & Salimans 2022, https://arxiv.org/abs/2207.12598       (classifier-free guidance)
+    cosine Nichol & Dhariwal 2021, https://arxiv.org/abs/2102.09672   (cosine noise schedule)
+
+Usage:
+    python ddpm.py train                          # the paper's CIFAR-10 setup, class-conditional
+    python ddpm.py train --data path/to/folder    # your own images, laid out folder/<class>/*.png|jpg
+    python ddpm.py train --resume --out runs/x    # continue an interrupted run exactly where it stopped
+    python ddpm.py sample --class ship            # guided samples from the newest runs/*/ckpt.pt
+    python ddpm.py sample --steps 100 --out fid/  # DDIM in 100 steps, one PNG per sample
+
+Notation: T steps, counted 0-based in code, t ∈ {0, …, T−1}; code t is the paper's t + 1, so code t = 0 is
+the last denoising step. β_t is the noise variance of step t, α_t = 1 − β_t, ᾱ_t = ∏_{s≤t} α_s. Data x_0 lies
+in [-1, 1]; x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε with ε ~ N(0, I); the network predicts ε: ε̂ = ε_θ(x_t, t, y).
+Sections: 1 schedule and diffusion math, 2 U-Net, 3 EMA, 4 data, 5 training, 6 sampling, 7 command line.
+Each section uses only the ones above it and no module globals, so any of them can be copied out alone.
+"""
+import argparse, copy, glob, math, os, pickle, signal, sys, time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from functools import lru_cache
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+
+# ================================================================================================
+# 1. Noise schedule and diffusion math
+# ================================================================================================
+def make_betas(schedule, timesteps):
+    """β_0 … β_{T−1} as a (T,) float64 tensor; float64 because ᾱ is a product of 1000 numbers near 1."""
+    if schedule == "linear":
+        # Ho et al.: 1e-4 → 0.02 for T = 1000. Scaled by 1000/T so that other T still end with ᾱ_{T−1} ≈ 0
+        # (otherwise x_{T−1} still carries the image and sampling from N(0, I) starts off the data).
+        scale = 1000 / timesteps
+        betas = torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
+    elif schedule == "cosine":
+        # Nichol & Dhariwal Eq. 17: ᾱ(t) = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s) · π/2), s = 0.008
+        f = torch.cos((torch.arange(timesteps + 1, dtype=torch.float64) / timesteps + 0.008) / 1.008 * math.pi / 2) ** 2
+        betas = 1 - f[1:] / f[:-1]                                  # β_t = 1 − ᾱ_t / ᾱ_{t−1}
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}: use 'linear' or 'cosine'")
+    return betas.clamp(max=0.999)  # β = 1 would make ᾱ = 0 and x̂_0 undefined (cosine's last steps, tiny T)
+
+
+def _extract(a, t, x):
+    """a[t] for a (T,) schedule and t (B,), shaped (B, 1, …, 1) to broadcast against x."""
+    return a.to(t.device)[t].view(-1, *([1] * (x.dim() - 1)))
+
+
+class Diffusion:
+    """Forward process q, reverse process p_θ, training loss and samplers of a Gaussian diffusion.
+
+    Every schedule tensor is (T,) float32, computed in float64 and cast once. t is always a LongTensor (B,)
+    of 0-based steps; x tensors are (B, C, H, W) in [-1, 1]. `model(x_t, t, y)` returns ε̂ with x_t's shape.
+    """
+
+    def __init__(self, timesteps=1000, schedule="linear", variance="fixedlarge"):
+        if variance not in ("fixedlarge", "fixedsmall"):
+            raise ValueError(f"unknown variance {variance!r}: use 'fixedlarge' or 'fixedsmall'")
+        self.num_timesteps = timesteps
+        betas = make_betas(schedule, timesteps)
+        alphas_cumprod = torch.cumprod(1 - betas, dim=0)                                           # ᾱ_t
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])  # ᾱ_{t−1}, 1 at t = 0
+        # Eq. 7: β̃_t = (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · β_t; it is 0 at t = 0, where x_1 determines x_0.
+        posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)
+        # σ²_t of p_θ (Sec. 3.2): β_t ("fixedlarge", what Ho et al. used on CIFAR-10) or β̃_t ("fixedsmall").
+        # fixedlarge puts β̃ of code t = 1 at t = 0, as their code does, so log σ² stays finite there.
+        model_variance = torch.cat([posterior_variance[1:2], betas[1:]]) if variance == "fixedlarge" else posterior_variance
+        tensors = dict(
+            betas=betas, alphas_cumprod=alphas_cumprod, alphas_cumprod_prev=alphas_cumprod_prev,
+            sqrt_alphas_cumprod=alphas_cumprod.sqrt(), sqrt_one_minus_alphas_cumprod=(1 - alphas_cumprod).sqrt(),
+            sqrt_recip_alphas_cumprod=alphas_cumprod.rsqrt(), sqrt_recipm1_alphas_cumprod=(1 / alphas_cumprod - 1).sqrt(),
+            posterior_variance=posterior_variance, model_variance=model_variance,
+            # Eq. 7: μ̃_t(x_t, x_0) = sqrt(ᾱ_{t−1}) β_t / (1 − ᾱ_t) · x_0 + sqrt(α_t) (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · x_t
+            posterior_mean_coef1=alphas_cumprod_prev.sqrt() * betas / (1 - alphas_cumprod),
+            posterior_mean_coef2=(1 - betas).sqrt() * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod))
+        for name, value in tensors.items():
+            setattr(self, name, value.float())
+
+    def q_sample(self, x0, t, noise):
+        """Draw x_t ~ q(x_t | x_0) with the given ε = noise."""
+        # Eq. 4: x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε
+        return _extract(self.sqrt_alphas_cumprod, t, x0) * x0 + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+
+    def predict_x0_from_eps(self, x_t, t, eps):
+        # Eq. 4 solved for x_0: x_0 = (x_t − sqrt(1 − ᾱ_t) ε) / sqrt(ᾱ_t) = sqrt(1/ᾱ_t) x_t − sqrt(1/ᾱ_t − 1) ε
+        return _extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+
+    def q_posterior_mean_variance(self, x0, x_t, t):
+        """Mean and variance of q(x_{t−1} | x_t, x_0) (Eqs. 6-7); the variance is (B, 1, 1, 1)."""
+        mean = _extract(self.posterior_mean_coef1, t, x_t) * x0 + _extract(self.posterior_mean_coef2, t, x_t) * x_t
+        return mean, _extract(self.posterior_variance, t, x_t)
+
+    def predict_eps(self, model, x_t, t, y=None, guidance=1.0):
+        """ε̂, with classifier-free guidance when y is given and guidance ≠ 1: ε̃ = ε_u + s (ε_c − ε_u), where
+        ε_u is the prediction for the null label (index model.num_classes) and s = guidance. s = 1 is the plain
+        conditional model, s = 0 the unconditional one; Ho & Salimans write (1 + w) ε_c − w ε_u, so w = s − 1."""
+        if y is None or guidance == 1.0:
+            return model(x_t, t, y).float()
+        null = torch.full_like(y, model.num_classes)
+        # Both halves in one batched forward (as DiT's sample.py): one pass over the weights instead of two.
+        eps_c, eps_u = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
+        return eps_u + guidance * (eps_c - eps_u)
+
+    def p_mean_variance(self, model, x_t, t, y=None, guidance=1.0):
+        """Mean and variance of p_θ(x_{t−1} | x_t), and the clipped x̂_0 the mean was formed from."""
+        eps = self.predict_eps(model, x_t, t, y, guidance)
+        # Clip x̂_0, not x_t: data lies in [-1, 1], and an out-of-range x̂_0 pulls the mean off it (colour shift).
+        pred_x0 = self.predict_x0_from_eps(x_t, t, eps).clamp(-1, 1)
+        mean, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)    # Eq. 11 written through x̂_0
+        return mean, _extract(self.model_variance, t, x_t), pred_x0
+
+    def training_loss(self, model, x0, y=None, p_uncond=0.0):
+        """Algorithm 1: t ~ U{0, …, T−1}, ε ~ N(0, I), loss = ‖ε − ε_θ(x_t, t)‖² averaged over all pixels (Eq. 14).
+        With labels y, each one is replaced by the null label with probability p_uncond, per sample, so one
+        network learns both ε_c and the ε_u that guidance needs."""
+        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
+        noise = torch.randn_like(x0)
+        if y is not None and p_uncond > 0:
+            drop = torch.rand(y.shape, device=y.device) < p_uncond
+            y = torch.where(drop, torch.full_like(y, model.num_classes), y)
+        eps = model(self.q_sample(x0, t, noise), t, y)
+        return F.mse_loss(eps.float(), noise)  # in float32 even when the network ran in bf16
+
+    @torch.no_grad()
+    def sample(self, model, n, y=None, guidance=1.0, steps=None, eta=0.0, generator=None, noise=None, progress=False):
+        """Draw n images (n, C, H, W) in [-1, 1] from the reverse process, starting at x_{T−1} = noise ~ N(0, I).
+
+        steps=None: Algorithm 2, the paper's ancestral sampler over all T steps, no noise at the last step.
+        steps=S:    DDIM over S evenly spaced steps that include t = T−1 and t = 0; eta = 0 is deterministic,
+                    eta = 1 adds DDPM-like noise. σ²_t = β_t would be very bad with few steps (DDIM paper, Table 1).
+        """
+        p = next(model.parameters())
+        shape = (n, model.in_channels, model.image_size, model.image_size)
+        x = torch.randn(shape, generator=generator, device=p.device) if noise is None else noise.to(p.device)
+        T = self.num_timesteps
+        ts = list(range(T)) if steps is None else torch.linspace(0, T - 1, steps).round().long().tolist()
+        for i in tqdm(reversed(range(len(ts))), total=len(ts), disable=not progress, desc="sampling", leave=False):
+            t = torch.full((n,), ts[i], device=x.device, dtype=torch.long)
+            z = torch.randn(shape, generator=generator, device=x.device) if i > 0 else torch.zeros_like(x)
+            if steps is None:
+                mean, var, _ = self.p_mean_variance(model, x, t, y, guidance)
+                x = mean + var.sqrt() * z                    # Algorithm 2: x_{t−1} = μ_θ(x_t, t) + σ_t z, z = 0 at the end
+                continue
+            eps = self.predict_eps(model, x, t, y, guidance)
+            pred_x0 = self.predict_x0_from_eps(x, t, eps).clamp(-1, 1)
+            a, a_prev = self.alphas_cumprod[ts[i]].item(), (self.alphas_cumprod[ts[i - 1]].item() if i > 0 else 1.0)
+            # Re-derive ε from the clipped x̂_0 so the step stays on the line between x̂_0 and x_t.
+            eps = (x - a ** 0.5 * pred_x0) / (1 - a) ** 0.5
+            # DDIM Eq. 16: σ = η sqrt((1 − ᾱ_prev) / (1 − ᾱ_t)) sqrt(1 − ᾱ_t / ᾱ_prev)
+            sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
+            # DDIM Eq. 12: x_prev = sqrt(ᾱ_prev) x̂_0 + sqrt(1 − ᾱ_prev − σ²) ε + σ z
+            x = a_prev ** 0.5 * pred_x0 + max(1 - a_prev - sigma ** 2, 0.0) ** 0.5 * eps + sigma * z
+        return x
+
+
+# ================================================================================================
+# 2. U-Net ε_θ(x_t, t, y): Ho et al.'s CIFAR-10 network (their diffusion_utils model, "ddpm_cifar10")
+# ================================================================================================
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding (B,) → (B, dim) of the step, as in the Transformer: [sin(t·f_i), cos(t·f_i)]."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32) * (-math.log(10000) / (half - 1)))
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([args.sin(), args.cos()], dim=1)
+
+
+def _norm(ch):
+    # GroupNorm, never BatchNorm: batch statistics would mix timesteps and differ between train and eval.
+    return nn.GroupNorm(math.gcd(32, ch), ch)  # 32 groups as in the paper; fewer only for narrow test nets
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H·W positions, residual."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.norm, self.qkv, self.proj = _norm(ch), nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, 1, C, H * W).transpose(-1, -2).unbind(1)  # each (B, 1, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v)                                             # softmax(q kᵀ/√C) v
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class ResBlock(nn.Module):
+    """GroupNorm → SiLU → conv, + projected embedding, GroupNorm → SiLU → dropout → conv, + skip; then attention."""
+
+    def __init__(self, in_ch, out_ch, emb_ch, dropout, attn=False):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_ch, out_ch)
+        self.norm2, self.dropout = _norm(out_ch), nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()  # Ho et al.'s "nin_shortcut"
+        self.attn = AttnBlock(out_ch) if attn else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb_proj(F.silu(emb))[:, :, None, None]  # time (and class) enter after the first conv
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.attn(self.skip(x) + h)
+
+
+class Downsample(nn.Conv2d):
+    def __init__(self, ch):
+        super().__init__(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x, emb=None):
+        return super().forward(x)
+
+
+class Upsample(nn.Conv2d):
+    def __init__(self, ch):
+        super().__init__(ch, ch, 3, padding=1)
+
+    def forward(self, x, emb=None):
+        return super().forward(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """ε_θ(x, t, y) → ε̂ with x's shape. x: (B, C, H, W); t: LongTensor (B,) in 0..T−1; y: LongTensor (B,) of
+    labels, where the value num_classes is the null label ("no class"), or None (= null for a conditional net).
+
+    The defaults are Ho et al.'s CIFAR-10 network, 35.7M parameters: ch_mult (1, 2, 2, 2) gives 32→16→8→4
+    with 128/256/256/256 channels; num_res_blocks per level going down and one more going up (each up block
+    concatenates one skip); attention at the resolutions in attn_resolutions and in the middle.
+    """
+
+    def __init__(self, in_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
+                 dropout=0.1, image_size=32, num_classes=None):
+        super().__init__()
+        if image_size % 2 ** (len(ch_mult) - 1):
+            raise ValueError(f"image size {image_size} is not divisible by {2 ** (len(ch_mult) - 1)}, "
+                             f"which a U-Net with {len(ch_mult)} levels needs")
+        self.in_channels, self.ch, self.image_size, self.num_classes = in_channels, ch, image_size, num_classes
+        emb_ch = 4 * ch
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        self.class_emb = nn.Embedding(num_classes + 1, emb_ch) if num_classes else None  # last row: null label
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.down, self.up, skips, cur, res = nn.ModuleList(), nn.ModuleList(), [ch], ch, image_size
+        for level, mult in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                self.down.append(ResBlock(cur, ch * mult, emb_ch, dropout, res in attn_resolutions))
+                cur = ch * mult
+                skips.append(cur)
+            if level < len(ch_mult) - 1:
+                self.down.append(Downsample(cur))
+                res //= 2
+                skips.append(cur)
+        self.mid = nn.ModuleList([ResBlock(cur, cur, emb_ch, dropout, attn=True), ResBlock(cur, cur, emb_ch, dropout)])
+        for level, mult in reversed(list(enumerate(ch_mult))):
+            for _ in range(num_res_blocks + 1):
+                self.up.append(ResBlock(cur + skips.pop(), ch * mult, emb_ch, dropout, res in attn_resolutions))
+                cur = ch * mult
+            if level > 0:
+                self.up.append(Upsample(cur))
+                res *= 2
+        self.out = nn.Sequential(_norm(cur), nn.SiLU(), nn.Conv2d(cur, in_channels, 3, padding=1))
+        # Ho et al.'s init: Xavier-uniform weights, zero biases, and zero weights in the last layer of every
+        # residual branch, of attention and of the network, so each block starts as the identity and ε̂ as 0.
+        last = [m.conv2 for m in self.modules() if isinstance(m, ResBlock)] + [self.out[-1]]
+        last += [m.proj for m in self.modules() if isinstance(m, AttnBlock)]
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                (nn.init.zeros_ if any(m is z for z in last) else nn.init.xavier_uniform_)(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x, t, y=None):
+        emb = self.time_mlp(timestep_embedding(t, self.ch))                            # (B, 4·ch)
+        if self.class_emb is not None:
+            emb = emb + self.class_emb(torch.full_like(t, self.num_classes) if y is None else y)
+        h = self.conv_in(x)
+        hs = [h]
+        for layer in self.down:
+            h = layer(h, emb)
+            hs.append(h)
+        for layer in self.mid:
+            h = layer(h, emb)
+        for layer in self.up:
+            h = layer(torch.cat([h, hs.pop()], dim=1) if isinstance(layer, ResBlock) else h, emb)
+        return self.out(h)
+
+
+# ================================================================================================
+# 3. EMA of the weights: what gets sampled from
+# ================================================================================================
+class EMA:
+    """Shadow copy θ' ← d θ' + (1 − d) θ of a model's parameters and float buffers, in eval mode.
+
+    d_n = min(decay, (1 + n) / (10 + n)) after n earlier updates: a plain 0.9999 average would sit at the random
+    init for thousands of steps, so short runs would sample noise. Save it with its update count n."""
+
+    def __init__(self, model, decay=0.9999):
+        self.decay, self.num_updates = decay, 0
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model):
+        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        self.num_updates += 1
+        shadow = [v for v in self.model.state_dict().values() if v.is_floating_point()]
+        live = [v for v in model.state_dict().values() if v.is_floating_point()]
+        torch._foreach_lerp_(shadow, live, 1 - d)  # θ' += (1 − d)(θ − θ'), one fused kernel per dtype and device
+
+    def state_dict(self):
+        return {"decay": self.decay, "num_updates": self.num_updates, "model": self.model.state_dict()}
+
+    def load_state_dict(self, state):
+        self.decay, self.num_updates = state["decay"], state["num_updates"]
+        self.model.load_state_dict(state["model"])
+
+
+# ================================================================================================
+# 4. Data: the whole training set decoded once into memory as uint8
+# ================================================================================================
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class UserError(Exception):
+    """A problem the user can fix: reported as one line on stderr, exit code `code`, no traceback."""
+
+    def __init__(self, message, code=2):
+        super().__init__(message)
+        self.code = code
+
+
+def load_images(data, root="./data", image_size=32, workers=4):
+    """→ (images uint8 (N, 3, S, S), labels long (N,), class names). `data` is "cifar10" (torchvision,
+    downloaded into root) or a folder laid out data/<class>/*.png|jpg (or images directly in data: one class).
+    Every image is decoded here, once: an unreadable file is refused now, not hours into a run; images of any
+    mode (grey, RGBA, palette) are converted to RGB, resized on the short side and centre-cropped to S."""
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+    if data == "cifar10":
+        import torchvision
+        try:
+            ds = torchvision.datasets.CIFAR10(root, train=True, download=True)
+        except Exception as e:  # no network, full disk: say so in one line
+            raise UserError(f"could not get CIFAR-10 into {root} ({e}); pass --data path/to/images instead")
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()            # (N, 3, 32, 32)
+        if image_size != 32:
+            images = TF.resize(images, [image_size, image_size], antialias=True)
+        return images, torch.tensor(ds.targets), list(ds.classes)
+    if not os.path.isdir(data):
+        raise UserError(f"--data {data}: no such folder (use cifar10 or a folder laid out <folder>/<class>/*.png)")
+    classes = sorted(d for d in os.listdir(data) if os.path.isdir(os.path.join(data, d)) and not d.startswith("."))
+    dirs = [os.path.join(data, c) for c in classes] or [data]
+    classes = classes or [os.path.basename(os.path.normpath(data))]
+    files = [(os.path.join(d, f), i) for i, d in enumerate(dirs) for f in sorted(os.listdir(d))
+             if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not files:
+        raise UserError(f"--data {data}: no images ({', '.join(IMAGE_EXTENSIONS)}) in {data}/<class>/ or {data}/")
+
+    def decode(path):
+        try:
+            with Image.open(path) as im:
+                im = TF.center_crop(TF.resize(im.convert("RGB"), image_size), image_size)
+        except Exception as e:
+            raise UserError(f"cannot read image {path} ({type(e).__name__}); fix or remove it")
+        return TF.pil_to_tensor(im)
+
+    with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
+        images = list(tqdm(pool.map(decode, [f for f, _ in files]), total=len(files), desc="loading", leave=False, disable=None))
+    return torch.stack(images), torch.tensor([label for _, label in files]), classes
+
+
+@lru_cache(maxsize=2)
+def _epoch_permutation(n, seed, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def batch_indices(n, batch_size, seed, step):
+    """Indices of the batch for `step`: epoch e is a permutation seeded by (seed, e), so the data order is a
+    pure function of the step, and a resumed run sees exactly the batches the uninterrupted one would."""
+    out, pos = [], step * batch_size
+    while pos < (step + 1) * batch_size:  # a batch may straddle epochs (or span several for tiny datasets)
+        epoch, i = divmod(pos, n)
+        out.append(_epoch_permutation(n, seed, epoch)[i:i + (step + 1) * batch_size - pos])
+        pos += len(out[-1])
+    return torch.cat(out)
+
+
+# ================================================================================================
+# 5. Training: Algorithm 1 with Adam, warm-up, clipping, EMA, atomic checkpoints and exact resume
+# ================================================================================================
+TRAIN_DEFAULTS = dict(  # Ho et al.'s CIFAR-10 run; every value is a `train` flag (ch_mult → --ch-mult)
+    data="cifar10", data_root="./data", image_size=32, unconditional=False, out=None, steps=800_000,
+    batch_size=128, lr=2e-4, warmup=5000, grad_clip=1.0, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
+    attn_res=(16,), dropout=0.1, timesteps=1000, schedule="linear", ema_decay=0.9999, p_uncond=0.1,
+    save_every=5000, keep_every=0, sample_every=10000, log_every=100, seed=0, device=None, num_workers=4,
+    precision="auto", compile=False)
+# What a resumed run may change; everything else must match the checkpoint, or the run would silently differ.
+RESUMABLE = {"steps", "save_every", "keep_every", "sample_every", "log_every", "device", "num_workers",
+             "precision", "compile", "data", "data_root", "out"}
+
+
+def get_device(name=None):
+    """The named device, else the best one found: cuda, then mps, then cpu."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device name (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available() or device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: not available on this machine")
+    return device
+
+
+def autocast(device, precision):
+    """bf16 autocast on CUDA by default: same speed as fp16 without its NaN losses. The schedule, the loss and
+    GroupNorm statistics stay float32 (autocast runs group_norm in float32)."""
+    bf16 = precision == "bf16" or precision == "auto" and device.type == "cuda"
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def unet_from_config(cfg, num_classes):
+    return UNet(3, cfg["ch"], tuple(cfg["ch_mult"]), cfg["num_res_blocks"], tuple(cfg["attn_res"]), cfg["dropout"],
+                cfg["image_size"], None if cfg["unconditional"] else num_classes)
+
+
+def save_checkpoint(obj, path):
+    """torch.save, atomically: a temporary file in the same folder, fsync, then rename over `path`. A crash or
+    kill at any moment leaves either the old file or the new one, whole."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    os.fsync(fd)  # make the rename itself durable
+    os.close(fd)
+
+
+def load_checkpoint(path):
+    """Load with weights_only=True: only tensors and plain Python values are unpickled, so a crafted file
+    cannot run code. Any failure becomes one clear UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path}: refused, it holds objects other than tensors and plain values "
+                        f"({str(e).strip().splitlines()[0]})") from None
+    except Exception as e:
+        raise UserError(f"{path}: not a readable checkpoint, truncated or corrupt ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or not {"config", "classes", "ema", "step"} <= ckpt.keys():
+        raise UserError(f"{path}: not a ddpm.py checkpoint")
+    return ckpt
+
+
+def save_grid(x, path, nrow):
+    """Images in [-1, 1] → one PNG grid, quantised to 8 bits, written atomically."""
+    from torchvision.utils import save_image
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    save_image((x.float() + 1) / 2, tmp, nrow=nrow, padding=1)  # save_image clamps to [0, 1] and rounds
+    os.replace(tmp, path)
+
+
+def class_rows(num_classes, n):
+    """Labels for a grid with one row per class, about n images in all → (labels, images per row)."""
+    per = max(1, math.ceil(n / num_classes))
+    return torch.arange(num_classes).repeat_interleave(per), per
+
+
+def train(cfg, ckpt=None):
+    """Train with config dict `cfg` (TRAIN_DEFAULTS' keys) into cfg["out"], or continue `ckpt` exactly.
+    Returns the exit code: 0 when done, 128 + signal number when interrupted (after saving)."""
+    device = get_device(cfg["device"])
+    torch.manual_seed(cfg["seed"])
+    images, labels, classes = load_images(cfg["data"], cfg["data_root"], cfg["image_size"], cfg["num_workers"])
+    if ckpt is not None and ckpt["classes"] != classes:
+        raise UserError(f"--data {cfg['data']} has classes {classes}, the run being resumed had {ckpt['classes']}")
+    try:
+        model = unet_from_config(cfg, len(classes)).to(device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    ema = EMA(model, cfg["ema_decay"])
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], fused=device.type == "cuda")
+    diffusion = Diffusion(cfg["timesteps"], cfg["schedule"])
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    out, B, conditional = cfg["out"], cfg["batch_size"], not cfg["unconditional"]
+    for stale in glob.glob(os.path.join(out, "*.tmp[0-9]*")):  # left by a process killed mid-save
+        os.remove(stale)
+    images, labels = images.to(device), labels.to(device)  # CIFAR-10: 150 MB, so batches are a gather
+    forward = torch.compile(model) if cfg["compile"] else model
+    amp = autocast(device, cfg["precision"])
+
+    def checkpoint():
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                 "config": dict(cfg), "classes": classes, "rng": rng}
+        save_checkpoint(state, os.path.join(out, "ckpt.pt"))
+        if cfg["keep_every"] and step % cfg["keep_every"] == 0:
+            save_checkpoint(state, os.path.join(out, f"ckpt_{step:08d}.pt"))
+
+    print(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter U-Net on {len(images)} images "
+          f"({len(classes)} classes) on {device}, step {step} → {cfg['steps']}, run folder {out}", file=sys.stderr)
+    interrupted = []  # signal numbers, appended by the handler; the loop saves and stops at the next step
+    handlers = {s: signal.signal(s, lambda signum, frame: interrupted.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    log = open(os.path.join(out, "log.txt"), "a")
+    bar = tqdm(total=cfg["steps"], initial=step, dynamic_ncols=True, disable=None)
+    losses, t_log, step_log = [], time.time(), step
+    try:
+        model.train()
+        while step < cfg["steps"] and not interrupted:
+            idx = batch_indices(len(images), B, cfg["seed"], step).to(device)
+            x0 = images[idx].float() / 127.5 - 1                                  # pixels x/127.5 − 1 ∈ [-1, 1]
+            flip = torch.rand(B, device=device) < 0.5                             # random horizontal flip
+            x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
+            lr = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup"]))         # linear warm-up
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with amp:
+                loss = diffusion.training_loss(forward, x0, labels[idx] if conditional else None, cfg["p_uncond"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+            loss_value, grad_value = torch.stack([loss.detach(), grad_norm]).tolist()
+            if not math.isfinite(loss_value + grad_value):  # checked before the update: NaN weights never exist
+                raise UserError(f"non-finite loss ({loss_value}) or gradient norm ({grad_value}) at step {step + 1}; "
+                                f"stopped, {out}/ckpt.pt holds the last good state (try a lower --lr)", code=1)
+            opt.step()
+            ema.update(model)
+            step += 1
+            losses.append(loss_value)
+            bar.update(1)
+            if step % cfg["log_every"] == 0 or step == cfg["steps"]:
+                rate = (step - step_log) * B / (time.time() - t_log)
+                bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}", img_s=f"{rate:.0f}")
+                print(f"step {step} loss {sum(losses) / len(losses):.5f} lr {lr:.3e} grad_norm {grad_value:.3f} "
+                      f"img/s {rate:.1f}", file=log, flush=True)
+                losses, t_log, step_log = [], time.time(), step
+            if step % cfg["save_every"] == 0 or step == cfg["steps"]:
+                checkpoint()
+            if cfg["sample_every"] and step % cfg["sample_every"] == 0:
+                # Preview with the EMA weights, fixed noise, 100 DDIM steps, guidance 2 (as `sample` does).
+                y, nrow = class_rows(len(classes), 64) if conditional else (None, 8)
+                g = torch.Generator(device).manual_seed(cfg["seed"])  # its own generator: training RNG untouched
+                with amp:
+                    x = diffusion.sample(ema.model, 64 if y is None else len(y), None if y is None else y.to(device),
+                                         2.0, min(100, cfg["timesteps"]), generator=g)
+                save_grid(x, os.path.join(out, f"samples_{step:08d}.png"), nrow)
+                t_log, step_log = time.time(), step  # images/s counts training only
+    finally:
+        bar.close()
+        log.close()
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    if interrupted:
+        checkpoint()
+        print(f"interrupted at step {step}; saved {out}/ckpt.pt. Resume with: python ddpm.py train --resume --out {out}",
+              file=sys.stderr)
+        return 128 + interrupted[0]
+    print(f"done: {out}/ckpt.pt at step {step}", file=sys.stderr)
+    return 0
+
+
+# ================================================================================================
+# 6. Sampling from a checkpoint
+# ================================================================================================
+def load_sampler(path, device):
+    """Checkpoint → (EMA U-Net in eval mode on device, Diffusion, class names, config)."""
+    ckpt = load_checkpoint(path)
+    cfg = ckpt["config"]
+    model = unet_from_config(cfg, len(ckpt["classes"]))
+    model.load_state_dict(ckpt["ema"]["model"])
+    return model.to(device).eval(), Diffusion(cfg["timesteps"], cfg["schedule"]), ckpt["classes"], cfg
+
+
+def sample_images(model, diffusion, labels, n, batch_size, **kwargs):
+    """n samples in chunks of batch_size; labels: (n,) LongTensor or None → (n, C, H, W) on the CPU."""
+    device, chunks = next(model.parameters()).device, []
+    for start in tqdm(range(0, n, batch_size), desc="batches", disable=n <= batch_size):
+        y = None if labels is None else labels[start:start + batch_size].to(device)
+        chunks.append(diffusion.sample(model, min(batch_size, n - start), y, **kwargs).float().cpu())
+    return torch.cat(chunks)
+
+
+def cmd_sample(args):
+    path = args.ckpt or max(glob.glob(os.path.join("runs", "*", "ckpt.pt")), key=os.path.getmtime, default=None)
+    if path is None:
+        raise UserError("no checkpoint found in runs/*/ckpt.pt: train one first, or pass --ckpt")
+    device = get_device(args.device)
+    model, diffusion, classes, cfg = load_sampler(path, device)
+    if args.steps is not None and args.steps > diffusion.num_timesteps:
+        raise UserError(f"--steps {args.steps}: the model has only T = {diffusion.num_timesteps} steps")
+    name, labels, nrow = "all", None, math.ceil(math.sqrt(args.n))
+    if args.class_name is not None:
+        if cfg["unconditional"]:
+            raise UserError(f"--class: {path} is an unconditional model")
+        c = args.class_name
+        idx = classes.index(c) if c in classes else int(c) if c.isdigit() else -1
+        if not 0 <= idx < len(classes):
+            raise UserError(f"--class {args.class_name}: unknown; choose from {', '.join(classes)} (or 0-{len(classes) - 1})")
+        name, labels = classes[idx], torch.full((args.n,), idx)
+    elif not cfg["unconditional"]:
+        labels, nrow = class_rows(len(classes), args.n)
+    out = args.out or os.path.join("samples", f"{name}.png")
+    per_file = out.endswith(("/", os.sep)) or os.path.isdir(out)
+    try:  # fail now, not after an hour of sampling
+        os.makedirs(out if per_file else os.path.dirname(out) or ".", exist_ok=True)
+        probe = os.path.join(out if per_file else os.path.dirname(out) or ".", f".probe{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write there ({e.strerror})") from None
+    torch.manual_seed(args.seed)
+    with autocast(device, args.precision):
+        x = sample_images(model, diffusion, labels, len(labels) if labels is not None else args.n, args.batch_size,
+                          guidance=args.guidance, steps=args.steps, eta=args.eta, progress=True)
+    if per_file:
+        for i, image in enumerate(x):
+            save_grid(image[None], os.path.join(out, f"{i:06d}.png"), 1)
+    else:
+        save_grid(x, out, nrow)
+    sampler = f"DDIM {args.steps} steps, eta {args.eta}" if args.steps else f"ancestral {diffusion.num_timesteps} steps"
+    print(f"wrote {len(x)} samples ({sampler}, guidance {args.guidance}) from {path} to {out}", file=sys.stderr)
+    return 0
+
+
+# ================================================================================================
+# 7. Command line
+# ================================================================================================
+def cmd_train(args):
+    given = {k: v for k, v in vars(args).items() if k in TRAIN_DEFAULTS and v is not None}
+    data = given.get("data", TRAIN_DEFAULTS["data"])
+    out = given.setdefault("out", os.path.join("runs", os.path.basename(os.path.normpath(data)) or "run"))
+    path, ckpt = os.path.join(out, "ckpt.pt"), None
+    if args.resume:
+        if not os.path.exists(path):
+            raise UserError(f"--resume: no checkpoint in {out}/ to resume (start without --resume)")
+        ckpt = load_checkpoint(path)
+        cfg = dict(ckpt["config"])
+        for key, value in given.items():
+            if key not in RESUMABLE and value != cfg[key]:
+                raise UserError(f"--{key.replace('_', '-')} {value}: the run in {out} used {cfg[key]}; "
+                                f"drop the flag to resume it, or train into another --out")
+        cfg.update(given)
+    elif os.path.exists(path):
+        raise UserError(f"{path} exists: pass --resume to continue that run, or choose another --out")
+    else:
+        cfg = {**TRAIN_DEFAULTS, **given}
+    try:  # an unwritable --out fails now, before the data is loaded
+        os.makedirs(out, exist_ok=True)
+        open(os.path.join(out, "log.txt"), "a").close()
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write there ({e.strerror})") from None
+    return train(cfg, ckpt)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + line
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _ranged(kind, lo, hi, lo_open=False):
+    """argparse type: a `kind` number in [lo, hi] (or (lo, hi])."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        if not ((lo < value) if lo_open else (lo <= value)) or not value <= hi:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{text} is outside {'(' if lo_open else '['}{lo}, {hi}]")
+        return value
+    return parse
+
+
+def _choice(*options):
+    def parse(text):
+        if text not in options:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(options)}")
+        return text
+    return parse
+
+
+def _int_tuple(text):
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers") from None
+
+
+def build_parser():
+    parser = _Parser(prog="ddpm.py", description="DDPM (Ho et al. 2020): train on images, sample with guidance.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    big = 10 ** 9
+    common = _Parser(add_help=False)
+    common.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the best found)")
+    common.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="auto = bf16 autocast on CUDA, else fp32")
+
+    tr = sub.add_parser("train", parents=[common], help="train a model (default: Ho et al.'s CIFAR-10 setup)")
+    tr.set_defaults(func=cmd_train)
+    for flag, kind, text in [
+            ("--data", str, "'cifar10' or an image folder laid out <folder>/<class>/*.png|jpg"),
+            ("--data-root", str, "where CIFAR-10 is downloaded"), ("--image-size", _ranged(int, 4, 4096), "side in pixels"),
+            ("--out", str, "run folder: ckpt.pt, log.txt, samples_*.png (default: runs/<data name>)"),
+            ("--steps", _ranged(int, 1, big), "total training steps"), ("--batch-size", _ranged(int, 1, 65536), "images per step"),
+            ("--lr", _ranged(float, 0, 1, True), "Adam learning rate"), ("--warmup", _ranged(int, 0, big), "linear warm-up steps"),
+            ("--grad-clip", _ranged(float, 0, 1e6, True), "global gradient-norm clip"),
+            ("--ch", _ranged(int, 8, 4096), "base channels"), ("--ch-mult", _int_tuple, "channel multiplier per level, e.g. 1,2,2"),
+            ("--num-res-blocks", _ranged(int, 1, 64), "residual blocks per level"),
+            ("--attn-res", _int_tuple, "resolutions with self-attention, e.g. 16 or 16,8 ('' for none)"),
+            ("--dropout", _ranged(float, 0, 0.99), "dropout in residual blocks"),
+            ("--timesteps", _ranged(int, 2, 100_000), "diffusion steps T"), ("--schedule", _choice("linear", "cosine"), "noise schedule"),
+            ("--ema-decay", _ranged(float, 0, 1), "EMA decay"),
+            ("--p-uncond", _ranged(float, 0, 1), "probability of the null label in training (for guidance)"),
+            ("--save-every", _ranged(int, 1, big), "checkpoint interval in steps"),
+            ("--keep-every", _ranged(int, 0, big), "also keep ckpt_<step>.pt every N steps (0: only the last)"),
+            ("--sample-every", _ranged(int, 0, big), "EMA sample grid interval in steps (0: never)"),
+            ("--log-every", _ranged(int, 1, big), "log.txt line interval in steps"),
+            ("--seed", _ranged(int, 0, 2 ** 62), "random seed"), ("--num-workers", _ranged(int, 1, 256), "image decoding threads")]:
+        key = flag[2:].replace("-", "_")
+        tr.add_argument(flag, type=kind, help=f"{text} (default: {TRAIN_DEFAULTS[key]})")
+    tr.add_argument("--unconditional", action="store_true", default=None, help="ignore the classes (default: conditional)")
+    tr.add_argument("--compile", action="store_true", default=None, help="torch.compile the U-Net (faster on GPUs)")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+
+    sa = sub.add_parser("sample", parents=[common], help="sample a PNG grid (or one PNG per image) from a checkpoint")
+    sa.set_defaults(func=cmd_sample, precision="auto")
+    sa.add_argument("--ckpt", help="checkpoint (default: the newest runs/*/ckpt.pt)")
+    sa.add_argument("--class", dest="class_name", help="class name or index (default: every class, one per row)")
+    sa.add_argument("--n", type=_ranged(int, 1, 10 ** 7), default=64, help="number of samples (default: 64)")
+    sa.add_argument("--guidance", type=_ranged(float, 0, 100), default=2.0,
+                    help="classifier-free guidance scale s: 1 = plain conditional, 0 = unconditional (default: 2.0)")
+    sa.add_argument("--steps", type=_ranged(int, 1, 100_000), help="DDIM steps (default: all T, ancestral sampling)")
+    sa.add_argument("--eta", type=_ranged(float, 0, 1), default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like (default: 0)")
+    sa.add_argument("--batch-size", type=_ranged(int, 1, 65536), default=256, help="samples per forward pass (default: 256)")
+    sa.add_argument("--seed", type=_ranged(int, 0, 2 ** 62), default=0, help="random seed (default: 0)")
+    sa.add_argument("--out", help="PNG grid, or a folder (ending in /) for one PNG per sample (default: samples/<class>.png)")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"ddpm.py: error: {e}", file=sys.stderr)
+        return e.code
+    except torch.OutOfMemoryError:
+        print("ddpm.py: error: out of GPU memory; try a smaller --batch-size", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ddpm.py: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
