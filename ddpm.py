@@ -19,7 +19,7 @@ in [-1, 1]; x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε with ε ~ N(0, I); the 
 Sections: 1 schedule and diffusion math, 2 U-Net, 3 EMA, 4 data, 5 training, 6 sampling, 7 command line.
 Each section uses only the ones above it and no module globals, so any of them can be copied out alone.
 """
-import argparse, copy, glob, math, os, pickle, signal, sys, time
+import argparse, copy, glob, math, os, re, signal, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from functools import lru_cache
@@ -142,7 +142,7 @@ class Diffusion:
         x = torch.randn(shape, generator=generator, device=p.device) if noise is None else noise.to(p.device)
         T = self.num_timesteps
         ts = list(range(T)) if steps is None else torch.linspace(0, T - 1, steps).round().long().tolist()
-        for i in tqdm(reversed(range(len(ts))), total=len(ts), disable=not progress, desc="sampling", leave=False):
+        for i in tqdm(reversed(range(len(ts))), total=len(ts), disable=None if progress else True, desc="sampling", leave=False):
             t = torch.full((n,), ts[i], device=x.device, dtype=torch.long)
             z = torch.randn(shape, generator=generator, device=x.device) if i > 0 else torch.zeros_like(x)
             if steps is None:
@@ -174,7 +174,9 @@ def timestep_embedding(t, dim):
 
 def _norm(ch):
     # GroupNorm, never BatchNorm: batch statistics would mix timesteps and differ between train and eval.
-    return nn.GroupNorm(math.gcd(32, ch), ch)  # 32 groups as in the paper; fewer only for narrow test nets
+    # 32 groups as in the paper; narrow nets keep ≥ 4 channels a group, since a one-channel group would subtract
+    # the per-channel constant through which the time embedding enters, and the net would be blind to t.
+    return nn.GroupNorm(math.gcd(32, max(ch // 4, 1)), ch)
 
 
 class AttnBlock(nn.Module):
@@ -454,10 +456,10 @@ def load_checkpoint(path):
         raise UserError(f"checkpoint {path} not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UserError(f"{path}: refused, it holds objects other than tensors and plain values "
-                        f"({str(e).strip().splitlines()[0]})") from None
     except Exception as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:  # a pickled Python object, maybe one that runs code when loaded: never unpickled
+            raise UserError(f"{path}: refused, it holds a Python object ({found[1]}), not only tensors and plain values") from None
         raise UserError(f"{path}: not a readable checkpoint, truncated or corrupt ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or not {"config", "classes", "ema", "step"} <= ckpt.keys():
         raise UserError(f"{path}: not a ddpm.py checkpoint")
@@ -554,7 +556,7 @@ def train(cfg, ckpt=None):
                 print(f"step {step} loss {sum(losses) / len(losses):.5f} lr {lr:.3e} grad_norm {grad_value:.3f} "
                       f"img/s {rate:.1f}", file=log, flush=True)
                 losses, t_log, step_log = [], time.time(), step
-            if step % cfg["save_every"] == 0 or step == cfg["steps"]:
+            if step % cfg["save_every"] == 0 or step == cfg["steps"] or cfg["keep_every"] and step % cfg["keep_every"] == 0:
                 checkpoint()
             if cfg["sample_every"] and step % cfg["sample_every"] == 0:
                 # Preview with the EMA weights, fixed noise, 100 DDIM steps, guidance 2 (as `sample` does).

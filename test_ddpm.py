@@ -1,0 +1,503 @@
+"""Tests for ddpm.py: formulas against closed forms or independent computations, the network, the samplers,
+the training loop (overfit, exact resume, interruption) and every user error. CPU only, about a minute."""
+import math, os, signal, subprocess, sys, time
+
+import pytest
+import torch
+from PIL import Image
+
+import ddpm
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--image-size", "16", "--ch", "16", "--ch-mult", "1,2", "--num-res-blocks", "1", "--attn-res", "8",
+        "--timesteps", "50", "--batch-size", "4", "--sample-every", "0", "--num-workers", "1"]
+
+
+def run_main(argv, capsys):
+    """ddpm.main in-process → (exit code, stderr). argparse errors count as their SystemExit code."""
+    try:
+        code = ddpm.main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def randomize(model, seed=0):
+    """Random weights everywhere: with the zero-initialised last layers ε̂ ≡ 0 and guidance checks would be vacuous."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+class Oracle(torch.nn.Module):
+    """The exact ε for a data distribution that is the single point x_star: ε = (x_t − sqrt(ᾱ_t) x*) / sqrt(1 − ᾱ_t).
+    Records every t it is called with."""
+
+    def __init__(self, diffusion, x_star):
+        super().__init__()
+        self.d, self.x_star, self.calls = diffusion, x_star, []
+        self.in_channels, self.image_size, self.num_classes = x_star.shape[1], x_star.shape[2], None
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, t, y=None):
+        self.calls.append(t.clone())
+        a = self.d.alphas_cumprod[t].double().view(-1, 1, 1, 1)
+        return ((x.double() - a.sqrt() * self.x_star.double()) / (1 - a).sqrt()).float()
+
+
+@pytest.fixture(scope="session")
+def folder(tmp_path_factory):
+    """Two classes of three 16×16 images each, saved as PNG and JPEG."""
+    root = tmp_path_factory.mktemp("images")
+    g = torch.Generator().manual_seed(0)
+    for c, name in enumerate(["cat", "ship"]):
+        os.makedirs(root / name)
+        for i in range(3):
+            pixels = (torch.rand(16, 16, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / name / f"{i}.{'png' if i else 'jpg'}")
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def ckpts(folder, tmp_path_factory):
+    """A conditional and an unconditional checkpoint, two training steps each."""
+    base = tmp_path_factory.mktemp("runs")
+    paths = {}
+    for kind, extra in [("cond", []), ("uncond", ["--unconditional"])]:
+        out = str(base / kind)
+        assert ddpm.main(["train", "--data", folder, "--out", out, "--steps", "2", *TINY, *extra]) == 0
+        paths[kind] = os.path.join(out, "ckpt.pt")
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- schedule, q, posterior
+def test_linear_schedule_matches_closed_form():
+    d = ddpm.Diffusion(1000, "linear")
+    betas = [1e-4 + (0.02 - 1e-4) * i / 999 for i in range(1000)]
+    assert torch.allclose(d.betas.double(), torch.tensor(betas, dtype=torch.float64), rtol=1e-6)
+    alphabar_last = math.prod(1 - b for b in betas)                           # ᾱ_{T−1} = ∏ (1 − β_i)
+    assert abs(alphabar_last - 4.0358e-5) < 1e-8
+    assert d.alphas_cumprod[-1].item() == pytest.approx(alphabar_last, rel=1e-4)
+    # Other T: the range is scaled by 1000/T, so ᾱ_{T−1} stays near 0.
+    d200 = ddpm.Diffusion(200, "linear")
+    assert d200.betas[0].item() == pytest.approx(5e-4) and d200.betas[-1].item() == pytest.approx(0.1)
+    assert d200.alphas_cumprod[-1].item() < 1e-4
+
+
+def test_cosine_schedule_matches_closed_form():
+    T, s = 1000, 0.008
+    d = ddpm.Diffusion(T, "cosine")
+    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+    for t in [0, 10, 500, 900]:                                   # ᾱ_t = f(t + 1) / f(0), before the β clip bites
+        assert d.alphas_cumprod[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-5)
+    assert d.betas.max().item() == pytest.approx(0.999)
+
+
+def test_q_sample_statistics():
+    d = ddpm.Diffusion(1000)
+    x0 = torch.tensor([-0.9, -0.2, 0.3, 1.0]).view(1, 4, 1, 1)
+    n = 20000
+    for t in [0, 100, 500, 999]:
+        xt = d.q_sample(x0.expand(n, 4, 1, 1), torch.full((n,), t), torch.randn(n, 4, 1, 1))
+        a = d.alphas_cumprod[t].item()
+        mean, var = xt.mean(0).flatten(), xt.var(0).flatten()
+        assert torch.allclose(mean, math.sqrt(a) * x0.flatten(), atol=5 * math.sqrt((1 - a) / n) + 1e-6)
+        assert torch.allclose(var, torch.full((4,), 1 - a), rtol=0.05, atol=1e-6)
+
+
+def test_posterior_equals_gaussian_product():
+    d = ddpm.Diffusion(1000)
+    b = d.betas.double()
+    abar = torch.cumprod(1 - b, 0)
+    x0, xt = torch.randn(5, 3, 2, 2), torch.randn(5, 3, 2, 2)
+    for t in [1, 2, 50, 500, 999]:
+        # q(x_{t−1} | x_t, x_0) ∝ N(x_t; sqrt(α_t) x_{t−1}, β_t) · N(x_{t−1}; sqrt(ᾱ_{t−1}) x_0, 1 − ᾱ_{t−1})
+        precision = (1 - b[t]) / b[t] + 1 / (1 - abar[t - 1])
+        mean = ((1 - b[t]).sqrt() / b[t] * xt.double() + abar[t - 1].sqrt() / (1 - abar[t - 1]) * x0.double()) / precision
+        got_mean, got_var = d.q_posterior_mean_variance(x0, xt, torch.full((5,), t))
+        assert torch.allclose(got_mean.double(), mean, atol=1e-5)
+        assert torch.allclose(got_var.double().flatten(), (1 / precision).expand(5), rtol=1e-4)
+    # t = 0: x_0 is known exactly given x_1.
+    got_mean, got_var = d.q_posterior_mean_variance(x0, xt, torch.zeros(5, dtype=torch.long))
+    assert torch.allclose(got_mean, x0, atol=1e-6) and got_var.abs().max() == 0
+
+
+def test_x0_recovered_from_xt_and_true_eps():
+    d = ddpm.Diffusion(1000)
+    x0, eps = torch.rand(6, 3, 4, 4) * 2 - 1, torch.randn(6, 3, 4, 4)
+    t = torch.tensor([0, 1, 10, 300, 700, 999])
+    assert torch.allclose(d.predict_x0_from_eps(d.q_sample(x0, t, eps), t, eps), x0, atol=2e-4)
+
+
+@pytest.mark.parametrize("variance", ["fixedlarge", "fixedsmall"])
+def test_p_mean_variance(variance):
+    d = ddpm.Diffusion(100, variance=variance)
+    x_star = torch.rand(1, 3, 4, 4) * 4 - 2                      # outside [-1, 1]: x̂_0 must come back clipped
+    model = Oracle(d, x_star)
+    t = torch.tensor([0, 1, 50, 99])
+    xt = d.q_sample(x_star.expand(4, -1, -1, -1), t, torch.randn(4, 3, 4, 4))
+    mean, var, pred_x0 = d.p_mean_variance(model, xt, t)
+    assert torch.allclose(pred_x0, x_star.clamp(-1, 1).expand(4, -1, -1, -1), atol=1e-3)
+    b, bt = d.betas, d.posterior_variance
+    want = [bt[1], b[1], b[50], b[99]] if variance == "fixedlarge" else [bt[0], bt[1], bt[50], bt[99]]
+    assert torch.allclose(var.flatten(), torch.stack(want))
+    assert torch.allclose(mean, d.q_posterior_mean_variance(pred_x0, xt, t)[0])
+
+
+# ---------------------------------------------------------------------------------------------- U-Net
+@pytest.mark.parametrize("in_ch,size,ch_mult,attn,classes", [
+    (3, 32, (1, 2, 2, 2), (16,), None), (1, 16, (1, 2), (8,), 10), (3, 8, (1,), (), 3), (4, 24, (1, 1, 2), (12, 6), None)])
+def test_unet_shapes(in_ch, size, ch_mult, attn, classes):
+    model = ddpm.UNet(in_ch, 16, ch_mult, 1, attn, 0.1, size, classes)
+    x = torch.randn(3, in_ch, size, size)
+    y = None if classes is None else torch.tensor([0, classes - 1, classes])     # includes the null label
+    out = model(x, torch.tensor([0, 5, 999]), y)
+    assert out.shape == x.shape
+    assert out.abs().max() == 0                                  # zero-initialised output conv: ε̂ = 0 at init
+
+
+def test_default_unet_is_the_papers_35_7m():
+    n = sum(p.numel() for p in ddpm.UNet().parameters())
+    assert abs(n - 35.7e6) <= 0.1e6, n
+
+
+def test_unet_rejects_indivisible_image_size():
+    with pytest.raises(ValueError, match="not divisible by 4"):
+        ddpm.UNet(ch_mult=(1, 2, 2), image_size=18)
+
+
+# ---------------------------------------------------------------------------------------------- loss and guidance
+def test_training_loss_draws_all_t_and_drops_labels_per_sample():
+    class Spy(torch.nn.Module):
+        num_classes = 10
+
+        def forward(self, x, t, y=None):
+            self.t, self.y = t, y
+            return torch.zeros_like(x)
+    d, spy = ddpm.Diffusion(50), Spy()
+    y = torch.randint(0, 10, (4000,))
+    loss = d.training_loss(spy, torch.zeros(4000, 3, 2, 2), y, p_uncond=0.3)
+    assert loss.item() == pytest.approx(1.0, abs=0.02)           # ε̂ = 0: the loss is E[ε²] = 1
+    assert spy.t.min() == 0 and spy.t.max() == 49                 # t ~ U{0, …, T−1}
+    dropped = spy.y == 10
+    assert 0.27 < dropped.float().mean() < 0.33                   # per sample, not all-or-nothing per batch
+    assert torch.equal(spy.y[~dropped], y[~dropped])
+
+
+def test_guidance():
+    d = ddpm.Diffusion(50)
+    model = randomize(ddpm.UNet(3, 16, (1, 2), 1, (), 0.0, 8, num_classes=5))
+    x, t, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 10, 30, 49]), torch.tensor([0, 1, 2, 4])
+    with torch.no_grad():
+        eps_c, eps_u = model(x, t, y), model(x, t, torch.full_like(y, 5))
+        assert torch.equal(d.predict_eps(model, x, t, y, 1.0), eps_c)
+        assert not torch.allclose(eps_c, eps_u, atol=1e-3)          # the null label changes the prediction
+        assert torch.allclose(model(x, t, None), eps_u)               # y = None means the null label
+        for s in [0.0, 3.0]:
+            assert torch.allclose(d.predict_eps(model, x, t, y, s), eps_u + s * (eps_c - eps_u), atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- samplers
+@pytest.mark.parametrize("steps,eta", [(None, 0.0), (10, 0.0), (10, 1.0), (100, 0.5)])
+def test_samplers_reach_the_data_under_an_exact_oracle(steps, eta):
+    d = ddpm.Diffusion(100)
+    x_star = torch.rand(1, 3, 4, 4) * 2 - 1
+    model = Oracle(d, x_star)
+    x = d.sample(model, 3, steps=steps, eta=eta, generator=torch.Generator().manual_seed(0))
+    # Exactly x*: ancestral must add no noise at the last step (σ at t = 0 would leave ~0.01 of it).
+    assert torch.allclose(x, x_star.expand(3, -1, -1, -1), atol=1e-4)
+    ts = [int(t[0]) for t in model.calls]
+    assert ts[0] == 99 and ts[-1] == 0 and ts == sorted(ts, reverse=True) and len(ts) == (steps or 100)
+
+
+def test_ddim_eta0_is_deterministic_given_the_start_noise():
+    d = ddpm.Diffusion(50)
+    model = randomize(ddpm.UNet(3, 16, (1, 2), 1, (), 0.0, 8, num_classes=3))
+    noise, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 2])
+    run = lambda eta, seed: d.sample(model, 2, y, 2.0, 10, eta, torch.Generator().manual_seed(seed), noise)
+    assert torch.equal(run(0.0, 1), run(0.0, 2))
+    assert not torch.allclose(run(1.0, 1), run(1.0, 2))
+    assert run(0.0, 1).abs().max() <= 1
+
+
+# ---------------------------------------------------------------------------------------------- EMA
+def test_ema_update_matches_formula():
+    model = torch.nn.Linear(3, 2)
+    ema = ddpm.EMA(model, decay=0.5)
+    shadow = [p.detach().clone() for p in model.parameters()]
+    for n in range(12):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model)
+        d = min(0.5, (1 + n) / (10 + n))                          # warm-up, then the fixed decay
+        shadow = [d * s + (1 - d) * p.detach() for s, p in zip(shadow, model.parameters())]
+        for s, e in zip(shadow, ema.model.parameters()):
+            assert torch.allclose(s, e, atol=1e-6)
+    assert ema.num_updates == 12 and not ema.model.training
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def test_checkpoint_round_trip_with_weights_only(ckpts):
+    raw = torch.load(ckpts["cond"], weights_only=True)
+    assert raw["step"] == 2 and raw["classes"] == ["cat", "ship"] and raw["config"]["ch_mult"] == (1, 2)
+    assert not any(k.startswith("_orig_mod") for k in raw["model"])
+    model, diffusion, classes, cfg = ddpm.load_sampler(ckpts["cond"], torch.device("cpu"))
+    assert diffusion.num_timesteps == 50 and not model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, raw["ema"]["model"][k])
+
+
+def test_atomic_save_keeps_the_old_file_when_a_save_dies(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    ddpm.save_checkpoint({"w": torch.ones(3)}, path)
+
+    def dying_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError):
+        ddpm.save_checkpoint({"w": torch.zeros(3)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_crafted_pickle_is_refused_and_never_runs(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    path = str(tmp_path / "evil.pt")
+    torch.save({"config": {}, "classes": [], "ema": Evil(), "step": 0}, path)
+    code, err = run_main(["sample", "--ckpt", path], capsys)
+    assert code == 2 and "refused" in err and not marker.exists()
+
+
+def test_truncated_or_garbage_checkpoint_is_a_clear_error(ckpts, tmp_path, capsys):
+    data = open(ckpts["cond"], "rb").read()
+    for name, content in [("cut.pt", data[: len(data) // 2]), ("junk.pt", b"not a checkpoint")]:
+        (tmp_path / name).write_bytes(content)
+        code, err = run_main(["sample", "--ckpt", str(tmp_path / name)], capsys)
+        assert code == 2 and "truncated or corrupt" in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------- training loop
+def test_exact_resume_is_bitwise_identical(folder, tmp_path, capsys):
+    args = ["train", "--data", folder, "--steps", "6", "--dropout", "0.3", "--p-uncond", "0.5", "--keep-every", "2",
+            *TINY, "--batch-size", "5"]            # batches of 5 over 6 images straddle epochs
+    assert ddpm.main(args + ["--out", str(tmp_path / "straight")]) == 0
+    half = args + ["--out", str(tmp_path / "resumed")]
+    assert ddpm.main([*half[:half.index("--steps") + 1], "3", *half[half.index("--steps") + 2:]]) == 0
+    assert ddpm.main(["train", "--resume", "--out", str(tmp_path / "resumed"), "--steps", "6"]) == 0
+    a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("straight", "resumed"))
+    assert a["step"] == b["step"] == 6 and b["ema"]["num_updates"] == 6
+    for part in ("model", "optimizer"):
+        flat_a, flat_b = torch.utils._pytree.tree_flatten(a[part])[0], torch.utils._pytree.tree_flatten(b[part])[0]
+        assert all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(flat_a, flat_b))
+    assert all(torch.equal(a["ema"]["model"][k], v) for k, v in b["ema"]["model"].items())
+    assert sorted(f for f in os.listdir(tmp_path / "straight") if f.startswith("ckpt_")) == \
+        ["ckpt_00000002.pt", "ckpt_00000004.pt", "ckpt_00000006.pt"]
+    capsys.readouterr()
+
+
+def test_existing_run_is_never_overwritten_without_resume(ckpts, folder, capsys):
+    before = open(ckpts["cond"], "rb").read()
+    out = os.path.dirname(ckpts["cond"])
+    code, err = run_main(["train", "--data", folder, "--out", out, "--steps", "3", *TINY], capsys)
+    assert code == 2 and "--resume" in err and open(ckpts["cond"], "rb").read() == before
+    code, err = run_main(["train", "--resume", "--out", out, "--ch", "32"], capsys)
+    assert code == 2 and "--ch 32" in err and open(ckpts["cond"], "rb").read() == before
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path, monkeypatch, capsys):
+    real, calls = ddpm.Diffusion.training_loss, []
+
+    def poisoned(self, *a, **k):
+        calls.append(1)
+        loss = real(self, *a, **k)
+        return loss * float("nan") if len(calls) == 3 else loss
+    monkeypatch.setattr(ddpm.Diffusion, "training_loss", poisoned)
+    code, err = run_main(["train", "--data", folder, "--out", str(tmp_path), "--steps", "5", "--save-every", "1", *TINY], capsys)
+    assert code == 1 and "at step 3" in err and "Traceback" not in err
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2 and all(v.isfinite().all() for v in ckpt["model"].values())
+
+
+def four_images(size=8):
+    """Four size×size images with distinct colours and shapes; pairwise MSE ≥ 0.85."""
+    data = torch.full((4, 3, size, size), -0.8)
+    data[0, 0], data[1, 1, :size // 2], data[2, 2, :, :size // 2], data[3] = 0.8, 0.8, 0.8, 0.5
+    return data
+
+
+def nearest_mse(x, data):
+    """For each sample, the MSE to the closest data image and that image's index."""
+    return ((x[:, None] - data[None]) ** 2).mean(dim=(2, 3, 4)).min(dim=1)
+
+
+@pytest.mark.parametrize("steps", [None, 20])
+def test_samplers_draw_exact_training_points_under_the_mixture_oracle(steps):
+    # The exact ε for data = four points: x̂_0 is their posterior mean given x_t, ε = (x_t − sqrt(ᾱ_t) x̂_0)/sqrt(1 − ᾱ_t).
+    d, data = ddpm.Diffusion(100), four_images()
+
+    class Mixture(Oracle):
+        def forward(self, x, t, y=None):
+            a = d.alphas_cumprod[t].view(-1, 1, 1, 1)
+            logp = -((x[:, None] - a.sqrt()[:, None] * data[None]) ** 2).sum(dim=(2, 3, 4)) / (2 * (1 - a.view(-1, 1)))
+            x0 = (logp.softmax(1)[:, :, None, None, None] * data[None]).sum(1)
+            return (x - a.sqrt() * x0) / (1 - a).sqrt()
+    x = d.sample(Mixture(d, data[:1]), 16, steps=steps, generator=torch.Generator().manual_seed(0))
+    nearest = nearest_mse(x, data)
+    assert nearest.values.max() < 1e-6 and len(set(nearest.indices.tolist())) >= 3
+
+
+def test_overfit_tiny_model_reproduces_its_training_images():
+    torch.manual_seed(0)
+    data, d = four_images(), ddpm.Diffusion(100)
+    model = ddpm.UNet(3, 32, (1,), 1, (), 0.0, 8)
+    ema = ddpm.EMA(model, 0.99)
+    untrained = nearest_mse(d.sample(ema.model, 16, steps=20, generator=torch.Generator().manual_seed(0)), data)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(300):
+        loss = d.training_loss(model, data.repeat(8, 1, 1, 1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema.update(model)
+        losses.append(loss.item())
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert last < first / 10, (first, last)                         # measured: 0.41 → 0.021
+    nearest = nearest_mse(d.sample(ema.model, 16, steps=20, generator=torch.Generator().manual_seed(0)), data)
+    # Measured median 0.09 (untrained: > 0.5): samples sit ~10× closer to one training image than those
+    # images are to each other (≥ 0.85), and they are not collapsed onto one image.
+    assert nearest.values.median() < 0.15 < untrained.values.median(), (nearest.values, untrained.values)
+    assert len(set(nearest.indices.tolist())) >= 3
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def test_sample_cli_writes_grids_and_per_image_files(ckpts, tmp_path, capsys):
+    grid = str(tmp_path / "ship.png")
+    assert ddpm.main(["sample", "--ckpt", ckpts["cond"], "--class", "ship", "--n", "4", "--steps", "5", "--out", grid]) == 0
+    assert Image.open(grid).size == (2 * 17 + 1, 2 * 17 + 1)                # 2×2 grid of 16-px images, 1-px padding
+    assert ddpm.main(["sample", "--ckpt", ckpts["cond"], "--n", "4", "--steps", "3", "--out", str(tmp_path / "all.png")]) == 0
+    assert Image.open(tmp_path / "all.png").size == (2 * 17 + 1, 2 * 17 + 1)   # one row per class, 2 per row
+    assert ddpm.main(["sample", "--ckpt", ckpts["uncond"], "--n", "3", "--steps", "2", "--batch-size", "2",
+                      "--out", str(tmp_path / "each") + "/"]) == 0
+    assert sorted(os.listdir(tmp_path / "each")) == ["000000.png", "000001.png", "000002.png"]
+    capsys.readouterr()
+
+
+def test_help_runs_as_a_script():
+    for args in ([], ["train"], ["sample"]):
+        r = subprocess.run([sys.executable, "ddpm.py", *args, "--help"], cwd=HERE, capture_output=True, text=True)
+        assert r.returncode == 0 and "usage: ddpm.py" in r.stdout
+
+
+def test_mixed_image_modes_are_converted(tmp_path):
+    for i, mode in enumerate(["L", "RGBA", "P", "RGB", "I;16"]):
+        os.makedirs(tmp_path / "c", exist_ok=True)
+        Image.new(mode, (20, 12)).save(tmp_path / "c" / f"{i}.png")
+    images, labels, classes = ddpm.load_images(str(tmp_path), image_size=8, workers=1)
+    assert images.shape == (5, 3, 8, 8) and images.dtype == torch.uint8 and classes == ["c"]
+
+
+def _bad_inputs(ckpts, folder, tmp):
+    os.makedirs(tmp / "empty" / "cls")
+    os.makedirs(tmp / "broken" / "cls")
+    (tmp / "broken" / "cls" / "x.png").write_bytes(b"\x89PNG garbage")
+    (tmp / "afile").write_text("")
+    c, u = ckpts["cond"], ckpts["uncond"]
+    train = ["train", "--out", str(tmp / "run"), *TINY]
+    return {
+        "unknown class": (["sample", "--ckpt", c, "--class", "dog"], "choose from cat, ship"),
+        "class index out of range": (["sample", "--ckpt", c, "--class", "2"], "choose from"),
+        "class on unconditional": (["sample", "--ckpt", u, "--class", "cat"], "unconditional"),
+        "missing checkpoint": (["sample", "--ckpt", str(tmp / "nope.pt")], "not found"),
+        "steps above T": (["sample", "--ckpt", c, "--steps", "51"], "T = 50"),
+        "unwritable sample --out": (["sample", "--ckpt", c, "--steps", "2", "--out", str(tmp / "afile" / "x.png")], "cannot write"),
+        "n = 0": (["sample", "--ckpt", c, "--n", "0"], "--n"),
+        "sample steps = 0": (["sample", "--ckpt", c, "--steps", "0"], "--steps"),
+        "negative guidance": (["sample", "--ckpt", c, "--guidance", "-1"], "--guidance"),
+        "eta above 1": (["sample", "--ckpt", c, "--eta", "1.5"], "--eta"),
+        "sample batch 0": (["sample", "--ckpt", c, "--batch-size", "0"], "--batch-size"),
+        "unknown device": (["sample", "--ckpt", c, "--device", "tpu9"], "--device"),
+        "missing folder": ([*train, "--data", str(tmp / "nowhere")], "no such folder"),
+        "empty folder": ([*train, "--data", str(tmp / "empty")], "no images"),
+        "unreadable image": ([*train, "--data", str(tmp / "broken")], "cannot read image"),
+        "indivisible image size": ([*train, "--data", folder, "--image-size", "18", "--ch-mult", "1,2,2"], "not divisible"),
+        "unwritable train --out": (["train", "--data", folder, "--out", str(tmp / "afile" / "run")], "cannot write"),
+        "resume without a run": (["train", "--resume", "--out", str(tmp / "none")], "no checkpoint"),
+        "train steps = 0": ([*train, "--steps", "0"], "--steps"),
+        "batch size 0": ([*train, "--batch-size", "0"], "--batch-size"),
+        "lr = 0": ([*train, "--lr", "0"], "--lr"),
+        "lr = nan": ([*train, "--lr", "nan"], "--lr"),
+        "absurd lr": ([*train, "--lr", "5"], "--lr"),
+        "timesteps = 0": ([*train, "--timesteps", "0"], "--timesteps"),
+        "bad schedule": ([*train, "--schedule", "quadratic"], "--schedule"),
+        "bad ch-mult": ([*train, "--ch-mult", "1,x"], "--ch-mult"),
+        "unknown flag": ([*train, "--bogus"], "unrecognized"),
+    }
+
+
+def test_every_bad_input_is_one_line_and_exit_2(ckpts, folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cases = _bad_inputs(ckpts, folder, tmp_path)
+    cases["no checkpoint in runs/"] = (["sample"], "train one first")
+    for name, (argv, needle) in cases.items():
+        code, err = run_main(argv, capsys)
+        assert code == 2, (name, code, err)
+        assert needle in err and err.count("\n") == 1 and "Traceback" not in err, (name, err)
+    assert not os.path.exists(tmp_path / "run" / "ckpt.pt") and not os.path.exists(tmp_path / "samples")
+
+
+def test_out_of_memory_suggests_a_smaller_batch(ckpts, tmp_path, monkeypatch, capsys):
+    existing = tmp_path / "keep.png"
+    existing.write_bytes(b"old")
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(ddpm.Diffusion, "sample", oom)
+    code, err = run_main(["sample", "--ckpt", ckpts["cond"], "--out", str(existing)], capsys)
+    assert code == 2 and "smaller --batch-size" in err and existing.read_bytes() == b"old"
+
+
+# ---------------------------------------------------------------------------------------------- signals (subprocesses)
+def _start_training(folder, out, *extra):
+    cmd = [sys.executable, os.path.join(HERE, "ddpm.py"), "train", "--data", folder, "--out", out, "--steps", "100000",
+           "--log-every", "1", *TINY, *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path, proc, timeout=60):
+    end = time.time() + timeout
+    while not (os.path.exists(path) and os.path.getsize(path) > 0):
+        assert proc.poll() is None and time.time() < end, proc.stderr.read() if proc.poll() is not None else "timeout"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_a_checkpoint_and_says_how_to_resume(folder, tmp_path, sig):
+    out = str(tmp_path / "run")
+    proc = _start_training(folder, out, "--save-every", "100000")
+    _wait_for(os.path.join(out, "log.txt"), proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    assert "Resume with: python ddpm.py train --resume --out" in err and "Traceback" not in err
+    step = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"]
+    assert f"interrupted at step {step};" in err and step >= 1
+
+
+def test_sigkill_mid_run_leaves_a_loadable_checkpoint(folder, tmp_path):
+    out = str(tmp_path / "run")
+    proc = _start_training(folder, out, "--save-every", "1")
+    _wait_for(os.path.join(out, "ckpt.pt"), proc)
+    time.sleep(1.0)                                                 # several more saves, one likely in flight
+    proc.kill()
+    proc.communicate()
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["step"] >= 1 and all(v.isfinite().all() for v in ckpt["model"].values())
