@@ -212,22 +212,6 @@ class ResBlock(nn.Module):
         return self.attn(self.skip(x) + h)
 
 
-class Downsample(nn.Conv2d):
-    def __init__(self, ch):
-        super().__init__(ch, ch, 3, stride=2, padding=1)
-
-    def forward(self, x, emb=None):
-        return super().forward(x)
-
-
-class Upsample(nn.Conv2d):
-    def __init__(self, ch):
-        super().__init__(ch, ch, 3, padding=1)
-
-    def forward(self, x, emb=None):
-        return super().forward(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
 class UNet(nn.Module):
     """ε_θ(x, t, y) → ε̂ with x's shape. x: (B, C, H, W); t: LongTensor (B,) in 0..T−1; y: LongTensor (B,) of
     labels, where the value num_classes is the null label ("no class"), or None (= null for a conditional net).
@@ -240,7 +224,7 @@ class UNet(nn.Module):
     def __init__(self, in_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
                  dropout=0.1, image_size=32, num_classes=None):
         super().__init__()
-        if image_size % 2 ** (len(ch_mult) - 1):
+        if not ch_mult or image_size % 2 ** (len(ch_mult) - 1):
             raise ValueError(f"image size {image_size} is not divisible by {2 ** (len(ch_mult) - 1)}, "
                              f"which a U-Net with {len(ch_mult)} levels needs")
         self.in_channels, self.ch, self.image_size, self.num_classes = in_channels, ch, image_size, num_classes
@@ -255,7 +239,7 @@ class UNet(nn.Module):
                 cur = ch * mult
                 skips.append(cur)
             if level < len(ch_mult) - 1:
-                self.down.append(Downsample(cur))
+                self.down.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1))                    # downsample
                 res //= 2
                 skips.append(cur)
         self.mid = nn.ModuleList([ResBlock(cur, cur, emb_ch, dropout, attn=True), ResBlock(cur, cur, emb_ch, dropout)])
@@ -264,7 +248,7 @@ class UNet(nn.Module):
                 self.up.append(ResBlock(cur + skips.pop(), ch * mult, emb_ch, dropout, res in attn_resolutions))
                 cur = ch * mult
             if level > 0:
-                self.up.append(Upsample(cur))
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cur, cur, 3, padding=1)))
                 res *= 2
         self.out = nn.Sequential(_norm(cur), nn.SiLU(), nn.Conv2d(cur, in_channels, 3, padding=1))
         # Ho et al.'s init: Xavier-uniform weights, zero biases, and zero weights in the last layer of every
@@ -283,12 +267,12 @@ class UNet(nn.Module):
         h = self.conv_in(x)
         hs = [h]
         for layer in self.down:
-            h = layer(h, emb)
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
             hs.append(h)
         for layer in self.mid:
             h = layer(h, emb)
-        for layer in self.up:
-            h = layer(torch.cat([h, hs.pop()], dim=1) if isinstance(layer, ResBlock) else h, emb)
+        for layer in self.up:  # each residual block takes one skip; up-sampling layers take none
+            h = layer(torch.cat([h, hs.pop()], dim=1), emb) if isinstance(layer, ResBlock) else layer(h)
         return self.out(h)
 
 
@@ -324,8 +308,8 @@ class EMA:
 # ================================================================================================
 # 4. Data: the whole training set decoded once into memory as uint8
 # ================================================================================================
+# CIFAR-10's label order, which is also alphabetical: a folder copy of it gets the same label indices.
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 class UserError(Exception):
@@ -336,7 +320,7 @@ class UserError(Exception):
         self.code = code
 
 
-def load_images(data, root="./data", image_size=32, workers=4):
+def load_images(data, root="./data", image_size=32, workers=4, extensions=(".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif")):
     """→ (images uint8 (N, 3, S, S), labels long (N,), class names). `data` is "cifar10" (torchvision,
     downloaded into root) or a folder laid out data/<class>/*.png|jpg (or images directly in data: one class).
     Every image is decoded here, once: an unreadable file is refused now, not hours into a run; images of any
@@ -359,9 +343,9 @@ def load_images(data, root="./data", image_size=32, workers=4):
     dirs = [os.path.join(data, c) for c in classes] or [data]
     classes = classes or [os.path.basename(os.path.normpath(data))]
     files = [(os.path.join(d, f), i) for i, d in enumerate(dirs) for f in sorted(os.listdir(d))
-             if f.lower().endswith(IMAGE_EXTENSIONS)]
+             if f.lower().endswith(extensions)]
     if not files:
-        raise UserError(f"--data {data}: no images ({', '.join(IMAGE_EXTENSIONS)}) in {data}/<class>/ or {data}/")
+        raise UserError(f"--data {data}: no images ({', '.join(extensions)}) in {data}/<class>/ or {data}/")
 
     def decode(path):
         try:
@@ -449,6 +433,16 @@ def save_checkpoint(obj, path):
     os.close(fd)
 
 
+def ensure_writable(folder, flag):
+    """Create `folder` and prove it writable now, rather than fail after hours of training or sampling."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, f".probe{os.getpid()}"), "w").close()
+        os.remove(os.path.join(folder, f".probe{os.getpid()}"))
+    except OSError as e:
+        raise UserError(f"{flag} {folder}: cannot write there ({e.strerror})") from None
+
+
 def load_checkpoint(path):
     """Load with weights_only=True: only tensors and plain Python values are unpickled, so a crafted file
     cannot run code. Any failure becomes one clear UserError."""
@@ -521,8 +515,13 @@ def train(cfg, ckpt=None):
 
     print(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter U-Net on {len(images)} images "
           f"({len(classes)} classes) on {device}, step {step} → {cfg['steps']}, run folder {out}", file=sys.stderr)
-    interrupted = []  # signal numbers, appended by the handler; the loop saves and stops at the next step
-    handlers = {s: signal.signal(s, lambda signum, frame: interrupted.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    interrupted = []  # signal numbers: the first makes the loop save and stop after this step, a second stops now
+
+    def on_signal(signum, frame):
+        interrupted.append(signum)
+        if len(interrupted) > 1:
+            raise KeyboardInterrupt  # checkpoints are atomic, so the last one stays whole
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     log = open(os.path.join(out, "log.txt"), "a")
     bar = tqdm(total=cfg["steps"], initial=step, dynamic_ncols=True, disable=None)
     losses, t_log, step_log = [], time.time(), step
@@ -544,7 +543,7 @@ def train(cfg, ckpt=None):
             loss_value, grad_value = torch.stack([loss.detach(), grad_norm]).tolist()
             if not math.isfinite(loss_value + grad_value):  # checked before the update: NaN weights never exist
                 raise UserError(f"non-finite loss ({loss_value}) or gradient norm ({grad_value}) at step {step + 1}; "
-                                f"stopped, {out}/ckpt.pt holds the last good state (try a lower --lr)", code=1)
+                                f"stopped without saving; the last checkpoint in {out} is kept (try a lower --lr)", code=1)
             opt.step()
             ema.update(model)
             step += 1
@@ -602,48 +601,6 @@ def sample_images(model, diffusion, labels, n, batch_size, **kwargs):
     return torch.cat(chunks)
 
 
-def cmd_sample(args):
-    path = args.ckpt or max(glob.glob(os.path.join("runs", "*", "ckpt.pt")), key=os.path.getmtime, default=None)
-    if path is None:
-        raise UserError("no checkpoint found in runs/*/ckpt.pt: train one first, or pass --ckpt")
-    device = get_device(args.device)
-    model, diffusion, classes, cfg = load_sampler(path, device)
-    if args.steps is not None and args.steps > diffusion.num_timesteps:
-        raise UserError(f"--steps {args.steps}: the model has only T = {diffusion.num_timesteps} steps")
-    name, labels, nrow = "all", None, math.ceil(math.sqrt(args.n))
-    if args.class_name is not None:
-        if cfg["unconditional"]:
-            raise UserError(f"--class: {path} is an unconditional model")
-        c = args.class_name
-        idx = classes.index(c) if c in classes else int(c) if c.isdigit() else -1
-        if not 0 <= idx < len(classes):
-            raise UserError(f"--class {args.class_name}: unknown; choose from {', '.join(classes)} (or 0-{len(classes) - 1})")
-        name, labels = classes[idx], torch.full((args.n,), idx)
-    elif not cfg["unconditional"]:
-        labels, nrow = class_rows(len(classes), args.n)
-    out = args.out or os.path.join("samples", f"{name}.png")
-    per_file = out.endswith(("/", os.sep)) or os.path.isdir(out)
-    try:  # fail now, not after an hour of sampling
-        os.makedirs(out if per_file else os.path.dirname(out) or ".", exist_ok=True)
-        probe = os.path.join(out if per_file else os.path.dirname(out) or ".", f".probe{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot write there ({e.strerror})") from None
-    torch.manual_seed(args.seed)
-    with autocast(device, args.precision):
-        x = sample_images(model, diffusion, labels, len(labels) if labels is not None else args.n, args.batch_size,
-                          guidance=args.guidance, steps=args.steps, eta=args.eta, progress=True)
-    if per_file:
-        for i, image in enumerate(x):
-            save_grid(image[None], os.path.join(out, f"{i:06d}.png"), 1)
-    else:
-        save_grid(x, out, nrow)
-    sampler = f"DDIM {args.steps} steps, eta {args.eta}" if args.steps else f"ancestral {diffusion.num_timesteps} steps"
-    print(f"wrote {len(x)} samples ({sampler}, guidance {args.guidance}) from {path} to {out}", file=sys.stderr)
-    return 0
-
-
 # ================================================================================================
 # 7. Command line
 # ================================================================================================
@@ -666,12 +623,44 @@ def cmd_train(args):
         raise UserError(f"{path} exists: pass --resume to continue that run, or choose another --out")
     else:
         cfg = {**TRAIN_DEFAULTS, **given}
-    try:  # an unwritable --out fails now, before the data is loaded
-        os.makedirs(out, exist_ok=True)
-        open(os.path.join(out, "log.txt"), "a").close()
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot write there ({e.strerror})") from None
+    ensure_writable(out, "--out")
     return train(cfg, ckpt)
+
+
+def cmd_sample(args):
+    path = args.ckpt or max(glob.glob(os.path.join("runs", "*", "ckpt.pt")), key=os.path.getmtime, default=None)
+    if path is None:
+        raise UserError("no checkpoint found in runs/*/ckpt.pt: train one first, or pass --ckpt")
+    device = get_device(args.device)
+    model, diffusion, classes, cfg = load_sampler(path, device)
+    if args.steps is not None and args.steps > diffusion.num_timesteps:
+        raise UserError(f"--steps {args.steps}: the model has only T = {diffusion.num_timesteps} steps")
+    name, labels, nrow = "all", None, math.ceil(math.sqrt(args.n))
+    if args.class_name is not None:
+        if cfg["unconditional"]:
+            raise UserError(f"--class: {path} is an unconditional model")
+        c = args.class_name
+        idx = classes.index(c) if c in classes else int(c) if c.isdigit() else -1
+        if not 0 <= idx < len(classes):
+            raise UserError(f"--class {args.class_name}: unknown; choose from {', '.join(classes)} (or 0-{len(classes) - 1})")
+        name, labels = classes[idx], torch.full((args.n,), idx)
+    elif not cfg["unconditional"]:
+        labels, nrow = class_rows(len(classes), args.n)
+    out = args.out or os.path.join("samples", f"{name}.png")
+    per_file = out.endswith(("/", os.sep)) or os.path.isdir(out)
+    ensure_writable(out if per_file else os.path.dirname(out) or ".", "--out")
+    torch.manual_seed(args.seed)
+    with autocast(device, args.precision):
+        x = sample_images(model, diffusion, labels, len(labels) if labels is not None else args.n, args.batch_size,
+                          guidance=args.guidance, steps=args.steps, eta=args.eta, progress=True)
+    if per_file:
+        for i, image in enumerate(x):
+            save_grid(image[None], os.path.join(out, f"{i:06d}.png"), 1)
+    else:
+        save_grid(x, out, nrow)
+    sampler = f"DDIM {args.steps} steps, eta {args.eta}" if args.steps else f"ancestral {diffusion.num_timesteps} steps"
+    print(f"wrote {len(x)} samples ({sampler}, guidance {args.guidance}) from {path} to {out}", file=sys.stderr)
+    return 0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -693,19 +682,11 @@ def _ranged(kind, lo, hi, lo_open=False):
     return parse
 
 
-def _choice(*options):
-    def parse(text):
-        if text not in options:
-            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(options)}")
-        return text
-    return parse
-
-
 def _int_tuple(text):
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers") from None
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not all(v.isdigit() and int(v) > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of positive whole numbers")
+    return tuple(int(v) for v in values)
 
 
 def build_parser():
@@ -729,7 +710,7 @@ def build_parser():
             ("--num-res-blocks", _ranged(int, 1, 64), "residual blocks per level"),
             ("--attn-res", _int_tuple, "resolutions with self-attention, e.g. 16 or 16,8 ('' for none)"),
             ("--dropout", _ranged(float, 0, 0.99), "dropout in residual blocks"),
-            ("--timesteps", _ranged(int, 2, 100_000), "diffusion steps T"), ("--schedule", _choice("linear", "cosine"), "noise schedule"),
+            ("--timesteps", _ranged(int, 2, 100_000), "diffusion steps T"), ("--schedule", str, "linear or cosine"),
             ("--ema-decay", _ranged(float, 0, 1), "EMA decay"),
             ("--p-uncond", _ranged(float, 0, 1), "probability of the null label in training (for guidance)"),
             ("--save-every", _ranged(int, 1, big), "checkpoint interval in steps"),
@@ -738,7 +719,8 @@ def build_parser():
             ("--log-every", _ranged(int, 1, big), "log.txt line interval in steps"),
             ("--seed", _ranged(int, 0, 2 ** 62), "random seed"), ("--num-workers", _ranged(int, 1, 256), "image decoding threads")]:
         key = flag[2:].replace("-", "_")
-        tr.add_argument(flag, type=kind, help=f"{text} (default: {TRAIN_DEFAULTS[key]})")
+        tr.add_argument(flag, type=kind, help=f"{text} (default: {TRAIN_DEFAULTS[key]})",
+                        choices=("linear", "cosine") if key == "schedule" else None)
     tr.add_argument("--unconditional", action="store_true", default=None, help="ignore the classes (default: conditional)")
     tr.add_argument("--compile", action="store_true", default=None, help="torch.compile the U-Net (faster on GPUs)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")

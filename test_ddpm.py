@@ -308,8 +308,6 @@ def test_existing_run_is_never_overwritten_without_resume(ckpts, folder, capsys)
     out = os.path.dirname(ckpts["cond"])
     code, err = run_main(["train", "--data", folder, "--out", out, "--steps", "3", *TINY], capsys)
     assert code == 2 and "--resume" in err and open(ckpts["cond"], "rb").read() == before
-    code, err = run_main(["train", "--resume", "--out", out, "--ch", "32"], capsys)
-    assert code == 2 and "--ch 32" in err and open(ckpts["cond"], "rb").read() == before
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path, monkeypatch, capsys):
@@ -405,6 +403,24 @@ def test_mixed_image_modes_are_converted(tmp_path):
     assert images.shape == (5, 3, 8, 8) and images.dtype == torch.uint8 and classes == ["c"]
 
 
+def test_cifar10_path_converts_torchvision_data(monkeypatch):
+    import numpy as np
+    import torchvision
+
+    class FakeCIFAR10:  # what torchvision.datasets.CIFAR10 exposes once downloaded: HWC uint8, int targets
+        def __init__(self, root, train, download):
+            assert train and download and root == "somewhere"
+            self.data = np.arange(2 * 32 * 32 * 3, dtype=np.uint8).reshape(2, 32, 32, 3)
+            self.targets, self.classes = [8, 0], list(ddpm.CIFAR10_CLASSES)
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    images, labels, classes = ddpm.load_images("cifar10", "somewhere", 32)
+    assert images.shape == (2, 3, 32, 32) and torch.equal(images[1, 2], torch.from_numpy(FakeCIFAR10("somewhere", 1, 1).data[1, :, :, 2]))
+    assert labels.tolist() == [8, 0] and classes[8] == "ship"
+    assert ddpm.load_images("cifar10", "somewhere", 16)[0].shape == (2, 3, 16, 16)
+    # A folder copy of CIFAR-10 sorts its class folders alphabetically: the same indices as torchvision's labels.
+    assert list(ddpm.CIFAR10_CLASSES) == sorted(ddpm.CIFAR10_CLASSES)
+
+
 def _bad_inputs(ckpts, folder, tmp):
     os.makedirs(tmp / "empty" / "cls")
     os.makedirs(tmp / "broken" / "cls")
@@ -439,6 +455,8 @@ def _bad_inputs(ckpts, folder, tmp):
         "timesteps = 0": ([*train, "--timesteps", "0"], "--timesteps"),
         "bad schedule": ([*train, "--schedule", "quadratic"], "--schedule"),
         "bad ch-mult": ([*train, "--ch-mult", "1,x"], "--ch-mult"),
+        "zero ch-mult": ([*train, "--ch-mult", "1,0"], "--ch-mult"),
+        "changed architecture on resume": (["train", "--resume", "--out", os.path.dirname(c), "--ch", "32"], "--ch 32"),
         "unknown flag": ([*train, "--bogus"], "unrecognized"),
     }
 
