@@ -19,10 +19,9 @@ in [-1, 1]; x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε with ε ~ N(0, I); the 
 Sections: 1 schedule and diffusion math, 2 U-Net, 3 EMA, 4 data, 5 training, 6 sampling, 7 command line.
 Each section uses only the ones above it and no module globals, so any of them can be copied out alone.
 """
-import argparse, copy, glob, math, os, re, signal, sys, time
+import argparse, copy, glob, math, os, re, signal, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from functools import lru_cache
 
 import torch
 import torch.nn as nn
@@ -49,8 +48,7 @@ def make_betas(schedule, timesteps):
     return betas.clamp(max=0.999)  # β = 1 would make ᾱ = 0 and x̂_0 undefined (cosine's last steps, tiny T)
 
 
-def _extract(a, t, x):
-    """a[t] for a (T,) schedule and t (B,), shaped (B, 1, …, 1) to broadcast against x."""
+def _extract(a, t, x):  # a[t] for a (T,) schedule and t (B,), shaped (B, 1, …, 1) to broadcast against x
     return a.to(t.device)[t].view(-1, *([1] * (x.dim() - 1)))
 
 
@@ -253,8 +251,8 @@ class UNet(nn.Module):
         self.out = nn.Sequential(_norm(cur), nn.SiLU(), nn.Conv2d(cur, in_channels, 3, padding=1))
         # Ho et al.'s init: Xavier-uniform weights, zero biases, and zero weights in the last layer of every
         # residual branch, of attention and of the network, so each block starts as the identity and ε̂ as 0.
-        last = [m.conv2 for m in self.modules() if isinstance(m, ResBlock)] + [self.out[-1]]
-        last += [m.proj for m in self.modules() if isinstance(m, AttnBlock)]
+        blocks = [m for m in self.modules() if isinstance(m, (ResBlock, AttnBlock))]
+        last = [m.conv2 if isinstance(m, ResBlock) else m.proj for m in blocks] + [self.out[-1]]
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 (nn.init.zeros_ if any(m is z for z in last) else nn.init.xavier_uniform_)(m.weight)
@@ -314,7 +312,6 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 class UserError(Exception):
     """A problem the user can fix: reported as one line on stderr, exit code `code`, no traceback."""
-
     def __init__(self, message, code=2):
         super().__init__(message)
         self.code = code
@@ -360,18 +357,14 @@ def load_images(data, root="./data", image_size=32, workers=4, extensions=(".png
     return torch.stack(images), torch.tensor([label for _, label in files]), classes
 
 
-@lru_cache(maxsize=2)
-def _epoch_permutation(n, seed, epoch):
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-
 def batch_indices(n, batch_size, seed, step):
     """Indices of the batch for `step`: epoch e is a permutation seeded by (seed, e), so the data order is a
     pure function of the step, and a resumed run sees exactly the batches the uninterrupted one would."""
     out, pos = [], step * batch_size
     while pos < (step + 1) * batch_size:  # a batch may straddle epochs (or span several for tiny datasets)
         epoch, i = divmod(pos, n)
-        out.append(_epoch_permutation(n, seed, epoch)[i:i + (step + 1) * batch_size - pos])
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))  # 0.4 ms for 50k on a CPU
+        out.append(perm[i:i + (step + 1) * batch_size - pos])
         pos += len(out[-1])
     return torch.cat(out)
 
@@ -437,8 +430,7 @@ def ensure_writable(folder, flag):
     """Create `folder` and prove it writable now, rather than fail after hours of training or sampling."""
     try:
         os.makedirs(folder, exist_ok=True)
-        open(os.path.join(folder, f".probe{os.getpid()}"), "w").close()
-        os.remove(os.path.join(folder, f".probe{os.getpid()}"))
+        tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
         raise UserError(f"{flag} {folder}: cannot write there ({e.strerror})") from None
 
@@ -495,8 +487,8 @@ def train(cfg, ckpt=None):
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+        torch.set_rng_state(ckpt["rng"]["cpu"])  # t, ε, flips, label drops and dropout continue as if never stopped
+        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
     out, B, conditional = cfg["out"], cfg["batch_size"], not cfg["unconditional"]
     for stale in glob.glob(os.path.join(out, "*.tmp[0-9]*")):  # left by a process killed mid-save
@@ -507,8 +499,8 @@ def train(cfg, ckpt=None):
 
     def checkpoint():
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                 "config": dict(cfg), "classes": classes, "rng": rng}
+        state = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(), step=step,
+                     config=dict(cfg), classes=classes, rng=rng)
         save_checkpoint(state, os.path.join(out, "ckpt.pt"))
         if cfg["keep_every"] and step % cfg["keep_every"] == 0:
             save_checkpoint(state, os.path.join(out, f"ckpt_{step:08d}.pt"))
@@ -526,7 +518,6 @@ def train(cfg, ckpt=None):
     bar = tqdm(total=cfg["steps"], initial=step, dynamic_ncols=True, disable=None)
     losses, t_log, step_log = [], time.time(), step
     try:
-        model.train()
         while step < cfg["steps"] and not interrupted:
             idx = batch_indices(len(images), B, cfg["seed"], step).to(device)
             x0 = images[idx].float() / 127.5 - 1                                  # pixels x/127.5 − 1 ∈ [-1, 1]
@@ -606,8 +597,7 @@ def sample_images(model, diffusion, labels, n, batch_size, **kwargs):
 # ================================================================================================
 def cmd_train(args):
     given = {k: v for k, v in vars(args).items() if k in TRAIN_DEFAULTS and v is not None}
-    data = given.get("data", TRAIN_DEFAULTS["data"])
-    out = given.setdefault("out", os.path.join("runs", os.path.basename(os.path.normpath(data)) or "run"))
+    out = given.setdefault("out", os.path.join("runs", os.path.basename(os.path.normpath(given.get("data", "cifar10")))))
     path, ckpt = os.path.join(out, "ckpt.pt"), None
     if args.resume:
         if not os.path.exists(path):
@@ -709,14 +699,13 @@ def build_parser():
             ("--ch", _ranged(int, 8, 4096), "base channels"), ("--ch-mult", _int_tuple, "channel multiplier per level, e.g. 1,2,2"),
             ("--num-res-blocks", _ranged(int, 1, 64), "residual blocks per level"),
             ("--attn-res", _int_tuple, "resolutions with self-attention, e.g. 16 or 16,8 ('' for none)"),
-            ("--dropout", _ranged(float, 0, 0.99), "dropout in residual blocks"),
+            ("--dropout", _ranged(float, 0, 0.99), "dropout in residual blocks"), ("--ema-decay", _ranged(float, 0, 1), "EMA decay"),
             ("--timesteps", _ranged(int, 2, 100_000), "diffusion steps T"), ("--schedule", str, "linear or cosine"),
-            ("--ema-decay", _ranged(float, 0, 1), "EMA decay"),
             ("--p-uncond", _ranged(float, 0, 1), "probability of the null label in training (for guidance)"),
             ("--save-every", _ranged(int, 1, big), "checkpoint interval in steps"),
             ("--keep-every", _ranged(int, 0, big), "also keep ckpt_<step>.pt every N steps (0: only the last)"),
-            ("--sample-every", _ranged(int, 0, big), "EMA sample grid interval in steps (0: never)"),
-            ("--log-every", _ranged(int, 1, big), "log.txt line interval in steps"),
+            ("--sample-every", _ranged(int, 0, big), "EMA sample grid interval (0: never)"),
+            ("--log-every", _ranged(int, 1, big), "log.txt line interval"),
             ("--seed", _ranged(int, 0, 2 ** 62), "random seed"), ("--num-workers", _ranged(int, 1, 256), "image decoding threads")]:
         key = flag[2:].replace("-", "_")
         tr.add_argument(flag, type=kind, help=f"{text} (default: {TRAIN_DEFAULTS[key]})",
