@@ -385,8 +385,7 @@ RESUMABLE = {"steps", "save_every", "keep_every", "sample_every", "log_every", "
 
 def get_device(name=None):
     """The named device, else the best one found: cuda, then mps, then cpu."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    name = name or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
