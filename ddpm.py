@@ -222,7 +222,9 @@ class UNet(nn.Module):
     def __init__(self, in_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
                  dropout=0.1, image_size=32, num_classes=None):
         super().__init__()
-        if not ch_mult or image_size % 2 ** (len(ch_mult) - 1):
+        if not ch_mult:
+            raise ValueError("ch_mult needs at least one level, e.g. (1, 2, 2, 2)")
+        if image_size % 2 ** (len(ch_mult) - 1):
             raise ValueError(f"image size {image_size} is not divisible by {2 ** (len(ch_mult) - 1)}, "
                              f"which a U-Net with {len(ch_mult)} levels needs")
         self.in_channels, self.ch, self.image_size, self.num_classes = in_channels, ch, image_size, num_classes
@@ -237,7 +239,7 @@ class UNet(nn.Module):
                 cur = ch * mult
                 skips.append(cur)
             if level < len(ch_mult) - 1:
-                self.down.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1))                    # downsample
+                self.down.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1))  # downsample: stride-2 conv
                 res //= 2
                 skips.append(cur)
         self.mid = nn.ModuleList([ResBlock(cur, cur, emb_ch, dropout, attn=True), ResBlock(cur, cur, emb_ch, dropout)])
