@@ -158,6 +158,21 @@ def test_unet_shapes(in_ch, size, ch_mult, attn, classes):
     assert out.abs().max() == 0                                  # zero-initialised output conv: ε̂ = 0 at init
 
 
+def test_attention_matches_explicit_softmax_in_both_layouts():
+    """Single-head attention written out: softmax(q kᵀ / √C) v over the H·W positions; the copy-free path that
+    channels_last (the GPU layout) takes must give the same numbers."""
+    block = randomize(ddpm.AttnBlock(32))
+    x = torch.randn(2, 32, 4, 6)
+    with torch.no_grad():
+        qkv = block.qkv(block.norm(x)).flatten(2)                                  # (B, 3C, HW)
+        q, k, v = qkv[:, :32], qkv[:, 32:64], qkv[:, 64:]
+        w = torch.softmax(q.transpose(1, 2) @ k / math.sqrt(32), dim=-1)          # (B, HW, HW)
+        expected = x + block.proj((v @ w.transpose(1, 2)).reshape(2, 32, 4, 6))
+        assert torch.allclose(block(x), expected, atol=1e-5)
+        last = block.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+        assert torch.allclose(last, expected, atol=1e-5)
+
+
 def test_default_unet_is_the_papers_35_7m():
     n = sum(p.numel() for p in ddpm.UNet().parameters())
     assert abs(n - 35.7e6) <= 0.1e6, n
@@ -322,6 +337,35 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_pa
     assert code == 1 and "at step 3" in err and "Traceback" not in err
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 2 and all(v.isfinite().all() for v in ckpt["model"].values())
+
+
+def test_non_finite_loss_found_at_a_log_line_names_its_step_and_saves_nothing(folder, tmp_path, monkeypatch, capsys):
+    """The check waits for the log line (no host sync per step), yet names the step where the loss went bad."""
+    real, calls = ddpm.Diffusion.training_loss, []
+
+    def poisoned(self, *a, **k):
+        calls.append(1)
+        loss = real(self, *a, **k)
+        return loss * float("inf") if len(calls) == 3 else loss
+    monkeypatch.setattr(ddpm.Diffusion, "training_loss", poisoned)
+    code, err = run_main(["train", "--data", folder, "--out", str(tmp_path), "--steps", "9", "--log-every", "5", *TINY],
+                         capsys)
+    assert code == 1 and "at step 3;" in err and len(calls) == 5 and not os.path.exists(tmp_path / "ckpt.pt")
+
+
+def test_profile_writes_a_table_of_the_slowest_operations(folder, tmp_path, capsys):
+    assert ddpm.main(["train", "--data", folder, "--out", str(tmp_path), "--steps", "66", "--profile", *TINY]) == 0
+    table = (tmp_path / "profile.txt").read_text()
+    assert "Self CPU time total" in table and "aten::convolution" in table
+    capsys.readouterr()
+
+
+def test_padded_batches_yield_exactly_n_samples():
+    model = randomize(ddpm.UNet(3, 16, (1,), 1, (), 0.0, 8, num_classes=3))
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    for pad in (False, True):
+        x = list(ddpm.sample_images(model, ddpm.Diffusion(20), labels, 5, 2, pad, steps=3))
+        assert len(x) == 5 and all(s.shape == (3, 8, 8) for s in x)
 
 
 def four_images(size=8):
