@@ -16,14 +16,15 @@ Usage:
 Notation: T steps, counted 0-based in code, t ∈ {0, …, T−1}; code t is the paper's t + 1, so code t = 0 is
 the last denoising step. β_t is the noise variance of step t, α_t = 1 − β_t, ᾱ_t = ∏_{s≤t} α_s. Data x_0 lies
 in [-1, 1]; x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε with ε ~ N(0, I); the network predicts ε: ε̂ = ε_θ(x_t, t, y).
-Sections: 1 schedule and diffusion math, 2 U-Net, 3 EMA, 4 data, 5 training, 6 sampling, 7 command line. Each
-section uses only the ones above it and no module globals, so any of them can be copied out alone.
+Sections 1-7 (schedule and diffusion math, U-Net, EMA, data, training, sampling, command line) each use only the
+ones above and no module globals, so any of them can be copied out alone.
 """
 import argparse, copy, glob, math, os, re, signal, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -33,8 +34,7 @@ from tqdm import tqdm
 def make_betas(schedule, timesteps):
     """β_0 … β_{T−1} as a (T,) float64 tensor; float64 because ᾱ is a product of 1000 numbers near 1."""
     if schedule == "linear":
-        # Ho et al.: 1e-4 → 0.02 for T = 1000. Scaled by 1000/T so that other T still end with ᾱ_{T−1} ≈ 0
-        # (otherwise x_{T−1} still carries the image and sampling from N(0, I) starts off the data).
+        # Ho et al.: 1e-4 → 0.02 for T = 1000; scaled by 1000/T, so any T ends at ᾱ_{T−1} ≈ 0, where x_{T−1} is noise
         scale = 1000 / timesteps
         betas = torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
     elif schedule == "cosine":
@@ -114,22 +114,22 @@ class Diffusion:
         mean, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)    # Eq. 11 written through x̂_0
         return mean, _extract(self.model_variance, t, x_t), pred_x0
 
-    def training_loss(self, model, x0, y=None, p_uncond=0.0):
+    def training_loss(self, model, x0, y=None, p_uncond=0.0, generator=None, part=slice(None)):
         """Algorithm 1: t ~ U{0, …, T−1}, ε ~ N(0, I), loss = ‖ε − ε_θ(x_t, t)‖² averaged over all pixels (Eq. 14).
-        With labels y, each one is replaced by the null label with probability p_uncond, per sample, so one
-        network learns both ε_c and the ε_u that guidance needs."""
-        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
-        noise = torch.randn_like(x0)
+        With labels y, each is replaced by the null label with probability p_uncond (per sample): one network learns
+        ε_c and the ε_u that guidance needs. t, ε and drops are drawn (from `generator`) for the whole batch, the loss
+        is taken over x0[part]: processes that split a batch get the draws of one process."""
+        t = torch.randint(0, self.num_timesteps, x0.shape[:1], generator=generator, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
         if y is not None and p_uncond > 0:
-            drop = torch.rand(y.shape, device=y.device) < p_uncond
+            drop = torch.rand(y.shape, generator=generator, device=y.device) < p_uncond
             y = torch.where(drop, torch.full_like(y, model.num_classes), y)
-        eps = model(self.q_sample(x0, t, noise), t, y)
-        return F.mse_loss(eps.float(), noise)  # in float32 even when the network ran in bf16
+        eps = model(self.q_sample(x0, t, noise)[part], t[part], None if y is None else y[part])
+        return F.mse_loss(eps.float(), noise[part])  # in float32 even when the network ran in bf16
 
     @torch.inference_mode()
     def sample(self, model, n, y=None, guidance=1.0, steps=None, eta=0.0, generator=None, noise=None, progress=False):
         """Draw n images (n, C, H, W) in [-1, 1] from the reverse process, starting at x_{T−1} = noise ~ N(0, I).
-
         steps=None: Algorithm 2, the paper's ancestral sampler over all T steps, no noise at the last step.
         steps=S:    DDIM over S evenly spaced steps that include t = T−1 and t = 0; eta = 0 is deterministic,
                     eta = 1 adds DDPM-like noise. σ²_t = β_t would be very bad with few steps (DDIM paper, Table 1).
@@ -169,9 +169,8 @@ def timestep_embedding(t, dim):
 
 
 def _norm(ch):
-    # GroupNorm, never BatchNorm: batch statistics would mix timesteps and differ between train and eval.
-    # 32 groups as in the paper; narrow nets keep ≥ 4 channels a group, since a one-channel group would subtract
-    # the per-channel constant through which the time embedding enters, and the net would be blind to t.
+    # GroupNorm, never BatchNorm (batch statistics mix timesteps). 32 groups as in the paper, but ≥ 4 channels a
+    # group: a one-channel group would subtract the per-channel constant the time embedding adds, blinding it to t.
     return nn.GroupNorm(math.gcd(32, max(ch // 4, 1)), ch)
 
 
@@ -210,9 +209,8 @@ class ResBlock(nn.Module):
 class UNet(nn.Module):
     """ε_θ(x, t, y) → ε̂ with x's shape. x: (B, C, H, W); t: LongTensor (B,) in 0..T−1; y: LongTensor (B,) of
     labels, where the value num_classes is the null label ("no class"), or None (= null for a conditional net).
-    The defaults are Ho et al.'s CIFAR-10 network, 35.7M parameters: ch_mult (1, 2, 2, 2) gives 32→16→8→4
-    with 128/256/256/256 channels; num_res_blocks per level going down and one more going up (each up block
-    concatenates one skip); attention at the resolutions in attn_resolutions and in the middle."""
+    Defaults: Ho et al.'s CIFAR-10 net, 35.7M parameters: ch_mult (1, 2, 2, 2) gives 32→16→8→4 with 128/256/256/256
+    channels; num_res_blocks per level down, one more up (each takes one skip); attention at attn_resolutions, mid."""
     def __init__(self, in_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
                  dropout=0.1, image_size=32, num_classes=None):
         super().__init__()
@@ -246,8 +244,7 @@ class UNet(nn.Module):
                 self.up.append(nn.Sequential(upsample, nn.Conv2d(cur, cur, 3, padding=1)))
                 res *= 2
         self.out = nn.Sequential(_norm(cur), nn.SiLU(), nn.Conv2d(cur, in_channels, 3, padding=1))
-        # Ho et al.'s init: Xavier-uniform weights, zero biases, and zero weights in the last layer of every
-        # residual branch, of attention and of the network, so each block starts as the identity and ε̂ as 0.
+        # Ho et al.'s init: Xavier-uniform, zero biases, zero last layers: each block starts as the identity, ε̂ as 0
         blocks = [m for m in self.modules() if isinstance(m, (ResBlock, AttnBlock))]
         last = [m.conv2 if isinstance(m, ResBlock) else m.proj for m in blocks] + [self.out[-1]]
         for m in self.modules():
@@ -284,9 +281,8 @@ class EMA:
     def update(self, model):
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         self.num_updates += 1
-        # parameters() and buffers() rather than state_dict(), which builds a detached copy of every entry per call
-        shadow, live = ([v for v in [*m.parameters(), *m.buffers()] if v.is_floating_point()]
-                        for m in (self.model, model))
+        shadow, live = ([v for v in [*m.parameters(), *m.buffers()] if v.is_floating_point()]  # not state_dict():
+                        for m in (self.model, model))  # it would build a detached copy of every entry on each call
         torch._foreach_lerp_(shadow, live, 1 - d)  # θ' += (1 − d)(θ − θ'), one fused kernel per dtype and device
 
     def state_dict(self):
@@ -356,8 +352,7 @@ def batch_indices(n, batch_size, seed, step):
     out, pos = [], step * batch_size
     while pos < (step + 1) * batch_size:  # a batch may straddle epochs (or span several for tiny datasets)
         epoch, i = divmod(pos, n)
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        perm = torch.randperm(n, generator=generator)  # 0.4 ms for 50k on a CPU
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))  # 50k: 0.4 ms
         out.append(perm[i:i + (step + 1) * batch_size - pos])
         pos += len(out[-1])
     return torch.cat(out)
@@ -369,10 +364,10 @@ TRAIN_DEFAULTS = dict(  # Ho et al.'s CIFAR-10 run; every value is a `train` fla
     batch_size=128, lr=2e-4, warmup=5000, grad_clip=1.0, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
     attn_res=(16,), dropout=0.1, timesteps=1000, schedule="linear", ema_decay=0.9999, p_uncond=0.1,
     save_every=5000, keep_every=0, sample_every=10000, log_every=100, seed=0, device=None, num_workers=4,
-    precision="auto", compile=None, profile=False)
+    precision="auto", compile=None)
 # What a resumed run may change; everything else must match the checkpoint, or the run would silently differ.
 RESUMABLE = {"steps", "save_every", "keep_every", "sample_every", "log_every", "device", "num_workers",
-             "precision", "compile", "profile", "data", "data_root", "out"}
+             "precision", "compile", "data", "data_root", "out"}
 
 
 def get_device(name=None):
@@ -384,6 +379,7 @@ def get_device(name=None):
         raise UserError(f"--device {name}: not a device name (cpu, cuda, cuda:1, mps)") from None
     if not {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type, lambda: True)():
         raise UserError(f"--device {name}: not available on this machine")
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: let cuDNN time its algorithms once
     return device
 
 
@@ -436,8 +432,7 @@ def load_checkpoint(path):
     except Exception as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if found:  # a pickled Python object, maybe one that runs code when loaded: never unpickled
-            raise UserError(f"{path}: refused, it holds a Python object ({found[1]}), not only tensors and plain "
-                            f"values") from None
+            raise UserError(f"{path}: refused, it holds a pickled Python object ({found[1]})") from None
         raise UserError(f"{path}: not a readable checkpoint, truncated or corrupt ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or not {"config", "classes", "ema", "step"} <= ckpt.keys():
         raise UserError(f"{path}: not a ddpm.py checkpoint")
@@ -452,27 +447,6 @@ def save_grid(x, path, nrow):
     os.replace(tmp, path)
 
 
-def profiler(cuda, path):
-    """A started torch.profiler that records 10 steps after 55 (compilation and cuDNN's timing are over by then), then
-    writes the operations that took the most time, and on a GPU its busy and idle time, to `path` and stderr."""
-    def report(prof):
-        table = prof.key_averages().table(sort_by=f"self_{'device' if cuda else 'cpu'}_time_total", row_limit=25)
-        kernels = [e.time_range for e in prof.events()  # GPU work, not the annotations that span it
-                   if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
-        if kernels:
-            span = max(k.end for k in kernels) - min(k.start for k in kernels)
-            busy = sum(k.elapsed_us() for k in kernels)
-            table += f"GPU busy {busy / 1e4:.2f} ms/step, idle {(span - busy) / 1e4:.2f} ms/step "\
-                     f"({1 - busy / span:.1%})\n"
-        print(table, file=sys.stderr)
-        with open(path, "w") as f:
-            f.write(table)
-    prof = torch.profiler.profile(schedule=torch.profiler.schedule(wait=50, warmup=5, active=10, repeat=1),
-                                  on_trace_ready=report)
-    prof.start()
-    return prof
-
-
 def class_rows(num_classes, n):
     """Labels for a grid with one row per class, about n images in all → (labels, images per row)."""
     per = max(1, math.ceil(n / num_classes))
@@ -482,16 +456,28 @@ def class_rows(num_classes, n):
 def train(cfg, ckpt=None):
     """Train with config dict `cfg` (TRAIN_DEFAULTS' keys) into cfg["out"], or continue `ckpt` exactly.
     Returns the exit code: 0 when done, 128 + signal number when interrupted (after saving)."""
+    # Under torchrun (RANK, LOCAL_RANK, WORLD_SIZE set): one of `world` DDP processes, one GPU each; rank 0 writes.
+    ddp, rank, world = "RANK" in os.environ, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if cfg["batch_size"] % world:
+        raise UserError(f"--batch-size {cfg['batch_size']} (the global batch) does not split over {world} processes")
     device = get_device(cfg["device"])
+    if ddp:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        ctrl = dist.new_group(backend="gloo")  # for the stop flag: a CPU channel, so no GPU sync per step
     torch.manual_seed(cfg["seed"])
+    if rank:
+        dist.barrier()  # until rank 0 has downloaded the data set, if it must
     images, labels, classes = load_images(cfg["data"], cfg["data_root"], cfg["image_size"], cfg["num_workers"])
+    if ddp and not rank:
+        dist.barrier()
     if ckpt is not None and ckpt["classes"] != classes:
         raise UserError(f"--data {cfg['data']} has classes {classes}, the run being resumed had {ckpt['classes']}")
-    # GPUs: channels_last (NHWC) is the layout tensor-core convolutions use, so no transposes around each conv;
-    # cuDNN times its algorithms once for the fixed shapes. The CPU keeps NCHW (and its bitwise-exact resume).
+    # GPUs: channels_last (NHWC) is the layout tensor-core convolutions use, so no transposes around each conv.
     cuda = device.type == "cuda"
     fmt = torch.channels_last if cuda else torch.contiguous_format
-    torch.backends.cudnn.benchmark = cuda
     try:
         model = unet_from_config(cfg, len(classes)).to(device, memory_format=fmt)
     except ValueError as e:
@@ -499,28 +485,39 @@ def train(cfg, ckpt=None):
     ema = EMA(model, cfg["ema_decay"])
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], fused=cuda)
     diffusion = Diffusion(cfg["timesteps"], cfg["schedule"], device=device)
-    step = 0
+    # Two random streams: `data` draws t, ε, flips and label drops for the whole global batch (the same in every
+    # process), the global one dropout (its own in each process). Both are saved, so a resumed run is exact.
+    data, step = torch.Generator(device).manual_seed(cfg["seed"]), 0
+    torch.manual_seed(cfg["seed"] * 1_000_003 + 7919 * (rank + 1))
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"]["cpu"])  # t, ε, flips, label drops and dropout continue as if never stopped
-        if cuda and ckpt["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        step, rng = ckpt["step"], ckpt["rng"]
+        data.set_state(rng["data"])
+        if len(rng["ranks"]) == world:  # with another number of processes dropout continues from fresh seeds
+            torch.set_rng_state(rng["ranks"][rank]["cpu"])
+            if cuda and rng["ranks"][rank]["cuda"] is not None:
+                torch.cuda.set_rng_state(rng["ranks"][rank]["cuda"], device)
     out, B, conditional = cfg["out"], cfg["batch_size"], not cfg["unconditional"]
-    for stale in glob.glob(os.path.join(out, "*.tmp[0-9]*")):  # left by a process killed mid-save
+    part = slice(rank * B // world, (rank + 1) * B // world)  # this process's share of every batch
+    for stale in glob.glob(os.path.join(out, "*.tmp[0-9]*")) if not rank else []:  # left by a kill mid-save
         os.remove(stale)
     images, labels = images.to(device), labels.to(device)  # CIFAR-10: 150 MB, so batches are a gather
     compiled = cuda if cfg["compile"] is None else cfg["compile"]
-    # CUDA graphs replay the whole forward and backward as one launch each: at batch 128 the GPU would otherwise
-    # wait on Python launching ~1,000 small kernels a step. The checkpoint keeps the plain module's weights.
-    forward = torch.compile(model, mode="reduce-overhead" if cuda else None) if compiled else model
+    # CUDA graphs: forward and backward replay as one launch each, not ~1,000 small kernels a step launched by Python
+    forward = torch.compile(model, mode="reduce-overhead" if cuda and not ddp else None) if compiled else model
+    if ddp:  # (CUDA graphs together with DDP's gradient hooks are not tested here: compiled without them)
+        forward = nn.parallel.DistributedDataParallel(forward, device_ids=[device.index] if cuda else None)
+        forward.num_classes = model.num_classes
     amp = autocast(device, cfg["precision"])
     pending, stats = [], []  # (loss, grad norm) per step: on the device until check(), then as floats
 
     def check():  # waits for the device: at log lines and before saves, as a sync per step would idle the GPU
-        values = torch.stack(pending).tolist() if pending else []
+        values = torch.stack(pending) if pending else torch.zeros(0, 2, device=device)
+        if ddp:  # the mean loss over all processes (the gradient norm is the same in each)
+            dist.all_reduce(values.div_(world))
+        values = values.tolist()
         pending.clear()
         for at, (loss_value, grad_value) in enumerate(values, start=step - len(values) + 1):
             if not math.isfinite(loss_value + grad_value):  # the weights in memory are spoilt now; none reach disk
@@ -528,41 +525,44 @@ def train(cfg, ckpt=None):
                                 f"without saving; the last checkpoint in {out} is kept (try a lower --lr)", code=1)
         stats.extend(values)
 
-    def checkpoint():
+    def checkpoint():  # called in every process: they all take part in check() and in gathering the RNG states
         check()
-        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if cuda else None}
+        ranks = [{"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if cuda else None}] * world
+        if ddp:
+            dist.all_gather_object(ranks, ranks[0], group=ctrl)
         state = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(), step=step,
-                     config=dict(cfg), classes=classes, rng=rng)
-        save_checkpoint(state, os.path.join(out, "ckpt.pt"))
-        if cfg["keep_every"] and step % cfg["keep_every"] == 0:
-            save_checkpoint(state, os.path.join(out, f"ckpt_{step:08d}.pt"))
+                     config=dict(cfg), classes=classes, rng=dict(data=data.get_state(), ranks=ranks))
+        paths = [os.path.join(out, "ckpt.pt")] + [os.path.join(out, f"ckpt_{step:08d}.pt")] * bool(keep)
+        for path in paths if not rank else []:
+            save_checkpoint(state, path)
 
-    print(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter U-Net on {len(images)} images "
-          f"({len(classes)} classes) on {device}, step {step} → {cfg['steps']}, run folder {out}", file=sys.stderr)
-    interrupted = []  # signal numbers: the first makes the loop save and stop after this step, a second stops now
+    say = print if not rank else lambda *a, **k: None
+    say(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter U-Net on {len(images)} images "
+        f"({len(classes)} classes) on {device} in {world} process{'es' * (world > 1)}, step {step} → {cfg['steps']}, "
+        f"run folder {out}", file=sys.stderr)
+    interrupted, signum = [], 0  # signals: the first makes the loop save and stop after this step, a second stops now
 
-    def on_signal(signum, frame):
-        interrupted.append(signum)
+    def on_signal(sig, frame):
+        interrupted.append(sig)
         if len(interrupted) > 1:
             raise KeyboardInterrupt  # checkpoints are atomic, so the last one stays whole
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    log = open(os.path.join(out, "log.txt"), "a")
-    bar = tqdm(total=cfg["steps"], initial=step, dynamic_ncols=True, disable=None)
-    prof = profiler(cuda, os.path.join(out, "profile.txt")) if cfg["profile"] else None
-    t_log, step_log = time.time(), step
+    log = open(os.path.join(out, "log.txt") if not rank else os.devnull, "a")
+    bar = tqdm(total=cfg["steps"], initial=step, dynamic_ncols=True, disable=None if not rank else True)
+    t_log, step_log, keep = time.time(), step, False
     try:
-        while step < cfg["steps"] and not interrupted:
+        while step < cfg["steps"] and not signum:
             idx = batch_indices(len(images), B, cfg["seed"], step).to(device, non_blocking=True)
             x0 = images[idx].float() / 127.5 - 1                                  # pixels x/127.5 − 1 ∈ [-1, 1]
-            flip = torch.rand(B, device=device) < 0.5                             # random horizontal flip
+            flip = torch.rand(B, generator=data, device=device) < 0.5            # random horizontal flip
             x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0).contiguous(memory_format=fmt)
             lr = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup"]))         # linear warm-up
             for group in opt.param_groups:
                 group["lr"] = lr
-            if compiled and cuda:
-                torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()  # with CUDA graphs: the last step's outputs may be overwritten
             with amp:
-                loss = diffusion.training_loss(forward, x0, labels[idx] if conditional else None, cfg["p_uncond"])
+                loss = diffusion.training_loss(forward, x0, labels[idx] if conditional else None, cfg["p_uncond"],
+                                               data, part)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
@@ -571,8 +571,6 @@ def train(cfg, ckpt=None):
             ema.update(model)
             step += 1
             bar.update(1)
-            if prof:
-                prof.step()
             if step % cfg["log_every"] == 0 or step == cfg["steps"] or len(pending) == 1000:
                 check()
             if step % cfg["log_every"] == 0 or step == cfg["steps"]:
@@ -585,7 +583,7 @@ def train(cfg, ckpt=None):
             keep = cfg["keep_every"] and step % cfg["keep_every"] == 0
             if step % cfg["save_every"] == 0 or step == cfg["steps"] or keep:
                 checkpoint()
-            if cfg["sample_every"] and step % cfg["sample_every"] == 0:
+            if cfg["sample_every"] and step % cfg["sample_every"] == 0 and not rank:
                 # Preview with the EMA weights, fixed noise, 100 DDIM steps, guidance 2 (as `sample` does).
                 y, nrow = class_rows(len(classes), 64) if conditional else (None, 8)
                 g = torch.Generator(device).manual_seed(cfg["seed"])  # its own generator: training RNG untouched
@@ -594,19 +592,22 @@ def train(cfg, ckpt=None):
                                          2.0, min(100, cfg["timesteps"]), generator=g)
                 save_grid(x, os.path.join(out, f"samples_{step:08d}.png"), nrow)
                 t_log, step_log = time.time(), step  # images/s counts training only
+            # Every process stops after the same step, whichever of them got the signal.
+            signum = torch.tensor(interrupted[:1] or [0])
+            if ddp:
+                dist.all_reduce(signum, dist.ReduceOp.MAX, group=ctrl)
+            signum = int(signum)
     finally:
         bar.close()
         log.close()
-        if prof:
-            prof.stop()
         for s, h in handlers.items():
             signal.signal(s, h)
-    if interrupted:
+    if signum:
         checkpoint()
-        print(f"interrupted at step {step}; saved {out}/ckpt.pt. "
-              f"Resume with: python ddpm.py train --resume --out {out}", file=sys.stderr)
-        return 128 + interrupted[0]
-    print(f"done: {out}/ckpt.pt at step {step}", file=sys.stderr)
+        say(f"interrupted at step {step}; saved {out}/ckpt.pt. Resume with: "
+            f"{'torchrun … ' if ddp else 'python '}ddpm.py train --resume --out {out}", file=sys.stderr)
+        return 128 + signum
+    say(f"done: {out}/ckpt.pt at step {step}", file=sys.stderr)
     return 0
 
 
@@ -617,8 +618,7 @@ def load_sampler(path, device):
     cfg = ckpt["config"]
     model = unet_from_config(cfg, len(ckpt["classes"]))
     model.load_state_dict(ckpt["ema"]["model"])
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # as in train()
-    model = model.to(device, memory_format=fmt).eval()
+    model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format).eval()
     return model, Diffusion(cfg["timesteps"], cfg["schedule"], device=device), ckpt["classes"], cfg
 
 
@@ -653,7 +653,11 @@ def cmd_train(args):
     else:
         cfg = {**TRAIN_DEFAULTS, **given}
     ensure_writable(out, "--out")
-    return train(cfg, ckpt)
+    try:
+        return train(cfg, ckpt)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def cmd_sample(args):
@@ -665,10 +669,10 @@ def cmd_sample(args):
     if args.steps is not None and args.steps > diffusion.num_timesteps:
         raise UserError(f"--steps {args.steps}: the model has only T = {diffusion.num_timesteps} steps")
     name, labels, nrow = "all", None, math.ceil(math.sqrt(args.n))
-    if args.class_name is not None:
+    if getattr(args, "class") is not None:
         if cfg["unconditional"]:
             raise UserError(f"--class: {path} is an unconditional model")
-        c = args.class_name
+        c = getattr(args, "class")
         idx = classes.index(c) if c in classes else int(c) if c.isdigit() else -1
         if not 0 <= idx < len(classes):
             raise UserError(f"--class {c}: unknown; choose from {', '.join(classes)} (or 0-{len(classes) - 1})")
@@ -678,13 +682,12 @@ def cmd_sample(args):
     out = args.out or os.path.join("samples", f"{name}.png")
     per_file = out.endswith(("/", os.sep)) or os.path.isdir(out)
     ensure_writable(out if per_file else os.path.dirname(out) or ".", "--out")
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed or 0)
     n = len(labels) if labels is not None else args.n
     batch_size = args.batch_size or (1024 if device.type == "cuda" else 256)
     # Compiling costs ~30 s on an H100, then samples 3.5× as fast: worth it from ~200k sample-steps (n × steps).
     sample_steps = n * (args.steps or diffusion.num_timesteps)
     compiled = device.type == "cuda" and sample_steps >= 200_000 if args.compile is None else args.compile
-    torch.backends.cudnn.benchmark = device.type == "cuda"
     forward = torch.compile(model) if compiled else model
     with autocast(device, args.precision), ThreadPoolExecutor(8) as pool:  # PNGs are written while sampling goes on
         x = sample_images(forward, diffusion, labels, n, batch_size, compiled, guidance=args.guidance, steps=args.steps,
@@ -731,6 +734,11 @@ def build_parser():
     common = _Parser(add_help=False)
     common.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the best found)")
     common.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="auto = bf16 autocast on CUDA, else fp32")
+    common.add_argument("--seed", type=_num(int, 0, 2 ** 62), help="random seed (default: 0)")
+    common.add_argument("--batch-size", type=_num(int, 1, 65536),
+                        help="train: images a step (default: 128); sample: a batch (default: 1024 on CUDA, else 256)")
+    common.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the U-Net (default: "
+                        "on CUDA; sample: when n × steps ≥ 200k). train uses CUDA graphs: its first steps take minutes")
 
     tr = sub.add_parser("train", parents=[common], help="train a model (default: Ho et al.'s CIFAR-10 setup)")
     tr.set_defaults(func=cmd_train)
@@ -738,7 +746,7 @@ def build_parser():
             ("--data", str, "'cifar10' or an image folder laid out <folder>/<class>/*.png|jpg"),
             ("--data-root", str, "CIFAR-10 download folder"), ("--image-size", _num(int, 4, 4096), "side in pixels"),
             ("--out", str, "run folder: ckpt.pt, log.txt, samples_*.png (default: runs/<data name>)"),
-            ("--steps", _num(int, 1, big), "training steps"), ("--batch-size", _num(int, 1, 65536), "images per step"),
+            ("--steps", _num(int, 1, big), "training steps"),
             ("--lr", _num(float, 0, 1, True), "Adam learning rate"), ("--warmup", _num(int, 0, big), "warm-up steps"),
             ("--grad-clip", _num(float, 0, 1e6, True), "global gradient-norm clip"),
             ("--ch", _num(int, 8, 4096), "base channels"), ("--ch-mult", _int_tuple, "channels per level, e.g. 1,2,2"),
@@ -750,34 +758,25 @@ def build_parser():
             ("--save-every", _num(int, 1, big), "checkpoint interval in steps"),
             ("--keep-every", _num(int, 0, big), "also keep ckpt_<step>.pt every N steps (0: only the last)"),
             ("--sample-every", _num(int, 0, big), "EMA sample grid interval (0: never)"),
-            ("--log-every", _num(int, 1, big), "log line interval"), ("--seed", _num(int, 0, 2 ** 62), "random seed"),
+            ("--log-every", _num(int, 1, big), "log line interval"),
             ("--num-workers", _num(int, 1, 256), "image decoding threads")]:
         key = flag[2:].replace("-", "_")
         tr.add_argument(flag, type=kind, help=f"{text} (default: {TRAIN_DEFAULTS[key]})",
                         choices=("linear", "cosine") if key == "schedule" else None)
-    for flag, text in [("--unconditional", "ignore the classes (default: conditional)"),
-                       ("--profile", "profile steps 56-65 into profile.txt: top kernels, GPU idle time")]:
-        tr.add_argument(flag, action="store_true", default=None, help=text)
-    tr.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the U-Net with CUDA graphs "
-                    "(default: on CUDA; the first steps then take one or two minutes)")
+    tr.add_argument("--unconditional", action="store_true", default=None, help="ignore the classes (default: no)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
 
     sa = sub.add_parser("sample", parents=[common], help="sample a PNG grid (or one PNG per image) from a checkpoint")
     sa.set_defaults(func=cmd_sample, precision="auto")
-    sa.add_argument("--ckpt", help="checkpoint (default: the newest runs/*/ckpt.pt)")
-    sa.add_argument("--class", dest="class_name", help="class name or index (default: every class, one per row)")
-    sa.add_argument("--n", type=_num(int, 1, 10 ** 7), default=64, help="number of samples (default: 64)")
-    sa.add_argument("--guidance", type=_num(float, 0, 100), default=2.0,
-                    help="classifier-free guidance scale s: 1 = plain conditional, 0 = unconditional (default: 2.0)")
-    sa.add_argument("--steps", type=_num(int, 1, 100_000), help="DDIM steps (default: all T, ancestral sampling)")
-    sa.add_argument("--eta", type=_num(float, 0, 1), default=0.0,
-                    help="DDIM noise: 0 deterministic, 1 DDPM-like (default: 0)")
-    sa.add_argument("--batch-size", type=_num(int, 1, 65536), help="batch (default: 1024 on CUDA, else 256)")
-    sa.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                    help="torch.compile the U-Net (default: on CUDA for 200k or more sample-steps, n × steps)")
-    sa.add_argument("--seed", type=_num(int, 0, 2 ** 62), default=0, help="random seed (default: 0)")
-    sa.add_argument("--out", help="PNG grid, or a folder (ending in /) for one PNG per sample "
-                    "(default: samples/<class>.png)")
+    for flag, kind, default, text in [
+            ("--ckpt", str, None, "checkpoint (default: the newest runs/*/ckpt.pt)"),
+            ("--class", str, None, "class name or index (default: every class, one per row)"),
+            ("--n", _num(int, 1, 10 ** 7), 64, "number of samples (default: 64)"),
+            ("--guidance", _num(float, 0, 100), 2.0, "guidance s: 1 = conditional, 0 = unconditional (default: 2)"),
+            ("--steps", _num(int, 1, 100_000), None, "DDIM steps (default: all T, ancestral sampling)"),
+            ("--eta", _num(float, 0, 1), 0.0, "DDIM noise: 0 deterministic (default), 1 DDPM-like"),
+            ("--out", str, None, "a PNG grid, or a folder/ for one PNG per sample (default: samples/<class>.png)")]:
+        sa.add_argument(flag, type=kind, default=default, help=text)
     return parser
 
 
@@ -786,7 +785,8 @@ def main(argv=None):
     try:
         return args.func(args)
     except UserError as e:
-        print(f"ddpm.py: error: {e}", file=sys.stderr)
+        if not int(os.environ.get("RANK", 0)):  # under torchrun, one line from rank 0 rather than one per process
+            print(f"ddpm.py: error: {e}", file=sys.stderr)
         return e.code
     except torch.OutOfMemoryError:
         print("ddpm.py: error: out of GPU memory; try a smaller --batch-size", file=sys.stderr)

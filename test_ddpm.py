@@ -1,6 +1,6 @@
 """Tests for ddpm.py: formulas against closed forms or independent computations, the network, the samplers,
 the training loop (overfit, exact resume, interruption) and every user error. CPU only, about a minute."""
-import math, os, signal, subprocess, sys, time
+import math, multiprocessing, os, signal, socket, subprocess, sys, time
 
 import pytest
 import torch
@@ -353,13 +353,6 @@ def test_non_finite_loss_found_at_a_log_line_names_its_step_and_saves_nothing(fo
     assert code == 1 and "at step 3;" in err and len(calls) == 5 and not os.path.exists(tmp_path / "ckpt.pt")
 
 
-def test_profile_writes_a_table_of_the_slowest_operations(folder, tmp_path, capsys):
-    assert ddpm.main(["train", "--data", folder, "--out", str(tmp_path), "--steps", "66", "--profile", *TINY]) == 0
-    table = (tmp_path / "profile.txt").read_text()
-    assert "Self CPU time total" in table and "aten::convolution" in table
-    capsys.readouterr()
-
-
 def test_padded_batches_yield_exactly_n_samples():
     model = randomize(ddpm.UNet(3, 16, (1,), 1, (), 0.0, 8, num_classes=3))
     labels = torch.tensor([0, 1, 2, 0, 1])
@@ -563,3 +556,105 @@ def test_sigkill_mid_run_leaves_a_loadable_checkpoint(folder, tmp_path):
     proc.communicate()
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] >= 1 and all(v.isfinite().all() for v in ckpt["model"].values())
+
+
+# ---------------------------------------------------------------------------------------------- several processes (DDP)
+def _ddp_process(rank, world, port, argv):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    sys.exit(ddpm.main(argv))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ddp(argv, world=2):
+    """ddpm.main(argv) in `world` forked processes that meet over gloo on 127.0.0.1, as torchrun would start them."""
+    port = _free_port()
+    procs = [multiprocessing.get_context("fork").Process(target=_ddp_process, args=(r, world, port, argv))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    return [p.exitcode for p in procs]
+
+
+def test_two_processes_take_the_same_step_as_one(folder, tmp_path, capsys):
+    args = ["train", "--data", folder, "--steps", "1", "--dropout", "0", "--warmup", "0", "--p-uncond", "0.5", *TINY]
+    assert ddpm.main(args + ["--out", str(tmp_path / "one")]) == 0
+    assert run_ddp(args + ["--out", str(tmp_path / "two")]) == [0, 0]
+    a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("one", "two"))
+    for key, value in a["model"].items():
+        assert torch.allclose(b["model"][key], value, rtol=1e-5, atol=1e-8), key
+    for i, state in a["optimizer"]["state"].items():   # Adam's first moment is 0.1 × the (averaged) gradient
+        grad_a, grad_b = state["exp_avg"], b["optimizer"]["state"][i]["exp_avg"]
+        assert (grad_a - grad_b).norm() <= 1e-5 * grad_a.norm() + 1e-12, i
+    capsys.readouterr()
+
+
+def test_two_process_resume_is_bitwise_identical(folder, tmp_path, capsys):
+    args = ["train", "--data", folder, "--dropout", "0.3", "--p-uncond", "0.5", *TINY]   # 2 images a process
+    assert run_ddp(args + ["--steps", "4", "--out", str(tmp_path / "straight")]) == [0, 0]
+    assert run_ddp(args + ["--steps", "2", "--out", str(tmp_path / "resumed")]) == [0, 0]
+    assert run_ddp(["train", "--resume", "--out", str(tmp_path / "resumed"), "--steps", "4"]) == [0, 0]
+    a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("straight", "resumed"))
+    assert a["step"] == b["step"] == 4 and len(a["rng"]["ranks"]) == 2
+    for part in ("model", "optimizer", "ema"):
+        flat_a, flat_b = torch.utils._pytree.tree_flatten(a[part])[0], torch.utils._pytree.tree_flatten(b[part])[0]
+        assert all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(flat_a, flat_b)), part
+    capsys.readouterr()
+
+
+def test_a_global_batch_that_does_not_split_is_one_line(folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    code, err = run_main(["train", "--data", folder, "--out", str(tmp_path / "run"), *TINY], capsys)
+    assert code == 2 and "--batch-size 4 (the global batch) does not split over 3 processes" in err
+    assert err.count("\n") == 1 and not os.path.exists(tmp_path / "run" / "ckpt.pt")
+
+
+def _children(pid):
+    kids = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1] == str(pid):
+                kids.append(int(entry))
+        except OSError:
+            pass
+    return kids
+
+
+def test_sigterm_to_torchrun_stops_every_process_after_the_same_step(folder, tmp_path):
+    out = str(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", os.path.join(HERE, "ddpm.py"),
+                             "train", "--data", folder, "--out", out, "--steps", "100000", "--log-every", "1", *TINY],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(os.path.join(out, "log.txt"), proc)
+    workers = _children(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert f"interrupted at step {ckpt['step']}; saved" in err and err.count("interrupted at step") == 1, err
+    assert len(ckpt["rng"]["ranks"]) == 2 and len(workers) == 2 and not _children(proc.pid)
+    assert all(not os.path.exists(f"/proc/{w}") for w in workers) and not any(".tmp" in f for f in os.listdir(out))
+
+
+def test_a_process_that_dies_takes_the_others_down(folder, tmp_path):
+    """No hang: the survivor's next collective fails at once (torchrun then also ends the rest and reports)."""
+    out, port = str(tmp_path / "run"), _free_port()
+    argv = ["train", "--data", folder, "--out", out, "--steps", "100000", "--log-every", "1", *TINY]
+    procs = [multiprocessing.get_context("fork").Process(target=_ddp_process, args=(r, 2, port, argv)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    end = time.time() + 60
+    while not os.path.exists(os.path.join(out, "log.txt")) and time.time() < end:
+        time.sleep(0.05)
+    assert os.path.exists(os.path.join(out, "log.txt")) and all(p.is_alive() for p in procs)   # both are training
+    os.kill(procs[1].pid, signal.SIGKILL)
+    procs[0].join(30)
+    assert procs[0].exitcode not in (None, 0) and procs[1].exitcode == -signal.SIGKILL
