@@ -340,7 +340,6 @@ def load_images(data, root="./data", image_size=32, workers=4,
         except Exception as e:
             raise UserError(f"cannot read image {path} ({type(e).__name__}); fix or remove it")
         return TF.pil_to_tensor(im)
-
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
         images = list(tqdm(pool.map(decode, [f for f, _ in files]), "loading", len(files), leave=False, disable=None))
     return torch.stack(images), torch.tensor([label for _, label in files]), classes
@@ -535,7 +534,6 @@ def train(cfg, ckpt=None):
         paths = [os.path.join(out, "ckpt.pt")] + [os.path.join(out, f"ckpt_{step:08d}.pt")] * bool(keep)
         for path in paths if not rank else []:
             save_checkpoint(state, path)
-
     say = print if not rank else lambda *a, **k: None
     say(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter U-Net on {len(images)} images "
         f"({len(classes)} classes) on {device} in {world} process{'es' * (world > 1)}, step {step} → {cfg['steps']}, "
@@ -559,7 +557,8 @@ def train(cfg, ckpt=None):
             lr = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup"]))         # linear warm-up
             for group in opt.param_groups:
                 group["lr"] = lr
-            torch.compiler.cudagraph_mark_step_begin()  # with CUDA graphs: the last step's outputs may be overwritten
+            if compiled:  # with CUDA graphs the last step's outputs may be overwritten (uncompiled: no 2 s import)
+                torch.compiler.cudagraph_mark_step_begin()
             with amp:
                 loss = diffusion.training_loss(forward, x0, labels[idx] if conditional else None, cfg["p_uncond"],
                                                data, part)

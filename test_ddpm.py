@@ -631,8 +631,9 @@ def _children(pid):
 
 def test_sigterm_to_torchrun_stops_every_process_after_the_same_step(folder, tmp_path):
     out = str(tmp_path / "run")
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", os.path.join(HERE, "ddpm.py"),
-                             "train", "--data", folder, "--out", out, "--steps", "100000", "--log-every", "1", *TINY],
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.Popen([*torchrun, os.path.join(HERE, "ddpm.py"), "train", "--data", folder, "--out", out,
+                             "--steps", "100000", "--log-every", "1", *TINY],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(os.path.join(out, "log.txt"), proc)
     workers = _children(proc.pid)
