@@ -429,7 +429,7 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))  # "Unsupported global: GLOBAL x.y", "unsupported GLOBAL x.y …"
         if found:  # a pickled Python object, maybe one that runs code when loaded: never unpickled
             raise UserError(f"{path}: refused, it holds a pickled Python object ({found[1]})") from None
         raise UserError(f"{path}: not a readable checkpoint, truncated or corrupt ({type(e).__name__})") from None
@@ -481,6 +481,7 @@ def train(cfg, ckpt=None):
         model = unet_from_config(cfg, len(classes)).to(device, memory_format=fmt)
     except ValueError as e:
         raise UserError(str(e)) from None
+    ensure_writable(cfg["out"], "--out")  # only now: a run that cannot start leaves no empty folder behind
     ema = EMA(model, cfg["ema_decay"])
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], fused=cuda)
     diffusion = Diffusion(cfg["timesteps"], cfg["schedule"], device=device)
@@ -651,7 +652,6 @@ def cmd_train(args):
         raise UserError(f"{path} exists: pass --resume to continue that run, or choose another --out")
     else:
         cfg = {**TRAIN_DEFAULTS, **given}
-    ensure_writable(out, "--out")
     try:
         return train(cfg, ckpt)
     finally:

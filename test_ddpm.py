@@ -291,6 +291,27 @@ def test_crafted_pickle_is_refused_and_never_runs(tmp_path, capsys):
     assert code == 2 and "refused" in err and not marker.exists()
 
 
+def test_a_checkpoint_that_would_call_os_system_is_refused_by_name(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    path = str(tmp_path / "evil.pt")
+    torch.save({"config": {}, "classes": [], "ema": Evil(), "step": 0}, path)
+    code, err = run_main(["sample", "--ckpt", path], capsys)
+    assert code == 2 and "refused" in err and "posix.system" in err and "corrupt" not in err and not marker.exists()
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    def offline(*a, **k):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: no network")
+    monkeypatch.setattr("torchvision.datasets.CIFAR10", offline)
+    for data in ["cifar10", str(tmp_path / "nowhere")]:
+        code, err = run_main(["train", "--data", data, "--out", str(tmp_path / "run")], capsys)
+        assert code == 2 and err.count("\n") == 1 and not os.path.exists(tmp_path / "run"), err
+
+
 def test_truncated_or_garbage_checkpoint_is_a_clear_error(ckpts, tmp_path, capsys):
     data = open(ckpts["cond"], "rb").read()
     for name, content in [("cut.pt", data[: len(data) // 2]), ("junk.pt", b"not a checkpoint")]:
