@@ -13,9 +13,9 @@ Usage:
     python ddpm.py sample --class ship            # guided samples from the newest runs/*/ckpt.pt
     python ddpm.py sample --steps 100 --out fid/  # DDIM in 100 steps, one PNG per sample
 
-Notation: T steps, counted 0-based in code, t ∈ {0, …, T−1}; code t is the paper's t + 1, so code t = 0 is
-the last denoising step. β_t is the noise variance of step t, α_t = 1 − β_t, ᾱ_t = ∏_{s≤t} α_s. Data x_0 lies
-in [-1, 1]; x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε with ε ~ N(0, I); the network predicts ε: ε̂ = ε_θ(x_t, t, y).
+Notation: T steps, 0-based in code, t ∈ {0, …, T−1}: code t is the paper's t + 1 (t = 0: last denoising
+step). β_t is the noise variance of step t, α_t = 1 − β_t, ᾱ_t = ∏_{s≤t} α_s. Data x_0 is in [-1, 1];
+x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε, ε ~ N(0, I); the network predicts ε: ε̂ = ε_θ(x_t, t, y).
 Sections 1-7 (schedule and diffusion math, U-Net, EMA, data, training, sampling, command line) each use only the
 ones above and no module globals, so any of them can be copied out alone.
 """
@@ -34,7 +34,7 @@ from tqdm import tqdm
 def make_betas(schedule, timesteps):
     """β_0 … β_{T−1} as a (T,) float64 tensor; float64 because ᾱ is a product of 1000 numbers near 1."""
     if schedule == "linear":
-        # Ho et al.: 1e-4 → 0.02 for T = 1000; scaled by 1000/T, so any T ends at ᾱ_{T−1} ≈ 0, where x_{T−1} is noise
+        # Ho et al.: 1e-4 → 0.02 for T = 1000; × 1000/T, so any T ends at ᾱ_{T−1} ≈ 0 (x_{T−1} is noise)
         scale = 1000 / timesteps
         betas = torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
     elif schedule == "cosine":
@@ -73,7 +73,8 @@ class Diffusion:
             sqrt_recip_alphas_cumprod=alphas_cumprod.rsqrt(),
             sqrt_recipm1_alphas_cumprod=(1 / alphas_cumprod - 1).sqrt(),
             posterior_variance=posterior_variance, model_variance=model_variance,
-            # Eq. 7: μ̃_t(x_t, x_0) = sqrt(ᾱ_{t−1}) β_t / (1 − ᾱ_t) · x_0 + sqrt(α_t) (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · x_t
+            # Eq. 7: μ̃_t(x_t, x_0) = coef1 · x_0 + coef2 · x_t, with coef1 = sqrt(ᾱ_{t−1}) β_t / (1 − ᾱ_t)
+            # and coef2 = sqrt(α_t) (1 − ᾱ_{t−1}) / (1 − ᾱ_t)
             posterior_mean_coef1=alphas_cumprod_prev.sqrt() * betas / (1 - alphas_cumprod),
             posterior_mean_coef2=(1 - betas).sqrt() * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod))
         for name, value in tensors.items():  # on the device of the data: indexing them then needs no host sync
@@ -86,7 +87,7 @@ class Diffusion:
             _extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
 
     def predict_x0_from_eps(self, x_t, t, eps):
-        # Eq. 4 solved for x_0: x_0 = (x_t − sqrt(1 − ᾱ_t) ε) / sqrt(ᾱ_t) = sqrt(1/ᾱ_t) x_t − sqrt(1/ᾱ_t − 1) ε
+        # Eq. 4 solved for x_0: x_0 = sqrt(1/ᾱ_t) x_t − sqrt(1/ᾱ_t − 1) ε
         return _extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - \
             _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
 
@@ -96,7 +97,7 @@ class Diffusion:
         return mean, _extract(self.posterior_variance, t, x_t)
 
     def predict_eps(self, model, x_t, t, y=None, guidance=1.0):
-        """ε̂, with classifier-free guidance when y is given and guidance ≠ 1: ε̃ = ε_u + s (ε_c − ε_u), where
+        """ε̂, with classifier-free guidance if y is given and guidance ≠ 1: ε̃ = ε_u + s (ε_c − ε_u), where
         ε_u is the prediction for the null label (index model.num_classes) and s = guidance. s = 1 is the plain
         conditional model, s = 0 the unconditional one; Ho & Salimans write (1 + w) ε_c − w ε_u, so w = s − 1."""
         if y is None or guidance == 1.0:
@@ -115,10 +116,10 @@ class Diffusion:
         return mean, _extract(self.model_variance, t, x_t), pred_x0
 
     def training_loss(self, model, x0, y=None, p_uncond=0.0, generator=None, part=slice(None)):
-        """Algorithm 1: t ~ U{0, …, T−1}, ε ~ N(0, I), loss = ‖ε − ε_θ(x_t, t)‖² averaged over all pixels (Eq. 14).
-        With labels y, each is replaced by the null label with probability p_uncond (per sample): one network learns
-        ε_c and the ε_u that guidance needs. t, ε and drops are drawn (from `generator`) for the whole batch, the loss
-        is taken over x0[part]: processes that split a batch get the draws of one process."""
+        """Algorithm 1: t ~ U{0, …, T−1}, ε ~ N(0, I), loss = ‖ε − ε_θ(x_t, t)‖², pixel mean (Eq. 14).
+        With labels y, each is replaced by the null label with probability p_uncond (per sample): one network
+        learns ε_c and the ε_u guidance needs. t, ε and drops are drawn (from `generator`) for the whole batch,
+        the loss is taken over x0[part]: processes that split a batch get the draws of one process."""
         t = torch.randint(0, self.num_timesteps, x0.shape[:1], generator=generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device)
         if y is not None and p_uncond > 0:
@@ -189,7 +190,7 @@ class AttnBlock(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """GroupNorm → SiLU → conv, + projected embedding, GroupNorm → SiLU → dropout → conv, + skip; then attention."""
+    """GroupNorm, SiLU, conv, + projected embedding, GroupNorm, SiLU, dropout, conv, + skip; then attention."""
     def __init__(self, in_ch, out_ch, emb_ch, dropout, attn=False):
         super().__init__()
         self.norm1, self.conv1 = _norm(in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
@@ -209,8 +210,8 @@ class ResBlock(nn.Module):
 class UNet(nn.Module):
     """ε_θ(x, t, y) → ε̂ with x's shape. x: (B, C, H, W); t: LongTensor (B,) in 0..T−1; y: LongTensor (B,) of
     labels, where the value num_classes is the null label ("no class"), or None (= null for a conditional net).
-    Defaults: Ho et al.'s CIFAR-10 net, 35.7M parameters: ch_mult (1, 2, 2, 2) gives 32→16→8→4 with 128/256/256/256
-    channels; num_res_blocks per level down, one more up (each takes one skip); attention at attn_resolutions, mid."""
+    Defaults: Ho et al.'s CIFAR-10 net (35.7M parameters): ch_mult (1, 2, 2, 2), 32→16→8→4 px, 128/256/256/256
+    channels, num_res_blocks down, one more up (each takes a skip), attention at attn_resolutions and mid."""
     def __init__(self, in_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
                  dropout=0.1, image_size=32, num_classes=None):
         super().__init__()
@@ -240,8 +241,7 @@ class UNet(nn.Module):
                 self.up.append(ResBlock(cur + skips.pop(), ch * mult, emb_ch, dropout, res in attn_resolutions))
                 cur = ch * mult
             if level > 0:
-                upsample = nn.Upsample(scale_factor=2, mode="nearest")                # upsample: nearest + conv
-                self.up.append(nn.Sequential(upsample, nn.Conv2d(cur, cur, 3, padding=1)))
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(cur, cur, 3, padding=1)))  # nearest
                 res *= 2
         self.out = nn.Sequential(_norm(cur), nn.SiLU(), nn.Conv2d(cur, in_channels, 3, padding=1))
         # Ho et al.'s init: Xavier-uniform, zero biases, zero last layers: each block starts as the identity, ε̂ as 0
@@ -474,9 +474,8 @@ def train(cfg, ckpt=None):
         dist.barrier()
     if ckpt is not None and ckpt["classes"] != classes:
         raise UserError(f"--data {cfg['data']} has classes {classes}, the run being resumed had {ckpt['classes']}")
-    # GPUs: channels_last (NHWC) is the layout tensor-core convolutions use, so no transposes around each conv.
     cuda = device.type == "cuda"
-    fmt = torch.channels_last if cuda else torch.contiguous_format
+    fmt = torch.channels_last if cuda else torch.contiguous_format  # NHWC, the layout of tensor-core convolutions
     try:
         model = unet_from_config(cfg, len(classes)).to(device, memory_format=fmt)
     except ValueError as e:
@@ -494,11 +493,13 @@ def train(cfg, ckpt=None):
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         step, rng = ckpt["step"], ckpt["rng"]
-        data.set_state(rng["data"])
-        if len(rng["ranks"]) == world:  # with another number of processes dropout continues from fresh seeds
-            torch.set_rng_state(rng["ranks"][rank]["cpu"])
-            if cuda and rng["ranks"][rank]["cuda"] is not None:
-                torch.cuda.set_rng_state(rng["ranks"][rank]["cuda"], device)
+        ranks = rng.get("ranks", [rng])  # checkpoints of the one-process releases hold only {"cpu", "cuda"}
+        if "data" in rng:
+            data.set_state(rng["data"])
+        if len(ranks) == world:  # with another number of processes dropout continues from fresh seeds
+            torch.set_rng_state(ranks[rank]["cpu"])
+            if cuda and ranks[rank]["cuda"] is not None:
+                torch.cuda.set_rng_state(ranks[rank]["cuda"], device)
     out, B, conditional = cfg["out"], cfg["batch_size"], not cfg["unconditional"]
     part = slice(rank * B // world, (rank + 1) * B // world)  # this process's share of every batch
     for stale in glob.glob(os.path.join(out, "*.tmp[0-9]*")) if not rank else []:  # left by a kill mid-save
@@ -571,9 +572,10 @@ def train(cfg, ckpt=None):
             ema.update(model)
             step += 1
             bar.update(1)
-            if step % cfg["log_every"] == 0 or step == cfg["steps"] or len(pending) == 1000:
+            log_now = step % cfg["log_every"] == 0 or step == cfg["steps"]
+            if log_now or len(pending) == 1000:
                 check()
-            if step % cfg["log_every"] == 0 or step == cfg["steps"]:
+            if log_now:
                 rate, loss_value = (step - step_log) * B / (time.time() - t_log), sum(v[0] for v in stats) / len(stats)
                 bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.0f}")
                 print(f"step {step} loss {loss_value:.5f} lr {lr:.3e} grad_norm {stats[-1][1]:.3f} "
@@ -667,11 +669,10 @@ def cmd_sample(args):
     model, diffusion, classes, cfg = load_sampler(path, device)
     if args.steps is not None and args.steps > diffusion.num_timesteps:
         raise UserError(f"--steps {args.steps}: the model has only T = {diffusion.num_timesteps} steps")
-    name, labels, nrow = "all", None, math.ceil(math.sqrt(args.n))
-    if getattr(args, "class") is not None:
+    name, labels, nrow, c = "all", None, math.ceil(math.sqrt(args.n)), getattr(args, "class")
+    if c is not None:
         if cfg["unconditional"]:
             raise UserError(f"--class: {path} is an unconditional model")
-        c = getattr(args, "class")
         idx = classes.index(c) if c in classes else int(c) if c.isdigit() else -1
         if not 0 <= idx < len(classes):
             raise UserError(f"--class {c}: unknown; choose from {', '.join(classes)} (or 0-{len(classes) - 1})")
@@ -737,7 +738,7 @@ def build_parser():
     common.add_argument("--batch-size", type=_num(int, 1, 65536),
                         help="train: images a step (default: 128); sample: a batch (default: 1024 on CUDA, else 256)")
     common.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the U-Net (default: "
-                        "on CUDA; sample: when n × steps ≥ 200k). train uses CUDA graphs: its first steps take minutes")
+                        "on CUDA; sample: if n * steps >= 200k). train uses CUDA graphs: its first steps take minutes")
 
     tr = sub.add_parser("train", parents=[common], help="train a model (default: Ho et al.'s CIFAR-10 setup)")
     tr.set_defaults(func=cmd_train)

@@ -339,6 +339,17 @@ def test_exact_resume_is_bitwise_identical(folder, tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_a_checkpoint_of_the_one_process_release_resumes(folder, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert ddpm.main(["train", "--data", folder, "--out", out, "--steps", "2", *TINY]) == 0
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    ckpt["rng"] = ckpt["rng"]["ranks"][0]            # as saved before multi-process training: {"cpu", "cuda"}
+    torch.save(ckpt, os.path.join(out, "ckpt.pt"))
+    assert ddpm.main(["train", "--resume", "--out", out, "--steps", "3"]) == 0
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 3
+    capsys.readouterr()
+
+
 def test_existing_run_is_never_overwritten_without_resume(ckpts, folder, capsys):
     before = open(ckpts["cond"], "rb").read()
     out = os.path.dirname(ckpts["cond"])
@@ -346,14 +357,20 @@ def test_existing_run_is_never_overwritten_without_resume(ckpts, folder, capsys)
     assert code == 2 and "--resume" in err and open(ckpts["cond"], "rb").read() == before
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path, monkeypatch, capsys):
+def _poison_loss(monkeypatch, at_call, factor):
+    """Diffusion.training_loss multiplied by `factor` (nan, inf) at its at_call-th call → the list of its calls."""
     real, calls = ddpm.Diffusion.training_loss, []
 
     def poisoned(self, *a, **k):
         calls.append(1)
         loss = real(self, *a, **k)
-        return loss * float("nan") if len(calls) == 3 else loss
+        return loss * factor if len(calls) == at_call else loss
     monkeypatch.setattr(ddpm.Diffusion, "training_loss", poisoned)
+    return calls
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path, monkeypatch, capsys):
+    _poison_loss(monkeypatch, 3, float("nan"))
     code, err = run_main(["train", "--data", folder, "--out", str(tmp_path), "--steps", "5", "--save-every", "1", *TINY], capsys)
     assert code == 1 and "at step 3" in err and "Traceback" not in err
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
@@ -362,13 +379,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_pa
 
 def test_non_finite_loss_found_at_a_log_line_names_its_step_and_saves_nothing(folder, tmp_path, monkeypatch, capsys):
     """The check waits for the log line (no host sync per step), yet names the step where the loss went bad."""
-    real, calls = ddpm.Diffusion.training_loss, []
-
-    def poisoned(self, *a, **k):
-        calls.append(1)
-        loss = real(self, *a, **k)
-        return loss * float("inf") if len(calls) == 3 else loss
-    monkeypatch.setattr(ddpm.Diffusion, "training_loss", poisoned)
+    calls = _poison_loss(monkeypatch, 3, float("inf"))
     code, err = run_main(["train", "--data", folder, "--out", str(tmp_path), "--steps", "9", "--log-every", "5", *TINY],
                          capsys)
     assert code == 1 and "at step 3;" in err and len(calls) == 5 and not os.path.exists(tmp_path / "ckpt.pt")
