@@ -6,12 +6,8 @@ ddpm.py: Denoising Diffusion Probabilistic Models in one file, read top to botto
     CFG    Ho & Salimans 2022, https://arxiv.org/abs/2207.12598       (classifier-free guidance)
     cosine Nichol & Dhariwal 2021, https://arxiv.org/abs/2102.09672   (cosine noise schedule)
 
-Usage:
-    python ddpm.py train                          # the paper's CIFAR-10 setup, class-conditional
-    python ddpm.py train --data path/to/folder    # your own images, laid out folder/<class>/*.png|jpg
-    python ddpm.py train --resume --out runs/x    # continue an interrupted run exactly where it stopped
-    python ddpm.py sample --class ship            # guided samples from the newest runs/*/ckpt.pt
-    python ddpm.py sample --steps 100 --out fid/  # DDIM in 100 steps, one PNG per sample
+Usage: python ddpm.py train --help (default: the paper's CIFAR-10 setup; on a CPU: --preset small --data mnist),
+python ddpm.py sample --help (e.g. --class ship: guided samples).
 
 Notation: T steps, 0-based in code, t ∈ {0, …, T−1}: code t is the paper's t + 1 (t = 0: last denoising
 step). β_t is the noise variance of step t, α_t = 1 − β_t, ᾱ_t = ∏_{s≤t} α_s. Data x_0 is in [-1, 1];
@@ -27,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 
@@ -51,12 +48,9 @@ def _extract(a, t, x):  # a[t] for a (T,) schedule and t (B,), shaped (B, 1, …
 
 
 class Diffusion:
-    """Forward process q, reverse process p_θ, training loss and samplers of a Gaussian diffusion.
-    Every schedule tensor is (T,) float32, computed in float64 and cast once. t is always a LongTensor (B,)
-    of 0-based steps; x tensors are (B, C, H, W) in [-1, 1]. `model(x_t, t, y)` returns ε̂ with x_t's shape."""
+    """Forward process q, reverse process p_θ, loss and samplers. Schedules: (T,) float32 computed in float64;
+    t: LongTensor (B,) of 0-based steps; x: (B, C, H, W) in [-1, 1]; `model(x_t, t, y)` returns ε̂ shaped as x_t."""
     def __init__(self, timesteps=1000, schedule="linear", variance="fixedlarge", device=None):
-        if variance not in ("fixedlarge", "fixedsmall"):
-            raise ValueError(f"unknown variance {variance!r}: use 'fixedlarge' or 'fixedsmall'")
         self.num_timesteps = timesteps
         betas = make_betas(schedule, timesteps)
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)                                           # ᾱ_t
@@ -66,7 +60,7 @@ class Diffusion:
         # σ²_t of p_θ (Sec. 3.2): β_t ("fixedlarge", what Ho et al. used on CIFAR-10) or β̃_t ("fixedsmall").
         # fixedlarge puts β̃ of code t = 1 at t = 0, as their code does, so log σ² stays finite there.
         fixedlarge = torch.cat([posterior_variance[1:2], betas[1:]])
-        model_variance = fixedlarge if variance == "fixedlarge" else posterior_variance
+        model_variance = {"fixedlarge": fixedlarge, "fixedsmall": posterior_variance}[variance]  # KeyError if neither
         tensors = dict(
             betas=betas, alphas_cumprod=alphas_cumprod, alphas_cumprod_prev=alphas_cumprod_prev,
             sqrt_alphas_cumprod=alphas_cumprod.sqrt(), sqrt_one_minus_alphas_cumprod=(1 - alphas_cumprod).sqrt(),
@@ -117,9 +111,8 @@ class Diffusion:
 
     def training_loss(self, model, x0, y=None, p_uncond=0.0, generator=None, part=slice(None)):
         """Algorithm 1: t ~ U{0, …, T−1}, ε ~ N(0, I), loss = ‖ε − ε_θ(x_t, t)‖², pixel mean (Eq. 14).
-        With labels y, each is replaced by the null label with probability p_uncond (per sample): one network
-        learns ε_c and the ε_u guidance needs. t, ε and drops are drawn (from `generator`) for the whole batch,
-        the loss is taken over x0[part]: processes that split a batch get the draws of one process."""
+        Labels become the null label with probability p_uncond: one network learns ε_c and the ε_u guidance needs.
+        t, ε, drops: drawn for the whole batch, loss over x0[part] (processes splitting a batch draw as one)."""
         t = torch.randint(0, self.num_timesteps, x0.shape[:1], generator=generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device)
         if y is not None and p_uncond > 0:
@@ -133,8 +126,7 @@ class Diffusion:
         """Draw n images (n, C, H, W) in [-1, 1] from the reverse process, starting at x_{T−1} = noise ~ N(0, I).
         steps=None: Algorithm 2, the paper's ancestral sampler over all T steps, no noise at the last step.
         steps=S:    DDIM over S evenly spaced steps that include t = T−1 and t = 0; eta = 0 is deterministic,
-                    eta = 1 adds DDPM-like noise. σ²_t = β_t would be very bad with few steps (DDIM paper, Table 1).
-        """
+                    eta = 1 adds DDPM-like noise (σ²_t = β_t would be very bad with few steps: DDIM, Table 1)."""
         p = next(model.parameters())
         shape = (n, model.in_channels, model.image_size, model.image_size)
         x = torch.randn(shape, generator=generator, device=p.device) if noise is None else noise.to(p.device)
@@ -208,18 +200,15 @@ class ResBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """ε_θ(x, t, y) → ε̂ with x's shape. x: (B, C, H, W); t: LongTensor (B,) in 0..T−1; y: LongTensor (B,) of
-    labels, where the value num_classes is the null label ("no class"), or None (= null for a conditional net).
-    Defaults: Ho et al.'s CIFAR-10 net (35.7M parameters): ch_mult (1, 2, 2, 2), 32→16→8→4 px, 128/256/256/256
+    """ε_θ(x, t, y) → ε̂ shaped as x (B, C, H, W); t: (B,) in 0..T−1; y: (B,) labels (num_classes: the null
+    label) or None. Defaults: Ho et al.'s CIFAR-10 net, 35.7M parameters, 32→16→8→4 px at 128/256/256/256
     channels, num_res_blocks down, one more up (each takes a skip), attention at attn_resolutions and mid."""
     def __init__(self, in_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
                  dropout=0.1, image_size=32, num_classes=None):
         super().__init__()
-        if not ch_mult:
-            raise ValueError("ch_mult needs at least one level, e.g. (1, 2, 2, 2)")
-        if image_size % 2 ** (len(ch_mult) - 1):
-            raise ValueError(f"image size {image_size} is not divisible by {2 ** (len(ch_mult) - 1)}, "
-                             f"which a U-Net with {len(ch_mult)} levels needs")
+        if not ch_mult or image_size % 2 ** (len(ch_mult) - 1):  # each level but the last halves the image
+            raise ValueError(f"image size {image_size} is not divisible by {2 ** max(len(ch_mult) - 1, 0)}, or no "
+                             f"levels in ch_mult {ch_mult}: a U-Net with L levels needs a size divisible by 2^(L−1)")
         self.in_channels, self.ch, self.image_size, self.num_classes = in_channels, ch, image_size, num_classes
         emb_ch = 4 * ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
@@ -270,9 +259,8 @@ class UNet(nn.Module):
 
 # ======== 3. EMA of the weights: what gets sampled from =============================================================
 class EMA:
-    """Shadow copy θ' ← d θ' + (1 − d) θ of a model's parameters and float buffers, in eval mode.
-    d_n = min(decay, (1 + n) / (10 + n)) after n earlier updates: a plain 0.9999 average would sit at the random
-    init for thousands of steps, so short runs would sample noise. Save it with its update count n."""
+    """Shadow copy θ' ← d θ' + (1 − d) θ of parameters and float buffers, d_n = min(decay, (1 + n) / (10 + n))
+    after n updates: a plain 0.9999 average would sit at the random init for thousands of steps (short runs: noise)."""
     def __init__(self, model, decay=0.9999):
         self.decay, self.num_updates = decay, 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -294,10 +282,6 @@ class EMA:
 
 
 # ======== 4. Data: the whole training set decoded once into memory as uint8 =========================================
-# CIFAR-10's label order, which is also alphabetical: a folder copy of it gets the same label indices.
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-
-
 class UserError(Exception):
     """A problem the user can fix: reported as one line on stderr, exit code `code`, no traceback."""
     def __init__(self, message, code=2):
@@ -307,24 +291,26 @@ class UserError(Exception):
 
 def load_images(data, root="./data", image_size=32, workers=4,
                 extensions=(".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif")):
-    """→ (images uint8 (N, 3, S, S), labels long (N,), class names). `data` is "cifar10" (torchvision,
-    downloaded into root) or a folder laid out data/<class>/*.png|jpg (or images directly in data: one class).
-    Every image is decoded here, once: an unreadable file is refused now, not hours into a run; images of any
-    mode (grey, RGBA, palette) are converted to RGB, resized on the short side and centre-cropped to S."""
+    """→ (images uint8 (N, C, S, S), labels (N,), class names) of "cifar10", "mnist", "fashion-mnist" (torchvision,
+    downloaded into root) or a folder data/<class>/*.png|jpg (or data/*.png: one class), decoded once, now: a bad
+    file is refused before training, not hours in. C = 1 if all images are grey, else 3; resize + centre crop to S."""
     import torchvision.transforms.functional as TF
-    from PIL import Image
-    if data == "cifar10":
+    sets = {"cifar10": "CIFAR10", "mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+    if data in sets:
         import torchvision
         try:
-            ds = torchvision.datasets.CIFAR10(root, train=True, download=True)
+            ds = getattr(torchvision.datasets, sets[data])(root, train=True, download=True)
         except Exception as e:  # no network, full disk: say so in one line
-            raise UserError(f"could not get CIFAR-10 into {root} ({e}); pass --data path/to/images instead")
-        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()            # (N, 3, 32, 32)
-        if image_size != 32:
+            raise UserError(f"could not get {data} into {root} ({e}); pass --data path/to/images instead")
+        images = torch.as_tensor(ds.data)  # CIFAR-10: (N, 32, 32, 3); MNIST: (N, 28, 28), grey
+        images = images[:, None] if images.dim() == 3 else images.permute(0, 3, 1, 2).contiguous()
+        if image_size != images.shape[-1]:
             images = TF.resize(images, [image_size, image_size], antialias=True)
-        return images, torch.tensor(ds.targets), list(ds.classes)
+        # Names to type after --class: "7 - seven" → "7", "T-shirt/top" → "t-shirt", "Ankle boot" → "ankle-boot"
+        classes = [c.split(" - ")[0].split("/")[0].lower().replace(" ", "-") for c in ds.classes]
+        return images, torch.as_tensor(ds.targets), classes
     if not os.path.isdir(data):
-        raise UserError(f"--data {data}: no such folder (use cifar10 or a folder laid out <folder>/<class>/*.png)")
+        raise UserError(f"--data {data}: no such folder (use {', '.join(sets)} or a folder <folder>/<class>/*.png)")
     classes = sorted(d for d in os.listdir(data) if os.path.isdir(os.path.join(data, d)) and not d.startswith("."))
     dirs = [os.path.join(data, c) for c in classes] or [data]
     classes = classes or [os.path.basename(os.path.normpath(data))]
@@ -336,13 +322,15 @@ def load_images(data, root="./data", image_size=32, workers=4,
     def decode(path):
         try:
             with Image.open(path) as im:
-                im = TF.center_crop(TF.resize(im.convert("RGB"), image_size), image_size)
+                im = im.convert("L" if im.mode in ("1", "L", "LA", "I", "I;16") else "RGB")
+                im = TF.center_crop(TF.resize(im, image_size), image_size)
         except Exception as e:
             raise UserError(f"cannot read image {path} ({type(e).__name__}); fix or remove it")
         return TF.pil_to_tensor(im)
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
         images = list(tqdm(pool.map(decode, [f for f, _ in files]), "loading", len(files), leave=False, disable=None))
-    return torch.stack(images), torch.tensor([label for _, label in files]), classes
+    channels = max(len(x) for x in images)  # all grey: one channel; else grey images are repeated into RGB
+    return torch.stack([x.expand(channels, -1, -1) for x in images]), torch.tensor([y for _, y in files]), classes
 
 
 def batch_indices(n, batch_size, seed, step):
@@ -364,6 +352,8 @@ TRAIN_DEFAULTS = dict(  # Ho et al.'s CIFAR-10 run; every value is a `train` fla
     attn_res=(16,), dropout=0.1, timesteps=1000, schedule="linear", ema_decay=0.9999, p_uncond=0.1,
     save_every=5000, keep_every=0, sample_every=10000, log_every=100, seed=0, device=None, num_workers=4,
     precision="auto", compile=None)
+PRESETS = {"paper": {}, "small": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(), dropout=0.0, lr=1e-3,
+                                      batch_size=64, warmup=200, steps=1000, ema_decay=0.999, log_every=50)}
 # What a resumed run may change; everything else must match the checkpoint, or the run would silently differ.
 RESUMABLE = {"steps", "save_every", "keep_every", "sample_every", "log_every", "device", "num_workers",
              "precision", "compile", "data", "data_root", "out"}
@@ -383,20 +373,18 @@ def get_device(name=None):
 
 
 def autocast(device, precision):
-    """bf16 autocast on CUDA by default: same speed as fp16 without its NaN losses. The schedule, the loss and
-    GroupNorm statistics stay float32 (autocast runs group_norm in float32)."""
+    """bf16 autocast on CUDA by default (fp16's speed, not its NaNs); schedule, loss and GroupNorm stay fp32."""
     bf16 = precision == "bf16" or precision == "auto" and device.type == "cuda"
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def unet_from_config(cfg, num_classes):
-    return UNet(3, cfg["ch"], tuple(cfg["ch_mult"]), cfg["num_res_blocks"], tuple(cfg["attn_res"]), cfg["dropout"],
-                cfg["image_size"], None if cfg["unconditional"] else num_classes)
+    return UNet(cfg.get("channels", 3), cfg["ch"], tuple(cfg["ch_mult"]), cfg["num_res_blocks"], tuple(cfg["attn_res"]),
+                cfg["dropout"], cfg["image_size"], None if cfg["unconditional"] else num_classes)
 
 
 def save_checkpoint(obj, path):
-    """torch.save, atomically: a temporary file in the same folder, fsync, then rename over `path`. A crash or
-    kill at any moment leaves either the old file or the new one, whole."""
+    """torch.save atomically (temporary file, fsync, rename): a crash leaves the old file or the new one, whole."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -422,8 +410,7 @@ def ensure_writable(folder, flag):
 
 
 def load_checkpoint(path):
-    """Load with weights_only=True: only tensors and plain Python values are unpickled, so a crafted file
-    cannot run code. Any failure becomes one clear UserError."""
+    """Load with weights_only=True (tensors and plain values only: a crafted file cannot run code), or UserError."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} not found")
     try:
@@ -439,10 +426,12 @@ def load_checkpoint(path):
 
 
 def save_grid(x, path, nrow):
-    """Images in [-1, 1] → one PNG grid, quantised to 8 bits, written atomically."""
-    from torchvision.utils import save_image
+    """Images in [-1, 1] → one PNG grid (grey for one-channel images), quantised to 8 bits, written atomically."""
+    from torchvision.utils import make_grid
+    grid = make_grid((x.float() + 1) / 2, nrow=nrow, padding=1)[:x.shape[1]]  # make_grid turns grey into 3 channels
+    pixels = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).squeeze(2)  # as save_image
     tmp = f"{path}.tmp{os.getpid()}.png"
-    save_image((x.float() + 1) / 2, tmp, nrow=nrow, padding=1)  # save_image clamps to [0, 1] and rounds
+    Image.fromarray(pixels.numpy()).save(tmp)
     os.replace(tmp, path)
 
 
@@ -453,8 +442,7 @@ def class_rows(num_classes, n):
 
 
 def train(cfg, ckpt=None):
-    """Train with config dict `cfg` (TRAIN_DEFAULTS' keys) into cfg["out"], or continue `ckpt` exactly.
-    Returns the exit code: 0 when done, 128 + signal number when interrupted (after saving)."""
+    """Train with config `cfg` (TRAIN_DEFAULTS' keys) into cfg["out"] or continue `ckpt`; → 0, or 128 + signal."""
     # Under torchrun (RANK, LOCAL_RANK, WORLD_SIZE set): one of `world` DDP processes, one GPU each; rank 0 writes.
     ddp, rank, world = "RANK" in os.environ, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if cfg["batch_size"] % world:
@@ -474,6 +462,7 @@ def train(cfg, ckpt=None):
         dist.barrier()
     if ckpt is not None and ckpt["classes"] != classes:
         raise UserError(f"--data {cfg['data']} has classes {classes}, the run being resumed had {ckpt['classes']}")
+    cfg = dict(cfg, channels=images.shape[1])  # the data decides: 1 (grey) or 3, saved with the config
     cuda = device.type == "cuda"
     fmt = torch.channels_last if cuda else torch.contiguous_format  # NHWC, the layout of tensor-core convolutions
     try:
@@ -481,6 +470,9 @@ def train(cfg, ckpt=None):
     except ValueError as e:
         raise UserError(str(e)) from None
     ensure_writable(cfg["out"], "--out")  # only now: a run that cannot start leaves no empty folder behind
+    if (params := sum(p.numel() for p in model.parameters())) > 20e6 and device.type == "cpu" and not rank:
+        print(f"note: this {params / 1e6:.1f}M-parameter U-Net is sized for a GPU (2 CPU cores train it at ~3.3 "
+              "images/s); --preset small learns digits (--data mnist) on a CPU in ~10 minutes", file=sys.stderr)
     ema = EMA(model, cfg["ema_decay"])
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], fused=cuda)
     diffusion = Diffusion(cfg["timesteps"], cfg["schedule"], device=device)
@@ -501,6 +493,7 @@ def train(cfg, ckpt=None):
             if cuda and ranks[rank]["cuda"] is not None:
                 torch.cuda.set_rng_state(ranks[rank]["cuda"], device)
     out, B, conditional = cfg["out"], cfg["batch_size"], not cfg["unconditional"]
+    flips = cfg["data"] != "mnist"  # a mirrored digit is another symbol, or none
     part = slice(rank * B // world, (rank + 1) * B // world)  # this process's share of every batch
     for stale in glob.glob(os.path.join(out, "*.tmp[0-9]*")) if not rank else []:  # left by a kill mid-save
         os.remove(stale)
@@ -537,7 +530,7 @@ def train(cfg, ckpt=None):
         for path in paths if not rank else []:
             save_checkpoint(state, path)
     say = print if not rank else lambda *a, **k: None
-    say(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter U-Net on {len(images)} images "
+    say(f"training {params / 1e6:.2f}M-parameter U-Net on {len(images)} images "
         f"({len(classes)} classes) on {device} in {world} process{'es' * (world > 1)}, step {step} → {cfg['steps']}, "
         f"run folder {out}", file=sys.stderr)
     interrupted, signum = [], 0  # signals: the first makes the loop save and stop after this step, a second stops now
@@ -554,7 +547,7 @@ def train(cfg, ckpt=None):
         while step < cfg["steps"] and not signum:
             idx = batch_indices(len(images), B, cfg["seed"], step).to(device, non_blocking=True)
             x0 = images[idx].float() / 127.5 - 1                                  # pixels x/127.5 − 1 ∈ [-1, 1]
-            flip = torch.rand(B, generator=data, device=device) < 0.5            # random horizontal flip
+            flip = torch.rand(B, generator=data, device=device) < 0.5 * flips    # random horizontal flip
             x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0).contiguous(memory_format=fmt)
             lr = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup"]))         # linear warm-up
             for group in opt.param_groups:
@@ -585,8 +578,7 @@ def train(cfg, ckpt=None):
             keep = cfg["keep_every"] and step % cfg["keep_every"] == 0
             if step % cfg["save_every"] == 0 or step == cfg["steps"] or keep:
                 checkpoint()
-            if cfg["sample_every"] and step % cfg["sample_every"] == 0 and not rank:
-                # Preview with the EMA weights, fixed noise, 100 DDIM steps, guidance 2 (as `sample` does).
+            if cfg["sample_every"] and step % cfg["sample_every"] == 0 and not rank:  # EMA preview, as `sample`
                 y, nrow = class_rows(len(classes), 64) if conditional else (None, 8)
                 g = torch.Generator(device).manual_seed(cfg["seed"])  # its own generator: training RNG untouched
                 with amp:
@@ -624,6 +616,14 @@ def load_sampler(path, device):
     return model, Diffusion(cfg["timesteps"], cfg["schedule"], device=device), ckpt["classes"], cfg
 
 
+def export_model(path, out):
+    """Checkpoint → a file to share, a quarter of its size: the EMA weights alone in fp16, config and class names."""
+    ckpt = load_checkpoint(path)
+    ema = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["ema"]["model"].items()}
+    save_checkpoint(dict(config=dict(ckpt["config"], steps=ckpt["step"]), classes=ckpt["classes"], step=ckpt["step"],
+                         ema=dict(model=ema)), out)
+
+
 def sample_images(model, diffusion, labels, n, batch_size, pad=False, **kwargs):
     """Yields n samples (C, H, W) on the CPU, drawn in chunks of batch_size; labels: (n,) LongTensor or None.
     pad=True draws the last chunk at full size too (and drops the extra), so a compiled model sees one shape."""
@@ -653,7 +653,7 @@ def cmd_train(args):
     elif os.path.exists(path):
         raise UserError(f"{path} exists: pass --resume to continue that run, or choose another --out")
     else:
-        cfg = {**TRAIN_DEFAULTS, **given}
+        cfg = {**TRAIN_DEFAULTS, **PRESETS[args.preset], **given}
     try:
         return train(cfg, ckpt)
     finally:
@@ -663,12 +663,17 @@ def cmd_train(args):
 
 def cmd_sample(args):
     path = args.ckpt or max(glob.glob(os.path.join("runs", "*", "ckpt.pt")), key=os.path.getmtime, default=None)
-    if path is None:
-        raise UserError("no checkpoint found in runs/*/ckpt.pt: train one first, or pass --ckpt")
+    if path is None:  # a fresh clone: the small CIFAR-10 model that ships in samples/
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples", "cifar10_small.pt")
+        if not os.path.isfile(path):
+            raise UserError("no checkpoint found in runs/*/ckpt.pt: train one first, or pass --ckpt")
+        print(f"no runs/*/ckpt.pt: sampling from the bundled CIFAR-10 model {path}", file=sys.stderr)
     device = get_device(args.device)
     model, diffusion, classes, cfg = load_sampler(path, device)
     if args.steps is not None and args.steps > diffusion.num_timesteps:
         raise UserError(f"--steps {args.steps}: the model has only T = {diffusion.num_timesteps} steps")
+    steps = (min(25, diffusion.num_timesteps) if device.type == "cpu" else None) if args.steps is None else args.steps
+    steps = steps or None  # 'all' (0): ancestral. A CPU takes an hour for 1000 steps: there 25 DDIM steps by default
     name, labels, nrow, c = "all", None, math.ceil(math.sqrt(args.n)), getattr(args, "class")
     if c is not None:
         if cfg["unconditional"]:
@@ -685,18 +690,17 @@ def cmd_sample(args):
     torch.manual_seed(args.seed or 0)
     n = len(labels) if labels is not None else args.n
     batch_size = args.batch_size or (1024 if device.type == "cuda" else 256)
-    # Compiling costs ~30 s on an H100, then samples 3.5× as fast: worth it from ~200k sample-steps (n × steps).
-    sample_steps = n * (args.steps or diffusion.num_timesteps)
+    sample_steps = n * (steps or diffusion.num_timesteps)  # compiling takes ~30 s on an H100: for long runs only
     compiled = device.type == "cuda" and sample_steps >= 200_000 if args.compile is None else args.compile
     forward = torch.compile(model) if compiled else model
     with autocast(device, args.precision), ThreadPoolExecutor(8) as pool:  # PNGs are written while sampling goes on
-        x = sample_images(forward, diffusion, labels, n, batch_size, compiled, guidance=args.guidance, steps=args.steps,
+        x = sample_images(forward, diffusion, labels, n, batch_size, compiled, guidance=args.guidance, steps=steps,
                           eta=args.eta, progress=n <= batch_size)
         if per_file:
             list(pool.map(lambda image, i: save_grid(image[None], os.path.join(out, f"{i:06d}.png"), 1), x, range(n)))
         else:
             save_grid(torch.stack(list(x)), out, nrow)
-    sampler = f"DDIM {args.steps} steps, eta {args.eta}" if args.steps else f"ancestral {diffusion.num_timesteps} steps"
+    sampler = f"DDIM {steps} steps, eta {args.eta}" if steps else f"ancestral {diffusion.num_timesteps} steps"
     print(f"wrote {n} samples ({sampler}, guidance {args.guidance}) from {path} to {out}", file=sys.stderr)
     return 0
 
@@ -720,11 +724,8 @@ def _num(kind, lo, hi, lo_open=False):
     return parse
 
 
-def _int_tuple(text):
-    values = [v.strip() for v in text.split(",") if v.strip()]
-    if not all(v.isdigit() and int(v) > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of positive whole numbers")
-    return tuple(int(v) for v in values)
+def _int_tuple(text):  # "1,2,2" → (1, 2, 2); "" → ()
+    return tuple(_num(int, 1, 4096)(v) for v in text.split(",") if v.strip())
 
 
 def build_parser():
@@ -735,20 +736,17 @@ def build_parser():
     common.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the best found)")
     common.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="auto = bf16 autocast on CUDA, else fp32")
     common.add_argument("--seed", type=_num(int, 0, 2 ** 62), help="random seed (default: 0)")
-    common.add_argument("--batch-size", type=_num(int, 1, 65536),
-                        help="train: images a step (default: 128); sample: a batch (default: 1024 on CUDA, else 256)")
-    common.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the U-Net (default: "
-                        "on CUDA; sample: if n * steps >= 200k). train uses CUDA graphs: its first steps take minutes")
+    common.add_argument("--batch-size", type=_num(int, 1, 65536), help="images a step (train, default 128) or a batch")
+    common.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on CUDA)")
 
     tr = sub.add_parser("train", parents=[common], help="train a model (default: Ho et al.'s CIFAR-10 setup)")
     tr.set_defaults(func=cmd_train)
     for flag, kind, text in [
-            ("--data", str, "'cifar10' or an image folder laid out <folder>/<class>/*.png|jpg"),
-            ("--data-root", str, "CIFAR-10 download folder"), ("--image-size", _num(int, 4, 4096), "side in pixels"),
+            ("--data", str, "cifar10, mnist, fashion-mnist, or an image folder <folder>/<class>/*.png|jpg"),
+            ("--data-root", str, "download folder"), ("--image-size", _num(int, 4, 4096), "side in pixels"),
             ("--out", str, "run folder: ckpt.pt, log.txt, samples_*.png (default: runs/<data name>)"),
-            ("--steps", _num(int, 1, big), "training steps"),
-            ("--lr", _num(float, 0, 1, True), "Adam learning rate"), ("--warmup", _num(int, 0, big), "warm-up steps"),
-            ("--grad-clip", _num(float, 0, 1e6, True), "global gradient-norm clip"),
+            ("--steps", _num(int, 1, big), "training steps"), ("--lr", _num(float, 0, 1, True), "Adam learning rate"),
+            ("--warmup", _num(int, 0, big), "warm-up steps"), ("--grad-clip", _num(float, 0, 1e6, True), "norm clip"),
             ("--ch", _num(int, 8, 4096), "base channels"), ("--ch-mult", _int_tuple, "channels per level, e.g. 1,2,2"),
             ("--num-res-blocks", _num(int, 1, 64), "residual blocks per level"),
             ("--attn-res", _int_tuple, "resolutions with self-attention, e.g. 16 or 16,8 ('' for none)"),
@@ -758,22 +756,24 @@ def build_parser():
             ("--save-every", _num(int, 1, big), "checkpoint interval in steps"),
             ("--keep-every", _num(int, 0, big), "also keep ckpt_<step>.pt every N steps (0: only the last)"),
             ("--sample-every", _num(int, 0, big), "EMA sample grid interval (0: never)"),
-            ("--log-every", _num(int, 1, big), "log line interval"),
-            ("--num-workers", _num(int, 1, 256), "image decoding threads")]:
+            ("--log-every", _num(int, 1, big), "log line interval"), ("--num-workers", _num(int, 1, 256), "threads")]:
         key = flag[2:].replace("-", "_")
         tr.add_argument(flag, type=kind, help=f"{text} (default: {TRAIN_DEFAULTS[key]})",
                         choices=("linear", "cosine") if key == "schedule" else None)
+    tr.add_argument("--preset", choices=PRESETS, default="paper", help="paper: Ho et al.'s setup (the defaults "
+                    "shown); small: " + ", ".join(f"{k} {v}" for k, v in PRESETS["small"].items()) + "; flags override")
     tr.add_argument("--unconditional", action="store_true", default=None, help="ignore the classes (default: no)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
 
     sa = sub.add_parser("sample", parents=[common], help="sample a PNG grid (or one PNG per image) from a checkpoint")
     sa.set_defaults(func=cmd_sample, precision="auto")
     for flag, kind, default, text in [
-            ("--ckpt", str, None, "checkpoint (default: the newest runs/*/ckpt.pt)"),
+            ("--ckpt", str, None, "checkpoint (default: the newest runs/*/ckpt.pt, else samples/cifar10_small.pt)"),
             ("--class", str, None, "class name or index (default: every class, one per row)"),
             ("--n", _num(int, 1, 10 ** 7), 64, "number of samples (default: 64)"),
             ("--guidance", _num(float, 0, 100), 2.0, "guidance s: 1 = conditional, 0 = unconditional (default: 2)"),
-            ("--steps", _num(int, 1, 100_000), None, "DDIM steps (default: all T, ancestral sampling)"),
+            ("--steps", lambda v: 0 if v == "all" else _num(int, 1, 10 ** 5)(v), None,
+             "DDIM steps, or 'all': ancestral sampling over all T steps (default: all; on a CPU 25)"),
             ("--eta", _num(float, 0, 1), 0.0, "DDIM noise: 0 deterministic (default), 1 DDPM-like"),
             ("--out", str, None, "a PNG grid, or a folder/ for one PNG per sample (default: samples/<class>.png)")]:
         sa.add_argument(flag, type=kind, default=default, help=text)

@@ -1,6 +1,6 @@
 """Tests for ddpm.py: formulas against closed forms or independent computations, the network, the samplers,
 the training loop (overfit, exact resume, interruption) and every user error. CPU only, about a minute."""
-import math, multiprocessing, os, signal, socket, subprocess, sys, time
+import math, multiprocessing, os, signal, socket, struct, subprocess, sys, time
 
 import pytest
 import torch
@@ -9,6 +9,7 @@ from PIL import Image
 import ddpm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 TINY = ["--image-size", "16", "--ch", "16", "--ch-mult", "1,2", "--num-res-blocks", "1", "--attn-res", "8",
         "--timesteps", "50", "--batch-size", "4", "--sample-every", "0", "--num-workers", "1"]
 
@@ -320,6 +321,83 @@ def test_truncated_or_garbage_checkpoint_is_a_clear_error(ckpts, tmp_path, capsy
         assert code == 2 and "truncated or corrupt" in err and err.count("\n") == 1
 
 
+def test_export_keeps_the_ema_weights_in_half_precision(ckpts, tmp_path):
+    ddpm.export_model(ckpts["cond"], str(tmp_path / "m.pt"))
+    full, half = (torch.load(p, weights_only=True) for p in (ckpts["cond"], tmp_path / "m.pt"))
+    assert set(half) == {"config", "classes", "step", "ema"} and half["config"]["steps"] == full["step"] == 2
+    for k, v in full["ema"]["model"].items():
+        assert half["ema"]["model"][k].dtype == (torch.float16 if v.is_floating_point() else v.dtype)
+        assert torch.allclose(half["ema"]["model"][k].to(v.dtype), v, rtol=1e-3, atol=1e-4), k
+    assert os.path.getsize(tmp_path / "m.pt") < os.path.getsize(ckpts["cond"]) / 3
+
+
+def test_the_bundled_model_loads_weights_only_and_samples_its_classes(tmp_path, monkeypatch, capsys):
+    path = os.path.join(os.path.dirname(os.path.abspath(ddpm.__file__)), "samples", "cifar10_small.pt")
+    assert os.path.getsize(path) <= 25 * 10 ** 6
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # plain tensors and values only
+    assert ckpt["classes"] == list(CIFAR10_CLASSES) and ckpt["step"] > 0
+    assert {v.dtype for v in ckpt["ema"]["model"].values()} == {torch.float16}
+    model, diffusion, classes, cfg = ddpm.load_sampler(path, torch.device("cpu"))
+    assert sum(p.numel() for p in model.parameters()) == 8_954_883 and not cfg["unconditional"]
+    x = diffusion.sample(model, 2, torch.tensor([8, 8]), guidance=2.0, steps=3, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (2, 3, 32, 32) and x.isfinite().all() and x.abs().max() <= 1 and x.std() > 0.2
+    monkeypatch.chdir(tmp_path)  # no runs/ here: `sample` falls back to the bundled model and says so
+    code, err = run_main(["sample", "--class", "ship", "--n", "2", "--steps", "2", "--out", "ship.png"], capsys)
+    assert code == 0 and "bundled" in err and "DDIM 2 steps" in err and Image.open("ship.png").size == (67, 34)
+
+
+def test_mnist_through_torchvision_trains_a_one_channel_model_and_writes_grey_pngs(tmp_path, capsys):
+    raw = tmp_path / "MNIST" / "raw"  # the original idx files, as torchvision finds them without downloading
+    raw.mkdir(parents=True)
+    digits = torch.randint(0, 256, (20, 28, 28), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    for split, n in [("train", 20), ("t10k", 4)]:
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">4i", 2051, n, 28, 28) + digits[:n].numpy().tobytes())
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">2i", 2049, n) + bytes(i % 10 for i in range(n)))
+    images, labels, classes = ddpm.load_images("mnist", str(tmp_path), 28)
+    assert images.shape == (20, 1, 28, 28) and torch.equal(images[:, 0], digits) and labels.tolist()[:11] == [*range(10), 0]
+    assert classes == [str(d) for d in range(10)]  # "7 - seven" → "7": `sample --class 7` is the digit 7
+    out = tmp_path / "run"
+    code, err = run_main(["train", "--data", "mnist", "--data-root", str(tmp_path), "--preset", "small", "--steps", "2",
+                          "--batch-size", "4", "--image-size", "16", "--out", str(out)], capsys)
+    cfg = torch.load(out / "ckpt.pt", weights_only=True)["config"]
+    assert code == 0 and "note:" not in err and cfg["channels"] == 1 and (cfg["ch"], cfg["ch_mult"], cfg["lr"]) == (32, (1, 2, 2), 1e-3)
+    assert cfg["batch_size"] == 4  # a flag beats the preset
+    code, err = run_main(["sample", "--ckpt", str(out / "ckpt.pt"), "--class", "7", "--n", "2", "--out", str(tmp_path / "7.png")], capsys)
+    grid = Image.open(tmp_path / "7.png")
+    assert code == 0 and grid.mode == "L" and grid.size == (35, 18) and "DDIM 25 steps" in err  # the CPU default
+
+
+def test_fashion_mnist_class_names_work_on_a_command_line(monkeypatch):
+    import torchvision
+    names = torchvision.datasets.FashionMNIST.classes  # torchvision's own: "T-shirt/top", …, "Ankle boot"
+    fake = lambda root, train, download: type("DS", (), dict(data=torch.zeros(2, 28, 28, dtype=torch.uint8),
+                                                          targets=[0, 9], classes=names))
+    monkeypatch.setattr("torchvision.datasets.FashionMNIST", fake)
+    images, labels, classes = ddpm.load_images("fashion-mnist", image_size=32)
+    assert images.shape == (2, 1, 32, 32) and classes[0] == "t-shirt" and classes[-1] == "ankle-boot"
+    assert all(c.replace("-", "").isalpha() for c in classes)
+
+
+def test_a_folder_of_grey_images_is_one_channel_and_a_mixed_one_rgb(tmp_path):
+    for name, mode in [("a", "L"), ("b", "L"), ("c", "RGB")]:
+        (tmp_path / "grey" / "x").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "mixed" / "x").mkdir(parents=True, exist_ok=True)
+        im = Image.new(mode, (8, 8), 200 if mode == "L" else (200, 10, 10))
+        im.save(tmp_path / "mixed" / "x" / f"{name}.png")
+        if mode == "L":
+            im.save(tmp_path / "grey" / "x" / f"{name}.png")
+    grey, _, _ = ddpm.load_images(str(tmp_path / "grey"), image_size=8)
+    mixed, _, _ = ddpm.load_images(str(tmp_path / "mixed"), image_size=8)
+    assert grey.shape == (2, 1, 8, 8) and (grey == 200).all()
+    assert mixed.shape == (3, 3, 8, 8) and (mixed[:2] == 200).all() and mixed[2, :, 0, 0].tolist() == [200, 10, 10]
+
+
+def test_the_paper_model_on_a_cpu_says_it_is_sized_for_a_gpu(folder, tmp_path, capsys):
+    code, err = run_main(["train", "--data", folder, "--image-size", "8", "--batch-size", "1", "--steps", "1",
+                          "--out", str(tmp_path / "run")], capsys)
+    assert code == 0 and err.count("note:") == 1 and "U-Net is sized for a GPU" in err and "--preset small" in err
+
+
 # ---------------------------------------------------------------------------------------------- training loop
 def test_exact_resume_is_bitwise_identical(folder, tmp_path, capsys):
     args = ["train", "--data", folder, "--steps", "6", "--dropout", "0.3", "--p-uncond", "0.5", "--keep-every", "2",
@@ -480,14 +558,14 @@ def test_cifar10_path_converts_torchvision_data(monkeypatch):
         def __init__(self, root, train, download):
             assert train and download and root == "somewhere"
             self.data = np.arange(2 * 32 * 32 * 3, dtype=np.uint8).reshape(2, 32, 32, 3)
-            self.targets, self.classes = [8, 0], list(ddpm.CIFAR10_CLASSES)
+            self.targets, self.classes = [8, 0], list(CIFAR10_CLASSES)
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
     images, labels, classes = ddpm.load_images("cifar10", "somewhere", 32)
     assert images.shape == (2, 3, 32, 32) and torch.equal(images[1, 2], torch.from_numpy(FakeCIFAR10("somewhere", 1, 1).data[1, :, :, 2]))
     assert labels.tolist() == [8, 0] and classes[8] == "ship"
     assert ddpm.load_images("cifar10", "somewhere", 16)[0].shape == (2, 3, 16, 16)
     # A folder copy of CIFAR-10 sorts its class folders alphabetically: the same indices as torchvision's labels.
-    assert list(ddpm.CIFAR10_CLASSES) == sorted(ddpm.CIFAR10_CLASSES)
+    assert list(CIFAR10_CLASSES) == sorted(CIFAR10_CLASSES)
 
 
 def _bad_inputs(ckpts, folder, tmp):
@@ -534,6 +612,7 @@ def test_every_bad_input_is_one_line_and_exit_2(ckpts, folder, tmp_path, capsys,
     monkeypatch.chdir(tmp_path)
     cases = _bad_inputs(ckpts, folder, tmp_path)
     cases["no checkpoint in runs/"] = (["sample"], "train one first")
+    monkeypatch.setattr(ddpm, "__file__", str(tmp_path / "ddpm.py"))  # and no bundled samples/cifar10_small.pt
     for name, (argv, needle) in cases.items():
         code, err = run_main(argv, capsys)
         assert code == 2, (name, code, err)
