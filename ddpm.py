@@ -207,8 +207,8 @@ class UNet(nn.Module):
                  dropout=0.1, image_size=32, num_classes=None):
         super().__init__()
         if not ch_mult or image_size % 2 ** (len(ch_mult) - 1):  # each level but the last halves the image
-            raise ValueError(f"image size {image_size} is not divisible by {2 ** max(len(ch_mult) - 1, 0)}, or no "
-                             f"levels in ch_mult {ch_mult}: a U-Net with L levels needs a size divisible by 2^(L−1)")
+            raise ValueError(f"image size {image_size} is not divisible by {2 ** (len(ch_mult) - 1)}, which a U-Net "
+                             f"with {len(ch_mult)} levels needs" if ch_mult else "ch_mult needs at least one level")
         self.in_channels, self.ch, self.image_size, self.num_classes = in_channels, ch, image_size, num_classes
         emb_ch = 4 * ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
@@ -470,9 +470,10 @@ def train(cfg, ckpt=None):
     except ValueError as e:
         raise UserError(str(e)) from None
     ensure_writable(cfg["out"], "--out")  # only now: a run that cannot start leaves no empty folder behind
-    if (params := sum(p.numel() for p in model.parameters())) > 20e6 and device.type == "cpu" and not rank:
-        print(f"note: this {params / 1e6:.1f}M-parameter U-Net is sized for a GPU (2 CPU cores train it at ~3.3 "
-              "images/s); --preset small learns digits (--data mnist) on a CPU in ~10 minutes", file=sys.stderr)
+    say = print if not rank else lambda *a, **k: None
+    if (params := sum(p.numel() for p in model.parameters())) > 20e6 and device.type == "cpu":
+        say(f"note: this {params / 1e6:.1f}M-parameter U-Net is sized for a GPU (2 CPU cores train it at ~3.3 "
+            "images/s); --preset small learns digits (--data mnist) on a CPU in ~10 minutes", file=sys.stderr)
     ema = EMA(model, cfg["ema_decay"])
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], fused=cuda)
     diffusion = Diffusion(cfg["timesteps"], cfg["schedule"], device=device)
@@ -529,7 +530,6 @@ def train(cfg, ckpt=None):
         paths = [os.path.join(out, "ckpt.pt")] + [os.path.join(out, f"ckpt_{step:08d}.pt")] * bool(keep)
         for path in paths if not rank else []:
             save_checkpoint(state, path)
-    say = print if not rank else lambda *a, **k: None
     say(f"training {params / 1e6:.2f}M-parameter U-Net on {len(images)} images "
         f"({len(classes)} classes) on {device} in {world} process{'es' * (world > 1)}, step {step} → {cfg['steps']}, "
         f"run folder {out}", file=sys.stderr)
