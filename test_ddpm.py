@@ -332,7 +332,7 @@ def test_export_keeps_the_ema_weights_in_half_precision(ckpts, tmp_path):
 
 
 def test_the_bundled_model_loads_weights_only_and_samples_its_classes(tmp_path, monkeypatch, capsys):
-    path = os.path.join(os.path.dirname(os.path.abspath(ddpm.__file__)), "samples", "cifar10_small.pt")
+    path = os.path.join(HERE, "samples", "cifar10_small.pt")
     assert os.path.getsize(path) <= 25 * 10 ** 6
     ckpt = torch.load(path, map_location="cpu", weights_only=True)  # plain tensors and values only
     assert ckpt["classes"] == list(CIFAR10_CLASSES) and ckpt["step"] > 0
