@@ -7,7 +7,8 @@ ddpm.py: Denoising Diffusion Probabilistic Models in one file, read top to botto
     cosine Nichol & Dhariwal 2021, https://arxiv.org/abs/2102.09672   (cosine noise schedule)
 
 Usage: python ddpm.py train --help (default: the paper's CIFAR-10 setup; on a CPU: --preset small --data mnist),
-python ddpm.py sample --help (e.g. --class ship: guided samples).
+python ddpm.py sample --help (e.g. --class ship: guided samples; --process: the reverse process as a GIF),
+python ddpm.py forward --help (the forward process: training images turning into noise).
 
 Notation: T steps, 0-based in code, t ∈ {0, …, T−1}: code t is the paper's t + 1 (t = 0: last denoising
 step). β_t is the noise variance of step t, α_t = 1 − β_t, ᾱ_t = ∏_{s≤t} α_s. Data x_0 is in [-1, 1];
@@ -121,34 +122,43 @@ class Diffusion:
         eps = model(self.q_sample(x0, t, noise)[part], t[part], None if y is None else y[part])
         return F.mse_loss(eps.float(), noise[part])  # in float32 even when the network ran in bf16
 
+    def sampling_steps(self, steps=None):
+        """The t a sampler visits, ascending: all T (steps=None) or S evenly spaced ones from 0 to T − 1."""
+        T = self.num_timesteps
+        return list(range(T)) if steps is None else torch.linspace(0, T - 1, steps).round().long().tolist()
+
     @torch.inference_mode()
-    def sample(self, model, n, y=None, guidance=1.0, steps=None, eta=0.0, generator=None, noise=None, progress=False):
+    def sample(self, model, n, y=None, guidance=1.0, steps=None, eta=0.0, generator=None, noise=None, progress=False,
+               callback=None):
         """Draw n images (n, C, H, W) in [-1, 1] from the reverse process, starting at x_{T−1} = noise ~ N(0, I).
         steps=None: Algorithm 2, the paper's ancestral sampler over all T steps, no noise at the last step.
         steps=S:    DDIM over S evenly spaced steps that include t = T−1 and t = 0; eta = 0 is deterministic,
-                    eta = 1 adds DDPM-like noise (σ²_t = β_t would be very bad with few steps: DDIM, Table 1)."""
+                    eta = 1 adds DDPM-like noise (σ²_t = β_t would be very bad with few steps: DDIM, Table 1).
+        callback(t, x_t, x̂_0) is called at every step (the pictures of the process); at t = 0, x̂_0 is the result."""
         p = next(model.parameters())
         shape = (n, model.in_channels, model.image_size, model.image_size)
         x = torch.randn(shape, generator=generator, device=p.device) if noise is None else noise.to(p.device)
-        T = self.num_timesteps
-        ts = list(range(T)) if steps is None else torch.linspace(0, T - 1, steps).round().long().tolist()
+        ts = self.sampling_steps(steps)
         alphas_cumprod = self.alphas_cumprod.tolist()  # DDIM's ᾱ as Python floats: no device sync per step
         for i in tqdm(reversed(range(len(ts))), "sampling", len(ts), leave=False, disable=None if progress else True):
             t = torch.full((n,), ts[i], device=x.device, dtype=torch.long)
             z = torch.randn(shape, generator=generator, device=x.device) if i > 0 and (steps is None or eta) else 0
             if steps is None:
-                mean, var, _ = self.p_mean_variance(model, x, t, y, guidance)
-                x = mean + var.sqrt() * z            # Algorithm 2: x_{t−1} = μ_θ(x_t, t) + σ_t z, z = 0 at the end
-                continue
-            eps = self.predict_eps(model, x, t, y, guidance)
-            pred_x0 = self.predict_x0_from_eps(x, t, eps).clamp(-1, 1)
-            a, a_prev = alphas_cumprod[ts[i]], (alphas_cumprod[ts[i - 1]] if i > 0 else 1.0)
-            # Re-derive ε from the clipped x̂_0 so the step stays on the line between x̂_0 and x_t.
-            eps = (x - a ** 0.5 * pred_x0) / (1 - a) ** 0.5
-            # DDIM Eq. 16: σ = η sqrt((1 − ᾱ_prev) / (1 − ᾱ_t)) sqrt(1 − ᾱ_t / ᾱ_prev)
-            sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
-            # DDIM Eq. 12: x_prev = sqrt(ᾱ_prev) x̂_0 + sqrt(1 − ᾱ_prev − σ²) ε + σ z
-            x = a_prev ** 0.5 * pred_x0 + max(1 - a_prev - sigma ** 2, 0.0) ** 0.5 * eps + sigma * z
+                mean, var, pred_x0 = self.p_mean_variance(model, x, t, y, guidance)
+                x_prev = mean + var.sqrt() * z       # Algorithm 2: x_{t−1} = μ_θ(x_t, t) + σ_t z, z = 0 at the end
+            else:
+                eps = self.predict_eps(model, x, t, y, guidance)
+                pred_x0 = self.predict_x0_from_eps(x, t, eps).clamp(-1, 1)
+                a, a_prev = alphas_cumprod[ts[i]], (alphas_cumprod[ts[i - 1]] if i > 0 else 1.0)
+                # Re-derive ε from the clipped x̂_0 so the step stays on the line between x̂_0 and x_t.
+                eps = (x - a ** 0.5 * pred_x0) / (1 - a) ** 0.5
+                # DDIM Eq. 16: σ = η sqrt((1 − ᾱ_prev) / (1 − ᾱ_t)) sqrt(1 − ᾱ_t / ᾱ_prev)
+                sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
+                # DDIM Eq. 12: x_prev = sqrt(ᾱ_prev) x̂_0 + sqrt(1 − ᾱ_prev − σ²) ε + σ z
+                x_prev = a_prev ** 0.5 * pred_x0 + max(1 - a_prev - sigma ** 2, 0.0) ** 0.5 * eps + sigma * z
+            if callback is not None:
+                callback(ts[i], x, pred_x0)
+            x = x_prev
         return x
 
 
@@ -333,6 +343,9 @@ def load_images(data, root="./data", image_size=32, workers=4,
     return torch.stack([x.expand(channels, -1, -1) for x in images]), torch.tensor([y for _, y in files]), classes
 
 
+NATIVE_SIZE = {"cifar10": 32, "mnist": 28, "fashion-mnist": 28}  # torchvision's data sets, in pixels
+
+
 def batch_indices(n, batch_size, seed, step):
     """Indices of the batch for `step`: epoch e is a permutation seeded by (seed, e), so the data order is a
     pure function of the step, and a resumed run sees exactly the batches the uninterrupted one would."""
@@ -347,15 +360,15 @@ def batch_indices(n, batch_size, seed, step):
 
 # ======== 5. Training: Algorithm 1 with Adam, warm-up, clipping, EMA, atomic checkpoints and exact resume ===========
 TRAIN_DEFAULTS = dict(  # Ho et al.'s CIFAR-10 run; every value is a `train` flag (ch_mult → --ch-mult)
-    data="cifar10", data_root="./data", image_size=32, unconditional=False, out=None, steps=800_000,
+    data="cifar10", data_root="./data", image_size=None, flip=None, unconditional=False, out=None, steps=800_000,
     batch_size=128, lr=2e-4, warmup=5000, grad_clip=1.0, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
-    attn_res=(16,), dropout=0.1, timesteps=1000, schedule="linear", ema_decay=0.9999, p_uncond=0.1,
+    attn_res=(16,), dropout=0.1, timesteps=1000, schedule="linear", ema_decay=0.9999, p_uncond=0.1, eta=0.0,
     save_every=5000, keep_every=0, sample_every=10000, log_every=100, seed=0, device=None, num_workers=4,
     precision="auto", compile=None)
 PRESETS = {"paper": {}, "small": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(), dropout=0.0, lr=1e-3,
-                                      batch_size=64, warmup=200, steps=1000, ema_decay=0.999, log_every=50)}
+                                      batch_size=32, warmup=200, steps=1150, ema_decay=0.999, eta=1.0, log_every=50)}
 # What a resumed run may change; everything else must match the checkpoint, or the run would silently differ.
-RESUMABLE = {"steps", "save_every", "keep_every", "sample_every", "log_every", "device", "num_workers",
+RESUMABLE = {"steps", "save_every", "keep_every", "sample_every", "log_every", "device", "num_workers", "eta",
              "precision", "compile", "data", "data_root", "out"}
 
 
@@ -425,13 +438,17 @@ def load_checkpoint(path):
     return ckpt
 
 
-def save_grid(x, path, nrow):
-    """Images in [-1, 1] → one PNG grid (grey for one-channel images), quantised to 8 bits, written atomically."""
+def to_image(x, nrow, padding=1):
+    """Images (B, C, H, W) in [-1, 1] → one PIL grid, grey ("L") for one channel, quantised as torchvision does."""
     from torchvision.utils import make_grid
-    grid = make_grid((x.float() + 1) / 2, nrow=nrow, padding=1)[:x.shape[1]]  # make_grid turns grey into 3 channels
-    pixels = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).squeeze(2)  # as save_image
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    Image.fromarray(pixels.numpy()).save(tmp)
+    grid = make_grid((x.float() + 1) / 2, nrow=nrow, padding=padding)[:x.shape[1]]  # make_grid makes grey RGB
+    return Image.fromarray(grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).squeeze(2).numpy())
+
+
+def save_image(image, path, **kwargs):
+    """A PIL image to `path` atomically (a temporary file, then a rename); kwargs go to PIL's save."""
+    tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"
+    image.save(tmp, **kwargs)
     os.replace(tmp, path)
 
 
@@ -464,7 +481,8 @@ def train(cfg, ckpt=None):
         raise UserError(f"--data {cfg['data']} has classes {classes}, the run being resumed had {ckpt['classes']}")
     cfg = dict(cfg, channels=images.shape[1])  # the data decides: 1 (grey) or 3, saved with the config
     cuda = device.type == "cuda"
-    fmt = torch.channels_last if cuda else torch.contiguous_format  # NHWC, the layout of tensor-core convolutions
+    # NHWC: the layout of tensor-core convolutions, and of oneDNN's on a CPU (there 1.1-1.5x faster than NCHW)
+    fmt = torch.contiguous_format if device.type == "mps" else torch.channels_last
     try:
         model = unet_from_config(cfg, len(classes)).to(device, memory_format=fmt)
     except ValueError as e:
@@ -473,7 +491,7 @@ def train(cfg, ckpt=None):
     say = print if not rank else lambda *a, **k: None
     if (params := sum(p.numel() for p in model.parameters())) > 20e6 and device.type == "cpu":
         say(f"note: this {params / 1e6:.1f}M-parameter U-Net is sized for a GPU (2 CPU cores train it at ~3.3 "
-            "images/s); --preset small learns digits (--data mnist) on a CPU in ~10 minutes", file=sys.stderr)
+            "images/s); --preset small learns digits (--data mnist) on a CPU in 3-10 minutes", file=sys.stderr)
     ema = EMA(model, cfg["ema_decay"])
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], fused=cuda)
     diffusion = Diffusion(cfg["timesteps"], cfg["schedule"], device=device)
@@ -494,7 +512,6 @@ def train(cfg, ckpt=None):
             if cuda and ranks[rank]["cuda"] is not None:
                 torch.cuda.set_rng_state(ranks[rank]["cuda"], device)
     out, B, conditional = cfg["out"], cfg["batch_size"], not cfg["unconditional"]
-    flips = cfg["data"] != "mnist"  # a mirrored digit is another symbol, or none
     part = slice(rank * B // world, (rank + 1) * B // world)  # this process's share of every batch
     for stale in glob.glob(os.path.join(out, "*.tmp[0-9]*")) if not rank else []:  # left by a kill mid-save
         os.remove(stale)
@@ -550,7 +567,7 @@ def train(cfg, ckpt=None):
         while step < cfg["steps"] and not signum:
             idx = batch_indices(len(images), B, cfg["seed"], step).to(device, non_blocking=True)
             x0 = images[idx].float() / 127.5 - 1                                  # pixels x/127.5 − 1 ∈ [-1, 1]
-            flip = torch.rand(B, generator=data, device=device) < 0.5 * flips    # random horizontal flip
+            flip = torch.rand(B, generator=data, device=device) < 0.5 * cfg["flip"]  # random horizontal flip
             x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0).contiguous(memory_format=fmt)
             lr = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup"]))         # linear warm-up
             for group in opt.param_groups:
@@ -586,8 +603,8 @@ def train(cfg, ckpt=None):
                 g = torch.Generator(device).manual_seed(cfg["seed"])  # its own generator: training RNG untouched
                 with amp:
                     x = diffusion.sample(ema.model, 64 if y is None else len(y), None if y is None else y.to(device),
-                                         2.0, min(100, cfg["timesteps"]), generator=g)
-                save_grid(x, os.path.join(out, f"samples_{step:08d}.png"), nrow)
+                                         2.0, min(100, cfg["timesteps"]), cfg["eta"], generator=g)
+                save_image(to_image(x, nrow), os.path.join(out, f"samples_{step:08d}.png"))
                 t_log, step_log = time.time(), step  # images/s counts training only
             # Every process stops after the same step, whichever of them got the signal.
             signum = torch.tensor(interrupted[:1] or [0])
@@ -615,7 +632,7 @@ def load_sampler(path, device):
     cfg = ckpt["config"]
     model = unet_from_config(cfg, len(ckpt["classes"]))
     model.load_state_dict(ckpt["ema"]["model"])
-    model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format).eval()
+    model.to(device, memory_format=torch.contiguous_format if device.type == "mps" else torch.channels_last).eval()
     return model, Diffusion(cfg["timesteps"], cfg["schedule"], device=device), ckpt["classes"], cfg
 
 
@@ -637,6 +654,42 @@ def sample_images(model, diffusion, labels, n, batch_size, pad=False, **kwargs):
         yield from diffusion.sample(model, size, y, **kwargs)[:n - start].float().cpu()
 
 
+def reverse_process(model, diffusion, n, frames=10, **kwargs):
+    """Sample n images in one batch → (images, [(t, x_t, x̂_0)] at `frames` steps evenly spaced over the sampler's,
+    from its first (t = T − 1, x_t the start noise) to its last (t = 0, x̂_0 the images)), all on the CPU."""
+    ts = diffusion.sampling_steps(kwargs.get("steps"))[::-1]  # in the order the sampler visits them
+    keep = {ts[j] for j in torch.linspace(0, len(ts) - 1, min(frames, len(ts))).round().long().tolist()}
+    kept = []
+    record = lambda t, x_t, x0: kept.append((t, x_t.float().cpu(), x0.float().cpu())) if t in keep else None
+    return diffusion.sample(model, n, callback=record, **kwargs).float().cpu(), kept
+
+
+def forward_process(x0, noise, timesteps=1000, columns=10):
+    """x_t ~ q(x_t | x_0) (Eq. 4) of images x0 (N, C, H, W) at `columns` evenly spaced t from 0 to T − 1 → (rows:
+    for each image the linear, then the cosine schedule, one ε = noise[i] along both; the t of the columns)."""
+    ts, schedules = torch.linspace(0, timesteps - 1, columns).round().long(), ("linear", "cosine")
+    rows = [list(Diffusion(timesteps, s).q_sample(x.expand(columns, *x.shape), ts, eps.expand(columns, *eps.shape)))
+            for x, eps in zip(x0, noise) for s in schedules]
+    return rows, ts.tolist()
+
+
+def labelled_grid(rows, col_labels=(), row_labels=(), scale=2):
+    """Rows of equal-sized images (C, H, W), values in [-1, 1] (clipped), → one PIL image `scale` times as large,
+    white text on black under each column and left of each row."""
+    from PIL import ImageDraw
+    grid = to_image(torch.stack([x for row in rows for x in row]).clamp(-1, 1), len(rows[0]), padding=2)
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    left, below = 48 * bool(row_labels), 14 * bool(col_labels)
+    canvas = Image.new(grid.mode, (left + grid.width, grid.height + below))
+    canvas.paste(grid, (left, 0))
+    draw, (h, w) = ImageDraw.Draw(canvas), [(size + 2) * scale for size in rows[0][0].shape[-2:]]  # tile + gap
+    for j, text in enumerate(col_labels):
+        draw.text((left + j * w + 2 * scale, grid.height), text, fill="white")
+    for i, text in enumerate(row_labels):
+        draw.text((2, i * h + h // 2 - 5), text, fill="white")
+    return canvas
+
+
 # ======== 7. Command line ===========================================================================================
 def cmd_train(args):
     given = {k: v for k, v in vars(args).items() if k in TRAIN_DEFAULTS and v is not None}
@@ -647,7 +700,7 @@ def cmd_train(args):
         if not os.path.exists(path):
             raise UserError(f"--resume: no checkpoint in {out}/ to resume (start without --resume)")
         ckpt = load_checkpoint(path)
-        cfg = dict(ckpt["config"])
+        cfg = {"flip": ckpt["config"]["data"] != "mnist", "eta": 0.0, **ckpt["config"]}  # older runs: as they were
         for key, value in given.items():
             if key not in RESUMABLE and value != cfg[key]:
                 raise UserError(f"--{key.replace('_', '-')} {value}: the run in {out} used {cfg[key]}; "
@@ -657,6 +710,9 @@ def cmd_train(args):
         raise UserError(f"{path} exists: pass --resume to continue that run, or choose another --out")
     else:
         cfg = {**TRAIN_DEFAULTS, **PRESETS[args.preset], **given}
+        native = NATIVE_SIZE.get(cfg["data"], 32)  # the data's own size if the U-Net can halve it enough, else 32
+        cfg["image_size"] = cfg["image_size"] or (32 if native % 2 ** (len(cfg["ch_mult"]) - 1) else native)
+        cfg["flip"] = cfg["data"] != "mnist" if cfg["flip"] is None else cfg["flip"]  # a mirrored 7 is no 7
     try:
         return train(cfg, ckpt)
     finally:
@@ -677,6 +733,7 @@ def cmd_sample(args):
         raise UserError(f"--steps {args.steps}: the model has only T = {diffusion.num_timesteps} steps")
     steps = (min(25, diffusion.num_timesteps) if device.type == "cpu" else None) if args.steps is None else args.steps
     steps = steps or None  # 'all' (0): ancestral. A CPU takes an hour for 1000 steps: there 25 DDIM steps by default
+    eta = cfg.get("eta", 0.0) if args.eta is None else args.eta  # the model's own, as `train --eta` saved it
     name, labels, nrow, c = "all", None, math.ceil(math.sqrt(args.n)), getattr(args, "class")
     if c is not None:
         if cfg["unconditional"]:
@@ -687,24 +744,61 @@ def cmd_sample(args):
         name, labels = classes[idx], torch.full((args.n,), idx)
     elif not cfg["unconditional"]:
         labels, nrow = class_rows(len(classes), args.n)
-    out = args.out or os.path.join("samples", f"{name}.png")
+    out = args.out or os.path.join("outputs", f"{name}.png")  # not samples/: the repo's own pictures stay as they are
     per_file = out.endswith(("/", os.sep)) or os.path.isdir(out)
     ensure_writable(out if per_file else os.path.dirname(out) or ".", "--out")
     torch.manual_seed(args.seed or 0)
     n = len(labels) if labels is not None else args.n
-    batch_size = args.batch_size or (1024 if device.type == "cuda" else 256)
+    # CPU: batches of 16 keep tensors under glibc's 32 MB mmap threshold, so memory is reused, not faulted in anew
+    batch_size = args.batch_size or (1024 if device.type == "cuda" else 16)  # (64 ships, 2 cores: 45 s → 34 s)
     sample_steps = n * (steps or diffusion.num_timesteps)  # compiling takes ~30 s on an H100: for long runs only
     compiled = device.type == "cuda" and sample_steps >= 200_000 if args.compile is None else args.compile
     forward = torch.compile(model) if compiled else model
+    if args.process:
+        base = os.path.join(out, name) if per_file else os.path.splitext(out)[0]
+        return write_process(forward, diffusion, labels, n, nrow, base,
+                             autocast(device, args.precision), guidance=args.guidance, steps=steps, eta=eta)
     with autocast(device, args.precision), ThreadPoolExecutor(8) as pool:  # PNGs are written while sampling goes on
         x = sample_images(forward, diffusion, labels, n, batch_size, compiled, guidance=args.guidance, steps=steps,
-                          eta=args.eta, progress=n <= batch_size)
+                          eta=eta, progress=n <= batch_size)
         if per_file:
-            list(pool.map(lambda image, i: save_grid(image[None], os.path.join(out, f"{i:06d}.png"), 1), x, range(n)))
+            write = lambda image, i: save_image(to_image(image[None], 1), os.path.join(out, f"{i:06d}.png"))
+            list(pool.map(write, x, range(n)))
         else:
-            save_grid(torch.stack(list(x)), out, nrow)
-    sampler = f"DDIM {steps} steps, eta {args.eta}" if steps else f"ancestral {diffusion.num_timesteps} steps"
+            save_image(to_image(torch.stack(list(x)), nrow), out)
+    sampler = f"DDIM {steps} steps, eta {eta}" if steps else f"ancestral {diffusion.num_timesteps} steps"
     print(f"wrote {n} samples ({sampler}, guidance {args.guidance}) from {path} to {out}", file=sys.stderr)
+    return 0
+
+
+def write_process(model, diffusion, labels, n, nrow, base, amp, **kwargs):
+    """The reverse process as base.gif (x_t beside x̂_0 at 10 steps, looping, the last frame held) and base.png (the
+    same 10 steps left to right, two rows for each of the first 8 samples: x_t above x̂_0)."""
+    from torchvision.utils import make_grid
+    with amp:
+        y = None if labels is None else labels.to(next(model.parameters()).device)
+        _, frames = reverse_process(model, diffusion, n, y=y, **kwargs)
+    tile = lambda x: make_grid(x.clamp(-1, 1), nrow, padding=1, pad_value=-1)[:x.shape[1]]  # grey stays 1 channel
+    gif = [labelled_grid([[tile(x_t), tile(x0)]], [f"x_t, t = {t}", "x_0 predicted from it"]) for t, x_t, x0 in frames]
+    save_image(gif[0], base + ".gif", save_all=True, append_images=gif[1:], loop=0,
+               duration=[400] * (len(gif) - 1) + [3000])
+    rows = [[frame[k][i] for frame in frames] for i in range(min(n, 8)) for k in (1, 2)]
+    save_image(labelled_grid(rows, [f"t={t}" for t, _, _ in frames], ["x_t", "x_0 pred"] * min(n, 8)), base + ".png")
+    print(f"wrote the reverse process of {n} samples ({len(frames)} steps of {kwargs['steps'] or 'all'}) to "
+          f"{base}.gif and {base}.png", file=sys.stderr)
+    return 0
+
+
+def cmd_forward(args):
+    size = args.image_size or NATIVE_SIZE.get(args.data, 32)
+    images, _, _ = load_images(args.data, args.data_root, size)
+    g = torch.Generator().manual_seed(args.seed)
+    x0 = images[torch.randperm(len(images), generator=g)[:args.n]].float() / 127.5 - 1
+    rows, ts = forward_process(x0, torch.randn(x0.shape, generator=g))
+    out = args.out or os.path.join("outputs", f"forward_{os.path.basename(os.path.normpath(args.data))}.png")
+    ensure_writable(os.path.dirname(out) or ".", "--out")
+    save_image(labelled_grid(rows, [f"t={t}" for t in ts], ["linear", "cosine"] * len(x0)), out)
+    print(f"wrote q(x_t | x_0) of {len(x0)} images of {args.data} at t = {ts} to {out}", file=sys.stderr)
     return 0
 
 
@@ -746,7 +840,9 @@ def build_parser():
     tr.set_defaults(func=cmd_train)
     for flag, kind, text in [
             ("--data", str, "cifar10, mnist, fashion-mnist, or an image folder <folder>/<class>/*.png|jpg"),
-            ("--data-root", str, "download folder"), ("--image-size", _num(int, 4, 4096), "side in pixels"),
+            ("--data-root", str, "download folder"),
+            ("--image-size", _num(int, 4, 4096), "side in pixels (default: the data's own, 28 for MNIST, if the U-Net "
+             "can take it, else 32)"),
             ("--out", str, "run folder: ckpt.pt, log.txt, samples_*.png (default: runs/<data name>)"),
             ("--steps", _num(int, 1, big), "training steps"), ("--lr", _num(float, 0, 1, True), "Adam learning rate"),
             ("--warmup", _num(int, 0, big), "warm-up steps"), ("--grad-clip", _num(float, 0, 1e6, True), "norm clip"),
@@ -756,16 +852,21 @@ def build_parser():
             ("--dropout", _num(float, 0, 0.99), "dropout"), ("--ema-decay", _num(float, 0, 1), "EMA decay"),
             ("--timesteps", _num(int, 2, 100_000), "diffusion steps T"), ("--schedule", str, "linear or cosine"),
             ("--p-uncond", _num(float, 0, 1), "probability of the null label in training (for guidance)"),
+            ("--eta", _num(float, 0, 1), "DDIM noise for this model's samples (previews, `sample`'s default); 1 "
+             "cleans up an undertrained model's samples"),
             ("--save-every", _num(int, 1, big), "checkpoint interval in steps"),
             ("--keep-every", _num(int, 0, big), "also keep ckpt_<step>.pt every N steps (0: only the last)"),
             ("--sample-every", _num(int, 0, big), "EMA sample grid interval (0: never)"),
             ("--log-every", _num(int, 1, big), "log line interval"), ("--num-workers", _num(int, 1, 256), "threads")]:
         key = flag[2:].replace("-", "_")
-        tr.add_argument(flag, type=kind, help=f"{text} (default: {TRAIN_DEFAULTS[key]})",
+        default = "" if TRAIN_DEFAULTS[key] is None else f" (default: {TRAIN_DEFAULTS[key]})"
+        tr.add_argument(flag, type=kind, help=text + default,
                         choices=("linear", "cosine") if key == "schedule" else None)
     tr.add_argument("--preset", choices=PRESETS, default="paper", help="paper: Ho et al.'s setup (the defaults "
                     "shown); small: " + ", ".join(f"{k} {v}" for k, v in PRESETS["small"].items()) + "; flags override")
     tr.add_argument("--unconditional", action="store_true", default=None, help="ignore the classes (default: no)")
+    tr.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips (default: on, "
+                    "but off for --data mnist: turn them off for any digits, letters or text)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
 
     sa = sub.add_parser("sample", parents=[common], help="sample a PNG grid (or one PNG per image) from a checkpoint")
@@ -777,9 +878,24 @@ def build_parser():
             ("--guidance", _num(float, 0, 100), 2.0, "guidance s: 1 = conditional, 0 = unconditional (default: 2)"),
             ("--steps", lambda v: 0 if v == "all" else _num(int, 1, 10 ** 5)(v), None,
              "DDIM steps, or 'all': ancestral sampling over all T steps (default: all; on a CPU 25)"),
-            ("--eta", _num(float, 0, 1), 0.0, "DDIM noise: 0 deterministic (default), 1 DDPM-like"),
-            ("--out", str, None, "a PNG grid, or a folder/ for one PNG per sample (default: samples/<class>.png)")]:
+            ("--eta", _num(float, 0, 1), None, "DDIM noise: 0 deterministic, 1 DDPM-like (default: the model's "
+             "train --eta: 0, for --preset small 1)"),
+            ("--out", str, None, "a PNG grid, or a folder/ for one PNG per sample (default: outputs/<class>.png)")]:
         sa.add_argument(flag, type=kind, default=default, help=text)
+    sa.add_argument("--process", action="store_true", help="write the reverse process instead: NAME.gif (x_t beside "
+                    "the x_0 predicted from it at 10 steps) and NAME.png (those steps side by side, up to 8 samples) "
+                    "for --out NAME.png")
+
+    fw = sub.add_parser("forward", help="picture the forward process q(x_t | x_0): training images turning into noise")
+    fw.set_defaults(func=cmd_forward)
+    for flag, kind, default, text in [
+            ("--data", str, "cifar10", "cifar10, mnist, fashion-mnist or an image folder (default: cifar10)"),
+            ("--data-root", str, "./data", "download folder (default: ./data)"),
+            ("--image-size", _num(int, 4, 4096), None, "side in pixels (default: the data's own; folders: 32)"),
+            ("--n", _num(int, 1, 100), 3, "training images, two rows each: linear and cosine schedule (default: 3)"),
+            ("--seed", _num(int, 0, 2 ** 62), 0, "picks the images and ε (default: 0)"),
+            ("--out", str, None, "PNG file (default: outputs/forward_<data>.png)")]:
+        fw.add_argument(flag, type=kind, default=default, help=text)
     return parser
 
 

@@ -770,3 +770,121 @@ def test_a_process_that_dies_takes_the_others_down(folder, tmp_path):
     os.kill(procs[1].pid, signal.SIGKILL)
     procs[0].join(30)
     assert procs[0].exitcode not in (None, 0) and procs[1].exitcode == -signal.SIGKILL
+
+
+# ---------------------------------------------------------------------------------------------- pictures of the process
+@pytest.mark.parametrize("steps,expected_t", [(None, [99, 88, 77, 66, 55, 44, 33, 22, 11, 0]),   # 100 steps, every 11th
+                                              (12, [99, 90, 81, 63, 54, 45, 36, 18, 9, 0])])    # 10 of DDIM's 12
+def test_reverse_process_frames_run_from_the_start_noise_to_the_returned_sample(steps, expected_t):
+    d, x_star = ddpm.Diffusion(100), torch.rand(1, 3, 8, 8) * 2 - 1
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    x, frames = ddpm.reverse_process(Oracle(d, x_star), d, 2, steps=steps, noise=noise,
+                                     generator=torch.Generator().manual_seed(1))
+    assert [t for t, _, _ in frames] == expected_t
+    assert torch.equal(frames[0][1], noise) and torch.equal(frames[-1][2], x)   # x_{T−1} … the sample itself
+    for t, x_t, x0 in frames:  # the oracle's data is the one point x*: every x̂_0 is x*, from any x_t
+        assert torch.allclose(x0, x_star.expand_as(x0), atol=1e-3), t
+
+
+def _grey_run(tmp_path):
+    for i in range(3):
+        (tmp_path / "grey" / "c").mkdir(parents=True, exist_ok=True)
+        Image.fromarray((torch.rand(16, 16) * 255).to(torch.uint8).numpy(), "L").save(tmp_path / "grey" / "c" / f"{i}.png")
+    assert ddpm.main(["train", "--data", str(tmp_path / "grey"), "--out", str(tmp_path / "run"), "--steps", "1", *TINY]) == 0
+    return str(tmp_path / "run" / "ckpt.pt")
+
+
+def test_sample_process_writes_a_looping_gif_and_a_strip_grey_for_grey_data(tmp_path, capsys):
+    ckpt = _grey_run(tmp_path)
+    for steps, frames in [("all", 10), ("5", 5)]:  # T = 50 ancestral steps: 10 frames; 5 DDIM steps: all 5
+        out = tmp_path / f"p{steps}.png"
+        code, err = run_main(["sample", "--ckpt", ckpt, "--n", "3", "--steps", steps, "--process", "--out", str(out)],
+                             capsys)
+        gif = Image.open(out.with_suffix(".gif"))
+        assert code == 0 and gif.n_frames == frames and gif.info["loop"] == 0
+        durations = []
+        for k in range(frames):
+            gif.seek(k)
+            durations.append(gif.info["duration"])
+            r, g, b = gif.convert("RGB").split()
+            assert r.tobytes() == g.tobytes() == b.tobytes()                                    # grey frames
+        assert durations[-1] > 2 * max(durations[:-1])                                          # the end is held
+        strip = Image.open(out)  # 2 rows a sample × `frames` columns of 16-px tiles, 2-px gaps, doubled; labels
+        assert strip.mode == "L" and strip.size == (48 + 2 * (frames * 18 + 2), 2 * (6 * 18 + 2) + 14)
+    code, err = run_main(["sample", "--ckpt", ckpt, "--n", "1", "--steps", "2", "--process", "--out", str(tmp_path) + "/"],
+                         capsys)  # into a folder: named as a grid would be, all.gif and all.png
+    assert code == 0 and os.path.exists(tmp_path / "all.gif") and os.path.exists(tmp_path / "all.png")
+
+
+def test_forward_process_rows_follow_eq_4_with_one_eps_a_row():
+    x0 = torch.linspace(-1, 1, 2 * 3 * 16 * 16).view(2, 3, 16, 16)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    rows, ts = ddpm.forward_process(x0, noise, 1000)
+    assert ts == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999] and len(rows) == 4 and len(rows[0]) == 10
+    betas = {"linear": torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)}
+    for i, (x, eps) in enumerate(zip(x0, noise)):
+        for k, schedule in enumerate(("linear", "cosine")):
+            row = rows[2 * i + k]
+            assert (row[0] - x).abs().mean() < 0.01 and torch.corrcoef(torch.stack([row[0].flatten(), x.flatten()]))[0, 1] > 0.999
+            assert torch.corrcoef(torch.stack([row[-1].flatten(), x.flatten()]))[0, 1].abs() < 0.1   # noise at T − 1
+            if schedule in betas:  # Eq. 4 from an independent ᾱ: the same ε in every column of the row
+                a = torch.cumprod(1 - betas[schedule], 0)[ts].float().view(-1, 1, 1, 1)
+                assert torch.allclose(torch.stack(row), a.sqrt() * x + (1 - a).sqrt() * eps, atol=1e-5)
+
+
+def test_forward_cli_writes_a_labelled_strip_of_both_schedules(folder, tmp_path, capsys):
+    code, err = run_main(["forward", "--data", folder, "--image-size", "16", "--n", "2", "--out",
+                          str(tmp_path / "f.png")], capsys)
+    strip = Image.open(tmp_path / "f.png")  # 2 images × 2 schedules = 4 rows, 10 columns; 2-px gaps, doubled; labels
+    assert code == 0 and strip.mode == "RGB" and strip.size == (48 + 2 * (10 * 18 + 2), 2 * (4 * 18 + 2) + 14)
+    _grey_run(tmp_path)
+    code, err = run_main(["forward", "--data", str(tmp_path / "grey"), "--n", "1", "--out", str(tmp_path / "g.png")], capsys)
+    assert code == 0 and Image.open(tmp_path / "g.png").mode == "L" and "t = [0, 111" in err
+
+
+def test_sample_writes_into_outputs_not_into_the_repos_samples(ckpts, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(["sample", "--ckpt", ckpts["cond"], "--class", "cat", "--n", "1", "--steps", "1"], capsys)
+    assert code == 0 and os.listdir(tmp_path) == ["outputs"] and os.listdir(tmp_path / "outputs") == ["cat.png"]
+
+
+# ---------------------------------------------------------------------------------------------- flips and image size
+def test_flips_are_a_saved_setting_that_a_resume_keeps(tmp_path, monkeypatch, capsys):
+    (tmp_path / "d" / "a").mkdir(parents=True)
+    image = torch.arange(16 * 16 * 3).view(16, 16, 3).to(torch.uint8)   # no mirror symmetry anywhere
+    Image.fromarray(image.numpy()).save(tmp_path / "d" / "a" / "0.png")
+    seen, real = [], ddpm.Diffusion.training_loss
+    monkeypatch.setattr(ddpm.Diffusion, "training_loss", lambda self, m, x0, *a, **k: seen.append(x0) or real(self, m, x0, *a, **k))
+    x = image.permute(2, 0, 1).float() / 127.5 - 1
+    mirrored = lambda: [torch.equal(b.contiguous(), x.flip(2)) for batch in seen for b in batch]
+    runs = {flag: str(tmp_path / flag) for flag in ("--flip", "--no-flip")}
+    for flag, out in runs.items():
+        seen.clear()
+        assert ddpm.main(["train", "--data", str(tmp_path / "d"), "--out", out, "--steps", "2", flag, *TINY]) == 0
+        assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]["flip"] == (flag == "--flip")
+        assert any(mirrored()) == (flag == "--flip")
+    seen.clear()
+    assert ddpm.main(["train", "--resume", "--out", runs["--no-flip"], "--steps", "4"]) == 0 and not any(mirrored())
+    code, err = run_main(["train", "--resume", "--out", runs["--no-flip"], "--steps", "6", "--flip"], capsys)
+    assert code == 2 and "--flip True: the run" in err
+    ckpt = torch.load(os.path.join(runs["--flip"], "ckpt.pt"), weights_only=True)
+    del ckpt["config"]["flip"]                                     # a run from before the setting: flipped (not MNIST)
+    torch.save(ckpt, os.path.join(runs["--flip"], "ckpt.pt"))
+    seen.clear()
+    assert ddpm.main(["train", "--resume", "--out", runs["--flip"], "--steps", "4"]) == 0 and any(mirrored())
+    capsys.readouterr()
+
+
+def test_mnist_defaults_to_its_own_28_px_and_no_flips_where_the_unet_allows(tmp_path, capsys):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split, n in [("train", 8), ("t10k", 2)]:
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">4i", 2051, n, 28, 28) + bytes(n * 784))
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">2i", 2049, n) + bytes(range(n)))
+    common = ["--data", "mnist", "--data-root", str(tmp_path), "--steps", "1", "--batch-size", "2", "--sample-every", "0"]
+    for preset, size in [("small", 28), ("paper", 32)]:   # 3 levels halve 28 twice; the paper's 4 would need 8 | size
+        out = tmp_path / preset
+        assert ddpm.main(["train", *common, "--preset", preset, "--ch", "8", "--out", str(out)]) == 0
+        cfg = torch.load(out / "ckpt.pt", weights_only=True)["config"]
+        assert cfg["image_size"] == size and cfg["flip"] is False
+    capsys.readouterr()
