@@ -481,7 +481,7 @@ def train(cfg, ckpt=None):
         raise UserError(f"--data {cfg['data']} has classes {classes}, the run being resumed had {ckpt['classes']}")
     cfg = dict(cfg, channels=images.shape[1])  # the data decides: 1 (grey) or 3, saved with the config
     cuda = device.type == "cuda"
-    # NHWC: the layout of tensor-core convolutions, and of oneDNN's on a CPU (there 1.1-1.5x faster than NCHW)
+    # NHWC: the layout of tensor-core convolutions, and the one oneDNN prefers on a CPU
     fmt = torch.contiguous_format if device.type == "mps" else torch.channels_last
     try:
         model = unet_from_config(cfg, len(classes)).to(device, memory_format=fmt)
@@ -667,9 +667,10 @@ def reverse_process(model, diffusion, n, frames=10, **kwargs):
 def forward_process(x0, noise, timesteps=1000, columns=10):
     """x_t ~ q(x_t | x_0) (Eq. 4) of images x0 (N, C, H, W) at `columns` evenly spaced t from 0 to T − 1 → (rows:
     for each image the linear, then the cosine schedule, one ε = noise[i] along both; the t of the columns)."""
-    ts, schedules = torch.linspace(0, timesteps - 1, columns).round().long(), ("linear", "cosine")
-    rows = [list(Diffusion(timesteps, s).q_sample(x.expand(columns, *x.shape), ts, eps.expand(columns, *eps.shape)))
-            for x, eps in zip(x0, noise) for s in schedules]
+    ts = torch.linspace(0, timesteps - 1, columns).round().long()
+    diffusions = [Diffusion(timesteps, "linear"), Diffusion(timesteps, "cosine")]  # once, not once an image
+    rows = [list(d.q_sample(x.expand(columns, *x.shape), ts, eps.expand(columns, *eps.shape)))
+            for x, eps in zip(x0, noise) for d in diffusions]
     return rows, ts.tolist()
 
 
