@@ -701,19 +701,19 @@ def cmd_train(args):
         if not os.path.exists(path):
             raise UserError(f"--resume: no checkpoint in {out}/ to resume (start without --resume)")
         ckpt = load_checkpoint(path)
-        cfg = {"flip": ckpt["config"]["data"] != "mnist", "eta": 0.0, **ckpt["config"]}  # older runs: as they were
-        for key, value in given.items():
-            if key not in RESUMABLE and value != cfg[key]:
-                raise UserError(f"--{key.replace('_', '-')} {value}: the run in {out} used {cfg[key]}; "
-                                f"drop the flag to resume it, or train into another --out")
-        cfg.update(given)
+        cfg = {"flip": None, "eta": 0.0, **ckpt["config"]}  # runs from before these settings: as they ran
     elif os.path.exists(path):
         raise UserError(f"{path} exists: pass --resume to continue that run, or choose another --out")
     else:
         cfg = {**TRAIN_DEFAULTS, **PRESETS[args.preset], **given}
         native = NATIVE_SIZE.get(cfg["data"], 32)  # the data's own size if the U-Net can halve it enough, else 32
         cfg["image_size"] = cfg["image_size"] or (32 if native % 2 ** (len(cfg["ch_mult"]) - 1) else native)
-        cfg["flip"] = cfg["data"] != "mnist" if cfg["flip"] is None else cfg["flip"]  # a mirrored 7 is no 7
+    cfg["flip"] = cfg["data"] != "mnist" if cfg["flip"] is None else cfg["flip"]  # a mirrored 7 is no 7
+    for key, value in given.items():  # a new run holds `given` already; a resumed one may change RESUMABLE only
+        if key not in RESUMABLE and value != cfg[key]:
+            raise UserError(f"--{key.replace('_', '-')} {value}: the run in {out} used {cfg[key]}; "
+                            f"drop the flag to resume it, or train into another --out")
+    cfg.update(given)
     try:
         return train(cfg, ckpt)
     finally:
