@@ -299,11 +299,12 @@ class UserError(Exception):
         self.code = code
 
 
-def load_images(data, root="./data", image_size=32, workers=4,
+def load_images(data, root="./data", image_size=32, workers=4, pick=None,
                 extensions=(".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif")):
     """→ (images uint8 (N, C, S, S), labels (N,), class names) of "cifar10", "mnist", "fashion-mnist" (torchvision,
     downloaded into root) or a folder data/<class>/*.png|jpg (or data/*.png: one class), decoded once, now: a bad
-    file is refused before training, not hours in. C = 1 if all images are grey, else 3; resize + centre crop to S."""
+    file is refused before training, not hours in. C = 1 if all images are grey, else 3; resize + centre crop to S.
+    pick(N) → indices: only those of the N images are kept, chosen before any is decoded (default: all)."""
     import torchvision.transforms.functional as TF
     sets = {"cifar10": "CIFAR10", "mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
     if data in sets:
@@ -312,13 +313,14 @@ def load_images(data, root="./data", image_size=32, workers=4,
             ds = getattr(torchvision.datasets, sets[data])(root, train=True, download=True)
         except Exception as e:  # no network, full disk: say so in one line
             raise UserError(f"could not get {data} into {root} ({e}); pass --data path/to/images instead")
-        images = torch.as_tensor(ds.data)  # CIFAR-10: (N, 32, 32, 3); MNIST: (N, 28, 28), grey
+        keep = slice(None) if pick is None else pick(len(ds.data))
+        images = torch.as_tensor(ds.data)[keep]  # CIFAR-10: (N, 32, 32, 3); MNIST: (N, 28, 28), grey
         images = images[:, None] if images.dim() == 3 else images.permute(0, 3, 1, 2).contiguous()
         if image_size != images.shape[-1]:
             images = TF.resize(images, [image_size, image_size], antialias=True)
         # Names to type after --class: "7 - seven" → "7", "T-shirt/top" → "t-shirt", "Ankle boot" → "ankle-boot"
         classes = [c.split(" - ")[0].split("/")[0].lower().replace(" ", "-") for c in ds.classes]
-        return images, torch.as_tensor(ds.targets), classes
+        return images, torch.as_tensor(ds.targets)[keep], classes
     if not os.path.isdir(data):
         raise UserError(f"--data {data}: no such folder (use {', '.join(sets)} or a folder <folder>/<class>/*.png)")
     classes = sorted(d for d in os.listdir(data) if os.path.isdir(os.path.join(data, d)) and not d.startswith("."))
@@ -328,6 +330,7 @@ def load_images(data, root="./data", image_size=32, workers=4,
              if f.lower().endswith(extensions)]
     if not files:
         raise UserError(f"--data {data}: no images ({', '.join(extensions)}) in {data}/<class>/ or {data}/")
+    files = files if pick is None else [files[i] for i in pick(len(files))]
 
     def decode(path):
         try:
@@ -792,9 +795,9 @@ def write_process(model, diffusion, labels, n, nrow, base, amp, **kwargs):
 
 def cmd_forward(args):
     size = args.image_size or NATIVE_SIZE.get(args.data, 32)
-    images, _, _ = load_images(args.data, args.data_root, size)
     g = torch.Generator().manual_seed(args.seed)
-    x0 = images[torch.randperm(len(images), generator=g)[:args.n]].float() / 127.5 - 1
+    x0 = load_images(args.data, args.data_root, size, pick=lambda n: torch.randperm(n, generator=g)[:args.n])[0]
+    x0 = x0.float() / 127.5 - 1  # decoded: just the n chosen images, not the whole folder
     rows, ts = forward_process(x0, torch.randn(x0.shape, generator=g))
     out = args.out or os.path.join("outputs", f"forward_{os.path.basename(os.path.normpath(args.data))}.png")
     ensure_writable(os.path.dirname(out) or ".", "--out")

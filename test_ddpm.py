@@ -1,6 +1,6 @@
 """Tests for ddpm.py: formulas against closed forms or independent computations, the network, the samplers,
 the training loop (overfit, exact resume, interruption) and every user error. CPU only, about a minute."""
-import math, multiprocessing, os, signal, socket, struct, subprocess, sys, time
+import math, multiprocessing, os, shutil, signal, socket, struct, subprocess, sys, time
 
 import pytest
 import torch
@@ -550,6 +550,16 @@ def test_mixed_image_modes_are_converted(tmp_path):
     assert images.shape == (5, 3, 8, 8) and images.dtype == torch.uint8 and classes == ["c"]
 
 
+def test_pick_decodes_only_the_chosen_images(folder, tmp_path):
+    shutil.copytree(folder, tmp_path / "d")
+    full, labels, classes = ddpm.load_images(str(tmp_path / "d"), image_size=16)
+    (tmp_path / "d" / "cat" / "0.jpg").write_bytes(b"not a picture")   # file 0 in sorted order: never opened
+    picked, picked_labels, picked_classes = ddpm.load_images(str(tmp_path / "d"), image_size=16,
+                                                             pick=lambda n: torch.tensor([5, 1, 3]) % n)
+    assert torch.equal(picked, full[[5, 1, 3]]) and torch.equal(picked_labels, labels[[5, 1, 3]])
+    assert picked_classes == classes == ["cat", "ship"]
+
+
 def test_cifar10_path_converts_torchvision_data(monkeypatch):
     import numpy as np
     import torchvision
@@ -564,6 +574,8 @@ def test_cifar10_path_converts_torchvision_data(monkeypatch):
     assert images.shape == (2, 3, 32, 32) and torch.equal(images[1, 2], torch.from_numpy(FakeCIFAR10("somewhere", 1, 1).data[1, :, :, 2]))
     assert labels.tolist() == [8, 0] and classes[8] == "ship"
     assert ddpm.load_images("cifar10", "somewhere", 16)[0].shape == (2, 3, 16, 16)
+    picked, labels, _ = ddpm.load_images("cifar10", "somewhere", 32, pick=lambda n: torch.tensor([1]))
+    assert torch.equal(picked, images[1:]) and labels.tolist() == [0]
     # A folder copy of CIFAR-10 sorts its class folders alphabetically: the same indices as torchvision's labels.
     assert list(CIFAR10_CLASSES) == sorted(CIFAR10_CLASSES)
 
