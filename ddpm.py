@@ -395,7 +395,7 @@ def autocast(device, precision):
 
 
 def unet_from_config(cfg, num_classes):
-    return UNet(cfg.get("channels", 3), cfg["ch"], tuple(cfg["ch_mult"]), cfg["num_res_blocks"], tuple(cfg["attn_res"]),
+    return UNet(cfg["channels"], cfg["ch"], tuple(cfg["ch_mult"]), cfg["num_res_blocks"], tuple(cfg["attn_res"]),
                 cfg["dropout"], cfg["image_size"], None if cfg["unconditional"] else num_classes)
 
 
@@ -438,6 +438,7 @@ def load_checkpoint(path):
         raise UserError(f"{path}: not a readable checkpoint, truncated or corrupt ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or not {"config", "classes", "ema", "step"} <= ckpt.keys():
         raise UserError(f"{path}: not a ddpm.py checkpoint")
+    ckpt["config"] = {"channels": 3, "flip": None, "eta": 0.0, **ckpt["config"]}  # keys older runs lack, as they ran
     return ckpt
 
 
@@ -702,7 +703,7 @@ def cmd_train(args):
         if not os.path.exists(path):
             raise UserError(f"--resume: no checkpoint in {out}/ to resume (start without --resume)")
         ckpt = load_checkpoint(path)
-        cfg = {"flip": None, "eta": 0.0, **ckpt["config"]}  # runs from before these settings: as they ran
+        cfg = dict(ckpt["config"])
     elif os.path.exists(path):
         raise UserError(f"{path} exists: pass --resume to continue that run, or choose another --out")
     else:
@@ -735,7 +736,7 @@ def cmd_sample(args):
         raise UserError(f"--steps {args.steps}: the model has only T = {diffusion.num_timesteps} steps")
     steps = (min(25, diffusion.num_timesteps) if device.type == "cpu" else None) if args.steps is None else args.steps
     steps = steps or None  # 'all' (0): ancestral. A CPU takes an hour for 1000 steps: there 25 DDIM steps by default
-    eta = cfg.get("eta", 0.0) if args.eta is None else args.eta  # the model's own, as `train --eta` saved it
+    eta = cfg["eta"] if args.eta is None else args.eta  # the model's own, as `train --eta` saved it
     name, labels, nrow, c = "all", None, math.ceil(math.sqrt(args.n)), getattr(args, "class")
     if c is not None:
         if cfg["unconditional"]:
