@@ -670,8 +670,8 @@ def reverse_process(model, diffusion, n, frames=10, **kwargs):
 def forward_process(x0, noise, timesteps=1000, columns=10):
     """x_t ~ q(x_t | x_0) (Eq. 4) of images x0 (N, C, H, W) at `columns` evenly spaced t from 0 to T − 1 → (rows:
     for each image the linear, then the cosine schedule, one ε = noise[i] along both; the t of the columns)."""
-    ts = torch.linspace(0, timesteps - 1, columns).round().long()
     diffusions = [Diffusion(timesteps, "linear"), Diffusion(timesteps, "cosine")]  # once, not once an image
+    ts = torch.tensor(diffusions[0].sampling_steps(columns))  # the t a `columns`-step DDIM sampler visits
     rows = [list(d.q_sample(x.expand(columns, *x.shape), ts, eps.expand(columns, *eps.shape)))
             for x, eps in zip(x0, noise) for d in diffusions]
     return rows, ts.tolist()
