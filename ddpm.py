@@ -399,21 +399,24 @@ def unet_from_config(cfg, num_classes):
                 cfg["dropout"], cfg["image_size"], None if cfg["unconditional"] else num_classes)
 
 
-def save_checkpoint(obj, path):
-    """torch.save atomically (temporary file, fsync, rename): a crash leaves the old file or the new one, whole."""
-    tmp = f"{path}.tmp{os.getpid()}"
+def save_atomic(path, write, durable=False):
+    """write(file) into a temporary file beside `path`, then rename it to `path`: a crash leaves the old file or the
+    new one, whole, and a failed write leaves nothing. durable (checkpoints): fsync the file and the rename too."""
+    tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"  # the same extension: PIL reads the format from it
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+            write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    os.fsync(fd)  # make the rename itself durable
-    os.close(fd)
+    if durable:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        os.fsync(fd)  # make the rename itself durable
+        os.close(fd)
 
 
 def ensure_writable(folder, flag):
@@ -447,13 +450,6 @@ def to_image(x, nrow, padding=1):
     from torchvision.utils import make_grid
     grid = make_grid((x.float() + 1) / 2, nrow=nrow, padding=padding)[:x.shape[1]]  # make_grid makes grey RGB
     return Image.fromarray(grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).squeeze(2).numpy())
-
-
-def save_image(image, path, **kwargs):
-    """A PIL image to `path` atomically (a temporary file, then a rename); kwargs go to PIL's save."""
-    tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"
-    image.save(tmp, **kwargs)
-    os.replace(tmp, path)
 
 
 def class_rows(num_classes, n):
@@ -552,7 +548,7 @@ def train(cfg, ckpt=None):
                      config=dict(cfg), classes=classes, rng=dict(data=data.get_state(), ranks=ranks))
         paths = [os.path.join(out, "ckpt.pt")] + [os.path.join(out, f"ckpt_{step:08d}.pt")] * bool(keep)
         for path in paths if not rank else []:
-            save_checkpoint(state, path)
+            save_atomic(path, lambda f: torch.save(state, f), durable=True)
     say(f"training {params / 1e6:.2f}M-parameter U-Net on {len(images)} images "
         f"({len(classes)} classes) on {device} in {world} process{'es' * (world > 1)}, step {step} → {cfg['steps']}, "
         f"run folder {out}", file=sys.stderr)
@@ -607,7 +603,7 @@ def train(cfg, ckpt=None):
                 with amp:
                     x = diffusion.sample(ema.model, 64 if y is None else len(y), None if y is None else y.to(device),
                                          2.0, min(100, cfg["timesteps"]), cfg["eta"], generator=g)
-                save_image(to_image(x, nrow), os.path.join(out, f"samples_{step:08d}.png"))
+                save_atomic(os.path.join(out, f"samples_{step:08d}.png"), to_image(x, nrow).save)
                 t_log, step_log = time.time(), step  # images/s counts training only
             # Every process stops after the same step, whichever of them got the signal.
             signum = torch.tensor(interrupted[:1] or [0])
@@ -643,8 +639,8 @@ def export_model(path, out):
     """Checkpoint → a file to share, a quarter of its size: the EMA weights alone in fp16, config and class names."""
     ckpt = load_checkpoint(path)
     ema = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["ema"]["model"].items()}
-    save_checkpoint(dict(config=dict(ckpt["config"], steps=ckpt["step"]), classes=ckpt["classes"], step=ckpt["step"],
-                         ema=dict(model=ema)), out)
+    save_atomic(out, lambda f: torch.save(dict(config=dict(ckpt["config"], steps=ckpt["step"]), classes=ckpt["classes"],
+                                               step=ckpt["step"], ema=dict(model=ema)), f), durable=True)
 
 
 def sample_images(model, diffusion, labels, n, batch_size, pad=False, **kwargs):
@@ -765,10 +761,10 @@ def cmd_sample(args):
         x = sample_images(forward, diffusion, labels, n, batch_size, compiled, guidance=args.guidance, steps=steps,
                           eta=eta, progress=n <= batch_size)
         if per_file:
-            write = lambda image, i: save_image(to_image(image[None], 1), os.path.join(out, f"{i:06d}.png"))
+            write = lambda image, i: save_atomic(os.path.join(out, f"{i:06d}.png"), to_image(image[None], 1).save)
             list(pool.map(write, x, range(n)))
         else:
-            save_image(to_image(torch.stack(list(x)), nrow), out)
+            save_atomic(out, to_image(torch.stack(list(x)), nrow).save)
     sampler = f"DDIM {steps} steps, eta {eta}" if steps else f"ancestral {diffusion.num_timesteps} steps"
     print(f"wrote {n} samples ({sampler}, guidance {args.guidance}) from {path} to {out}", file=sys.stderr)
     return 0
@@ -783,10 +779,11 @@ def write_process(model, diffusion, labels, n, nrow, base, amp, **kwargs):
         _, frames = reverse_process(model, diffusion, n, y=y, **kwargs)
     tile = lambda x: make_grid(x.clamp(-1, 1), nrow, padding=1, pad_value=-1)[:x.shape[1]]  # grey stays 1 channel
     gif = [labelled_grid([[tile(x_t), tile(x0)]], [f"x_t, t = {t}", "x_0 predicted from it"]) for t, x_t, x0 in frames]
-    save_image(gif[0], base + ".gif", save_all=True, append_images=gif[1:], loop=0,
-               duration=[400] * (len(gif) - 1) + [3000])
+    save_atomic(base + ".gif", lambda f: gif[0].save(f, save_all=True, append_images=gif[1:], loop=0,
+                                                     duration=[400] * (len(gif) - 1) + [3000]))
     rows = [[frame[k][i] for frame in frames] for i in range(min(n, 8)) for k in (1, 2)]
-    save_image(labelled_grid(rows, [f"t={t}" for t, _, _ in frames], ["x_t", "x_0 pred"] * min(n, 8)), base + ".png")
+    strip = labelled_grid(rows, [f"t={t}" for t, _, _ in frames], ["x_t", "x_0 pred"] * min(n, 8))
+    save_atomic(base + ".png", strip.save)
     print(f"wrote the reverse process of {n} samples ({len(frames)} steps of {kwargs['steps'] or 'all'}) to "
           f"{base}.gif and {base}.png", file=sys.stderr)
     return 0
@@ -800,7 +797,7 @@ def cmd_forward(args):
     rows, ts = forward_process(x0, torch.randn(x0.shape, generator=g))
     out = args.out or os.path.join("outputs", f"forward_{os.path.basename(os.path.normpath(args.data))}.png")
     ensure_writable(os.path.dirname(out) or ".", "--out")
-    save_image(labelled_grid(rows, [f"t={t}" for t in ts], ["linear", "cosine"] * len(x0)), out)
+    save_atomic(out, labelled_grid(rows, [f"t={t}" for t in ts], ["linear", "cosine"] * len(x0)).save)
     print(f"wrote q(x_t | x_0) of {len(x0)} images of {args.data} at t = {ts} to {out}", file=sys.stderr)
     return 0
 

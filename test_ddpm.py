@@ -268,15 +268,17 @@ def test_checkpoint_round_trip_with_weights_only(ckpts):
 
 def test_atomic_save_keeps_the_old_file_when_a_save_dies(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    ddpm.save_checkpoint({"w": torch.ones(3)}, path)
+    ddpm.save_atomic(path, lambda f: torch.save({"w": torch.ones(3)}, f), durable=True)
 
     def dying_save(obj, f):
         f.write(b"half a checkpoint")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(OSError):
-        ddpm.save_checkpoint({"w": torch.zeros(3)}, path)
+        ddpm.save_atomic(path, lambda f: torch.save({"w": torch.zeros(3)}, f), durable=True)
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
+    with pytest.raises(OSError):  # a picture whose save dies (not durable) leaves no temporary file either
+        ddpm.save_atomic(str(tmp_path / "grid.png"), lambda f: dying_save(None, f))
     assert os.listdir(tmp_path) == ["ckpt.pt"]
 
 
