@@ -753,13 +753,12 @@ def cmd_sample(args):
     sample_steps = n * (steps or diffusion.num_timesteps)  # compiling takes ~30 s on an H100: for long runs only
     compiled = device.type == "cuda" and sample_steps >= 200_000 if args.compile is None else args.compile
     forward = torch.compile(model) if compiled else model
-    if args.process:
-        base = os.path.join(out, name) if per_file else os.path.splitext(out)[0]
-        return write_process(forward, diffusion, labels, n, nrow, base,
-                             autocast(device, args.precision), guidance=args.guidance, steps=steps, eta=eta)
+    options = dict(guidance=args.guidance, steps=steps, eta=eta)  # the sampler's, for the grid and the process alike
     with autocast(device, args.precision), ThreadPoolExecutor(8) as pool:  # PNGs are written while sampling goes on
-        x = sample_images(forward, diffusion, labels, n, batch_size, compiled, guidance=args.guidance, steps=steps,
-                          eta=eta, progress=n <= batch_size)
+        if args.process:
+            base = os.path.join(out, name) if per_file else os.path.splitext(out)[0]
+            return write_process(forward, diffusion, labels, n, nrow, base, **options)
+        x = sample_images(forward, diffusion, labels, n, batch_size, compiled, progress=n <= batch_size, **options)
         if per_file:
             write = lambda image, i: save_atomic(os.path.join(out, f"{i:06d}.png"), to_image(image[None], 1).save)
             list(pool.map(write, x, range(n)))
@@ -770,13 +769,12 @@ def cmd_sample(args):
     return 0
 
 
-def write_process(model, diffusion, labels, n, nrow, base, amp, **kwargs):
+def write_process(model, diffusion, labels, n, nrow, base, **kwargs):
     """The reverse process as base.gif (x_t beside x̂_0 at 10 steps, looping, the last frame held) and base.png (the
-    same 10 steps left to right, two rows for each of the first 8 samples: x_t above x̂_0)."""
+    same 10 steps left to right, two rows for each of the first 8 samples: x_t above x̂_0). Autocast: the caller's."""
     from torchvision.utils import make_grid
-    with amp:
-        y = None if labels is None else labels.to(next(model.parameters()).device)
-        _, frames = reverse_process(model, diffusion, n, y=y, **kwargs)
+    y = None if labels is None else labels.to(next(model.parameters()).device)
+    _, frames = reverse_process(model, diffusion, n, y=y, **kwargs)
     tile = lambda x: make_grid(x.clamp(-1, 1), nrow, padding=1, pad_value=-1)[:x.shape[1]]  # grey stays 1 channel
     gif = [labelled_grid([[tile(x_t), tile(x0)]], [f"x_t, t = {t}", "x_0 predicted from it"]) for t, x_t, x0 in frames]
     save_atomic(base + ".gif", lambda f: gif[0].save(f, save_all=True, append_images=gif[1:], loop=0,
