@@ -458,170 +458,240 @@ def class_rows(num_classes, n):
     return torch.arange(num_classes).repeat_interleave(per), per
 
 
-def train(cfg, ckpt=None):
-    """Train with config `cfg` (TRAIN_DEFAULTS' keys) into cfg["out"] or continue `ckpt`; → 0, or 128 + signal."""
-    # Under torchrun (RANK, LOCAL_RANK, WORLD_SIZE set): one of `world` DDP processes, one GPU each; rank 0 writes.
+def init_processes(batch_size, device_name=None):
+    """Under torchrun (RANK, LOCAL_RANK, WORLD_SIZE set): one of `world` DDP processes, one GPU each; rank 0 writes.
+    → (device, rank, world, ctrl): ctrl is a gloo group for the stop flag (a CPU channel: no GPU sync per step),
+    None when not started by torchrun."""
     ddp, rank, world = "RANK" in os.environ, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if cfg["batch_size"] % world:
-        raise UserError(f"--batch-size {cfg['batch_size']} (the global batch) does not split over {world} processes")
-    device = get_device(cfg["device"])
-    if ddp:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        ctrl = dist.new_group(backend="gloo")  # for the stop flag: a CPU channel, so no GPU sync per step
-    torch.manual_seed(cfg["seed"])
-    if rank:
-        dist.barrier()  # until rank 0 has downloaded the data set, if it must
-    images, labels, classes = load_images(cfg["data"], cfg["data_root"], cfg["image_size"], cfg["num_workers"])
-    if ddp and not rank:
-        dist.barrier()
-    if ckpt is not None and ckpt["classes"] != classes:
-        raise UserError(f"--data {cfg['data']} has classes {classes}, the run being resumed had {ckpt['classes']}")
-    cfg = dict(cfg, channels=images.shape[1])  # the data decides: 1 (grey) or 3, saved with the config
-    cuda = device.type == "cuda"
-    # NHWC: the layout of tensor-core convolutions, and the one oneDNN prefers on a CPU
-    fmt = torch.contiguous_format if device.type == "mps" else torch.channels_last
-    try:
-        model = unet_from_config(cfg, len(classes)).to(device, memory_format=fmt)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    ensure_writable(cfg["out"], "--out")  # only now: a run that cannot start leaves no empty folder behind
-    say = print if not rank else lambda *a, **k: None
-    if (params := sum(p.numel() for p in model.parameters())) > 20e6 and device.type == "cpu":
-        say(f"note: this {params / 1e6:.1f}M-parameter U-Net is sized for a GPU (2 CPU cores train it at ~3.3 "
-            "images/s); --preset small learns digits (--data mnist) on a CPU in 3-10 minutes", file=sys.stderr)
-    ema = EMA(model, cfg["ema_decay"])
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], fused=cuda)
-    diffusion = Diffusion(cfg["timesteps"], cfg["schedule"], device=device)
-    # Two random streams: `data` draws t, ε, flips and label drops for the whole global batch (the same in every
-    # process), the global one dropout (its own in each process). Both are saved, so a resumed run is exact.
-    data, step = torch.Generator(device).manual_seed(cfg["seed"]), 0
-    torch.manual_seed(cfg["seed"] * 1_000_003 + 7919 * (rank + 1))
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step, rng = ckpt["step"], ckpt["rng"]
+    if batch_size % world:
+        raise UserError(f"--batch-size {batch_size} (the global batch) does not split over {world} processes")
+    device = get_device(device_name)
+    if not ddp:
+        return device, rank, world, None
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, rank, world, dist.new_group(backend="gloo")
+
+
+class SignalStop:
+    """Context: the first SIGINT or SIGTERM asks the loop to save and stop after this step, a second stops at once
+    (checkpoints are atomic, so the last one stays whole). agreed() → the signal to stop for (0: none), the same in
+    every process of `group`, whichever of them got it, so that all of them stop after the same step."""
+    def __init__(self, group=None):
+        self.group, self.received = group, []
+
+    def __enter__(self):
+        self.handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.handlers.items():
+            signal.signal(s, h)
+
+    def on_signal(self, sig, frame):
+        self.received.append(sig)
+        if len(self.received) > 1:
+            raise KeyboardInterrupt
+
+    def agreed(self):
+        signum = torch.tensor(self.received[:1] or [0])
+        if self.group is not None:
+            dist.all_reduce(signum, dist.ReduceOp.MAX, group=self.group)
+        return int(signum)
+
+
+class Trainer:
+    """One run. __init__ builds its state (data, U-Net, EMA, Adam, the two random streams), new or resumed from
+    `ckpt`; train_step is Algorithm 1 once; periodic does the bookkeeping after it: check, log_line, save, preview.
+    A class, not closures: that state is what every piece shares, and each piece has a name to look up."""
+    def __init__(self, cfg, ckpt=None, device=torch.device("cpu"), rank=0, world=1, ctrl=None):
+        self.device, self.rank, self.world, self.ctrl, self.ddp = device, rank, world, ctrl, ctrl is not None
+        self.say = print if not rank else lambda *a, **k: None
+        torch.manual_seed(cfg["seed"])  # the weights' initialisation
+        images, labels, self.classes = self.load_data(cfg, ckpt)
+        self.cfg = cfg = dict(cfg, channels=images.shape[1])  # the data decides: 1 (grey) or 3, saved with the config
+        cuda = device.type == "cuda"
+        # NHWC: the layout of tensor-core convolutions, and the one oneDNN prefers on a CPU
+        self.fmt = torch.contiguous_format if device.type == "mps" else torch.channels_last
+        try:
+            self.model = unet_from_config(cfg, len(self.classes)).to(device, memory_format=self.fmt)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        ensure_writable(cfg["out"], "--out")  # only now: a run that cannot start leaves no empty folder behind
+        self.params = sum(p.numel() for p in self.model.parameters())
+        if self.params > 20e6 and device.type == "cpu":
+            self.say(f"note: this {self.params / 1e6:.1f}M-parameter U-Net is sized for a GPU (2 CPU cores train it at "
+                     "~3.3 images/s); --preset small learns digits (--data mnist) on a CPU in 3-10 minutes",
+                     file=sys.stderr)
+        self.ema = EMA(self.model, cfg["ema_decay"])
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg["lr"], fused=cuda)
+        self.diffusion = Diffusion(cfg["timesteps"], cfg["schedule"], device=device)
+        # Two random streams: `data` draws t, ε, flips and label drops for the whole global batch (the same in every
+        # process), the global one dropout (its own in each process). Both are saved, so a resumed run is exact.
+        self.data, self.step = torch.Generator(device).manual_seed(cfg["seed"]), 0
+        torch.manual_seed(cfg["seed"] * 1_000_003 + 7919 * (rank + 1))
+        if ckpt is not None:
+            self.resume(ckpt)
+        self.out, B = cfg["out"], cfg["batch_size"]
+        self.part = slice(rank * B // world, (rank + 1) * B // world)  # this process's share of every batch
+        for stale in glob.glob(os.path.join(self.out, "*.tmp[0-9]*")) if not rank else []:  # left by a kill mid-save
+            os.remove(stale)
+        self.images, self.labels = images.to(device), labels.to(device)  # CIFAR-10: 150 MB, so batches are a gather
+        self.compiled = cuda if cfg["compile"] is None else cfg["compile"]
+        # CUDA graphs (under DDP too): forward and backward replay as one launch each, not ~1,000 kernels a step.
+        # NHWC forced: inductor keeps NCHW if a conv takes 2x the channels it gives (up path), costing ~100 copies.
+        options = {"triton.cudagraphs": cuda, "force_layout_optimization": True}  # = mode "reduce-overhead" + NHWC
+        self.forward = torch.compile(self.model, options=options) if self.compiled else self.model
+        if self.ddp:
+            ids = [device.index] if cuda else None
+            self.forward = nn.parallel.DistributedDataParallel(self.forward, device_ids=ids)
+            self.forward.num_classes = self.model.num_classes
+        self.amp = autocast(device, cfg["precision"])
+        self.pending, self.stats = [], []  # (loss, grad norm) per step: on the device until check(), then as floats
+
+    def load_data(self, cfg, ckpt):
+        if self.rank:
+            dist.barrier()  # until rank 0 has downloaded the data set, if it must
+        images, labels, classes = load_images(cfg["data"], cfg["data_root"], cfg["image_size"], cfg["num_workers"])
+        if self.ddp and not self.rank:
+            dist.barrier()
+        if ckpt is not None and ckpt["classes"] != classes:
+            raise UserError(f"--data {cfg['data']} has classes {classes}, the run being resumed had {ckpt['classes']}")
+        return images, labels, classes
+
+    def resume(self, ckpt):
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.load_state_dict(ckpt["ema"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.step, rng = ckpt["step"], ckpt["rng"]
         ranks = rng.get("ranks", [rng])  # checkpoints of the one-process releases hold only {"cpu", "cuda"}
         if "data" in rng:
-            data.set_state(rng["data"])
-        if len(ranks) == world:  # with another number of processes dropout continues from fresh seeds
-            torch.set_rng_state(ranks[rank]["cpu"])
-            if cuda and ranks[rank]["cuda"] is not None:
-                torch.cuda.set_rng_state(ranks[rank]["cuda"], device)
-    out, B, conditional = cfg["out"], cfg["batch_size"], not cfg["unconditional"]
-    part = slice(rank * B // world, (rank + 1) * B // world)  # this process's share of every batch
-    for stale in glob.glob(os.path.join(out, "*.tmp[0-9]*")) if not rank else []:  # left by a kill mid-save
-        os.remove(stale)
-    images, labels = images.to(device), labels.to(device)  # CIFAR-10: 150 MB, so batches are a gather
-    compiled = cuda if cfg["compile"] is None else cfg["compile"]
-    # CUDA graphs (under DDP too): forward and backward replay as one launch each, not ~1,000 kernels launched a step.
-    # NHWC forced: inductor keeps NCHW if a conv takes 2x the channels it gives (up path), costing ~100 copies a step.
-    options = {"triton.cudagraphs": cuda, "force_layout_optimization": True}  # = mode "reduce-overhead" + NHWC
-    forward = torch.compile(model, options=options) if compiled else model
-    if ddp:
-        forward = nn.parallel.DistributedDataParallel(forward, device_ids=[device.index] if cuda else None)
-        forward.num_classes = model.num_classes
-    amp = autocast(device, cfg["precision"])
-    pending, stats = [], []  # (loss, grad norm) per step: on the device until check(), then as floats
+            self.data.set_state(rng["data"])
+        if len(ranks) == self.world:  # with another number of processes dropout continues from fresh seeds
+            torch.set_rng_state(ranks[self.rank]["cpu"])
+            if self.device.type == "cuda" and ranks[self.rank]["cuda"] is not None:
+                torch.cuda.set_rng_state(ranks[self.rank]["cuda"], self.device)
 
-    def check():  # waits for the device: at log lines and before saves, as a sync per step would idle the GPU
-        values = torch.stack(pending) if pending else torch.zeros(0, 2, device=device)
-        if ddp:  # the mean loss over all processes (the gradient norm is the same in each)
-            dist.all_reduce(values.div_(world))
+    def train_step(self):
+        """Algorithm 1 once: x_0 ~ q(x_0) (this step's batch), then a gradient step on ‖ε − ε_θ(x_t, t)‖²
+        (t, ε, x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε: in Diffusion.training_loss). → the lr used."""
+        cfg, B, data = self.cfg, self.cfg["batch_size"], self.data
+        idx = batch_indices(len(self.images), B, cfg["seed"], self.step).to(self.device, non_blocking=True)
+        x0 = self.images[idx].float() / 127.5 - 1                                     # pixels x/127.5 − 1 ∈ [-1, 1]
+        flip = torch.rand(B, generator=data, device=self.device) < 0.5 * cfg["flip"]  # random horizontal flip
+        x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0).contiguous(memory_format=self.fmt)
+        lr = cfg["lr"] * min(1.0, (self.step + 1) / max(1, cfg["warmup"]))         # linear warm-up
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        if self.compiled:  # with CUDA graphs the last step's outputs may be overwritten (uncompiled: no 2 s import)
+            torch.compiler.cudagraph_mark_step_begin()
+        y = None if cfg["unconditional"] else self.labels[idx]
+        with self.amp:
+            loss = self.diffusion.training_loss(self.forward, x0, y, cfg["p_uncond"], data, self.part)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg["grad_clip"])
+        self.pending.append(torch.stack([loss.detach(), grad_norm]))
+        self.opt.step()
+        self.ema.update(self.model)
+        self.step += 1
+        return lr
+
+    def periodic(self, lr):
+        """The bookkeeping after a step: the finite check and the log line, checkpoints, the EMA preview."""
+        cfg, step = self.cfg, self.step
+        self.bar.update(1)
+        log_now = step % cfg["log_every"] == 0 or step == cfg["steps"]
+        if log_now or len(self.pending) == 1000:
+            self.check()
+        if log_now:
+            self.log_line(lr)
+        if step % cfg["save_every"] == 0 or step == cfg["steps"] or self.keep():
+            self.save()
+        if cfg["sample_every"] and step % cfg["sample_every"] == 0 and not self.rank:
+            self.preview()
+
+    def check(self):
+        """Waits for the device: at log lines and before saves, as a sync per step would idle the GPU."""
+        values = torch.stack(self.pending) if self.pending else torch.zeros(0, 2, device=self.device)
+        if self.ddp:  # the mean loss over all processes (the gradient norm is the same in each)
+            dist.all_reduce(values.div_(self.world))
         values = values.tolist()
-        pending.clear()
-        for at, (loss_value, grad_value) in enumerate(values, start=step - len(values) + 1):
+        self.pending.clear()
+        for at, (loss_value, grad_value) in enumerate(values, start=self.step - len(values) + 1):
             if not math.isfinite(loss_value + grad_value):  # the weights in memory are spoilt now; none reach disk
                 raise UserError(f"non-finite loss ({loss_value}) or gradient norm ({grad_value}) at step {at}; stopped "
-                                f"without saving; the last checkpoint in {out} is kept (try a lower --lr)", code=1)
-        stats.extend(values)
+                                f"without saving; the last checkpoint in {self.out} is kept (try a lower --lr)", code=1)
+        self.stats.extend(values)
 
-    def checkpoint():  # called in every process: they all take part in check() and in gathering the RNG states
-        check()
-        ranks = [{"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if cuda else None}] * world
-        if ddp:
-            dist.all_gather_object(ranks, ranks[0], group=ctrl)
-        state = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(), step=step,
-                     config=dict(cfg), classes=classes, rng=dict(data=data.get_state(), ranks=ranks))
-        paths = [os.path.join(out, "ckpt.pt")] + [os.path.join(out, f"ckpt_{step:08d}.pt")] * bool(keep)
-        for path in paths if not rank else []:
+    def log_line(self, lr):
+        stats, B = self.stats, self.cfg["batch_size"]
+        rate = (self.step - self.step_log) * B / (time.time() - self.t_log)
+        loss_value = sum(v[0] for v in stats) / len(stats)
+        self.bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.0f}")
+        print(f"step {self.step} loss {loss_value:.5f} lr {lr:.3e} grad_norm {stats[-1][1]:.3f} "
+              f"img/s {rate:.1f}", file=self.log, flush=True)
+        stats.clear()
+        self.t_log, self.step_log = time.time(), self.step
+
+    def keep(self):  # also a ckpt_<step>.pt at this step?
+        return bool(self.cfg["keep_every"] and self.step % self.cfg["keep_every"] == 0)
+
+    def save(self):
+        """Called in every process: they all take part in check() and in gathering the RNG states; rank 0 writes."""
+        self.check()
+        cuda = self.device.type == "cuda"
+        ranks = [{"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if cuda else None}]
+        ranks *= self.world
+        if self.ddp:
+            dist.all_gather_object(ranks, ranks[0], group=self.ctrl)
+        state = dict(model=self.model.state_dict(), ema=self.ema.state_dict(), optimizer=self.opt.state_dict(),
+                     step=self.step, config=dict(self.cfg), classes=self.classes,
+                     rng=dict(data=self.data.get_state(), ranks=ranks))
+        paths = [os.path.join(self.out, "ckpt.pt")] + [os.path.join(self.out, f"ckpt_{self.step:08d}.pt")] * self.keep()
+        for path in paths if not self.rank else []:
             save_atomic(path, lambda f: torch.save(state, f), durable=True)
-    say(f"training {params / 1e6:.2f}M-parameter U-Net on {len(images)} images "
-        f"({len(classes)} classes) on {device} in {world} process{'es' * (world > 1)}, step {step} → {cfg['steps']}, "
-        f"run folder {out}", file=sys.stderr)
-    interrupted, signum = [], 0  # signals: the first makes the loop save and stop after this step, a second stops now
 
-    def on_signal(sig, frame):
-        interrupted.append(sig)
-        if len(interrupted) > 1:
-            raise KeyboardInterrupt  # checkpoints are atomic, so the last one stays whole
-    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    log = open(os.path.join(out, "log.txt") if not rank else os.devnull, "a")
-    bar = tqdm(total=cfg["steps"], initial=step, dynamic_ncols=True, disable=None if not rank else True)
-    t_log, step_log, keep = time.time(), step, False
-    try:
-        while step < cfg["steps"] and not signum:
-            idx = batch_indices(len(images), B, cfg["seed"], step).to(device, non_blocking=True)
-            x0 = images[idx].float() / 127.5 - 1                                  # pixels x/127.5 − 1 ∈ [-1, 1]
-            flip = torch.rand(B, generator=data, device=device) < 0.5 * cfg["flip"]  # random horizontal flip
-            x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0).contiguous(memory_format=fmt)
-            lr = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup"]))         # linear warm-up
-            for group in opt.param_groups:
-                group["lr"] = lr
-            if compiled:  # with CUDA graphs the last step's outputs may be overwritten (uncompiled: no 2 s import)
-                torch.compiler.cudagraph_mark_step_begin()
-            with amp:
-                loss = diffusion.training_loss(forward, x0, labels[idx] if conditional else None, cfg["p_uncond"],
-                                               data, part)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-            pending.append(torch.stack([loss.detach(), grad_norm]))
-            opt.step()
-            ema.update(model)
-            step += 1
-            bar.update(1)
-            log_now = step % cfg["log_every"] == 0 or step == cfg["steps"]
-            if log_now or len(pending) == 1000:
-                check()
-            if log_now:
-                rate, loss_value = (step - step_log) * B / (time.time() - t_log), sum(v[0] for v in stats) / len(stats)
-                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.0f}")
-                print(f"step {step} loss {loss_value:.5f} lr {lr:.3e} grad_norm {stats[-1][1]:.3f} "
-                      f"img/s {rate:.1f}", file=log, flush=True)
-                stats.clear()
-                t_log, step_log = time.time(), step
-            keep = cfg["keep_every"] and step % cfg["keep_every"] == 0
-            if step % cfg["save_every"] == 0 or step == cfg["steps"] or keep:
-                checkpoint()
-            if cfg["sample_every"] and step % cfg["sample_every"] == 0 and not rank:  # EMA preview, as `sample`
-                y, nrow = class_rows(len(classes), 64) if conditional else (None, 8)
-                g = torch.Generator(device).manual_seed(cfg["seed"])  # its own generator: training RNG untouched
-                with amp:
-                    x = diffusion.sample(ema.model, 64 if y is None else len(y), None if y is None else y.to(device),
-                                         2.0, min(100, cfg["timesteps"]), cfg["eta"], generator=g)
-                save_atomic(os.path.join(out, f"samples_{step:08d}.png"), to_image(x, nrow).save)
-                t_log, step_log = time.time(), step  # images/s counts training only
-            # Every process stops after the same step, whichever of them got the signal.
-            signum = torch.tensor(interrupted[:1] or [0])
-            if ddp:
-                dist.all_reduce(signum, dist.ReduceOp.MAX, group=ctrl)
-            signum = int(signum)
-    finally:
-        bar.close()
-        log.close()
-        for s, h in handlers.items():
-            signal.signal(s, h)
-    if signum:
-        checkpoint()
-        say(f"interrupted at step {step}; saved {out}/ckpt.pt. Resume with: "
-            f"{'torchrun … ' if ddp else 'python '}ddpm.py train --resume --out {out}", file=sys.stderr)
-        return 128 + signum
-    say(f"done: {out}/ckpt.pt at step {step}", file=sys.stderr)
-    return 0
+    def preview(self):
+        """A grid of EMA samples, as `sample` draws them, from a generator of its own: the training RNG is untouched."""
+        cfg, device = self.cfg, self.device
+        y, nrow = class_rows(len(self.classes), 64) if not cfg["unconditional"] else (None, 8)
+        g = torch.Generator(device).manual_seed(cfg["seed"])
+        with self.amp:
+            x = self.diffusion.sample(self.ema.model, 64 if y is None else len(y), None if y is None else y.to(device),
+                                      2.0, min(100, cfg["timesteps"]), cfg["eta"], generator=g)
+        save_atomic(os.path.join(self.out, f"samples_{self.step:08d}.png"), to_image(x, nrow).save)
+        self.t_log, self.step_log = time.time(), self.step  # images/s counts training only
+
+    def run(self):
+        """Train to cfg["steps"] → 0, or after a signal save and → 128 + its number."""
+        cfg, out, world = self.cfg, self.out, self.world
+        self.say(f"training {self.params / 1e6:.2f}M-parameter U-Net on {len(self.images)} images "
+                 f"({len(self.classes)} classes) on {self.device} in {world} process{'es' * (world > 1)}, step "
+                 f"{self.step} → {cfg['steps']}, run folder {out}", file=sys.stderr)
+        signum, log = 0, os.path.join(out, "log.txt") if not self.rank else os.devnull
+        with SignalStop(self.ctrl) as stop, open(log, "a") as self.log, \
+                tqdm(total=cfg["steps"], initial=self.step, dynamic_ncols=True, disable=True if self.rank else None) \
+                as self.bar:
+            self.t_log, self.step_log = time.time(), self.step
+            while self.step < cfg["steps"] and not signum:
+                self.periodic(self.train_step())
+                signum = stop.agreed()  # every process stops after the same step
+        if signum:
+            self.save()
+            self.say(f"interrupted at step {self.step}; saved {out}/ckpt.pt. Resume with: "
+                     f"{'torchrun … ' if self.ddp else 'python '}ddpm.py train --resume --out {out}", file=sys.stderr)
+            return 128 + signum
+        self.say(f"done: {out}/ckpt.pt at step {self.step}", file=sys.stderr)
+        return 0
+
+
+def train(cfg, ckpt=None):
+    """Train with config `cfg` (TRAIN_DEFAULTS' keys) into cfg["out"] or continue `ckpt`; → 0, or 128 + signal."""
+    device, rank, world, ctrl = init_processes(cfg["batch_size"], cfg["device"])
+    return Trainer(cfg, ckpt, device, rank, world, ctrl).run()
 
 
 # ======== 6. Sampling from a checkpoint =============================================================================
