@@ -16,8 +16,9 @@ x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε, ε ~ N(0, I); the network predicts
 Sections 1-7 (schedule and diffusion math, U-Net, EMA, data, training, sampling, command line) each use only the
 ones above and no module globals, so any of them can be copied out alone.
 """
-import argparse, copy, glob, math, os, re, signal, sys, tempfile, time
+import argparse, copy, glob, json, math, os, re, signal, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from contextlib import nullcontext
 
 import torch
@@ -299,12 +300,38 @@ class UserError(Exception):
         self.code = code
 
 
-def load_images(data, root="./data", image_size=32, workers=4, pick=None,
+def save_atomic(path, write, durable=False):
+    """write(file) into a temporary file beside `path`, then rename it to `path`: a crash leaves the old file or the
+    new one, whole, and a failed write leaves nothing. durable (checkpoints): fsync the file and the rename too."""
+    tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"  # the same extension: PIL reads the format from it
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    if durable:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        os.fsync(fd)  # make the rename itself durable
+        os.close(fd)
+
+
+def to_uint8(x):
+    """[-1, 1] → uint8 pixels, quantised as a PNG of it stores them (torchvision's rounding): FID scores those."""
+    return ((x.float() + 1) / 2).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+
+
+def load_images(data, root="./data", image_size=32, workers=4, pick=None, flag="--data",
                 extensions=(".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif")):
     """→ (images uint8 (N, C, S, S), labels (N,), class names) of "cifar10", "mnist", "fashion-mnist" (torchvision,
     downloaded into root) or a folder data/<class>/*.png|jpg (or data/*.png: one class), decoded once, now: a bad
-    file is refused before training, not hours in. C = 1 if all images are grey, else 3; resize + centre crop to S.
-    pick(N) → indices: only those of the N images are kept, chosen before any is decoded (default: all)."""
+    file is refused before training, not hours in. C = 1 if all images are grey, else 3; resize + centre crop to S
+    (image_size None: the first image's shorter side). pick(N) → indices: only those of the N images are kept,
+    chosen before any is decoded (default: all). flag: what the messages call `data`."""
     import torchvision.transforms.functional as TF
     sets = {"cifar10": "CIFAR10", "mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
     if data in sets:
@@ -322,15 +349,18 @@ def load_images(data, root="./data", image_size=32, workers=4, pick=None,
         classes = [c.split(" - ")[0].split("/")[0].lower().replace(" ", "-") for c in ds.classes]
         return images, torch.as_tensor(ds.targets)[keep], classes
     if not os.path.isdir(data):
-        raise UserError(f"--data {data}: no such folder (use {', '.join(sets)} or a folder <folder>/<class>/*.png)")
+        raise UserError(f"{flag} {data}: no such folder (use {', '.join(sets)} or a folder <folder>/<class>/*.png)")
     classes = sorted(d for d in os.listdir(data) if os.path.isdir(os.path.join(data, d)) and not d.startswith("."))
     dirs = [os.path.join(data, c) for c in classes] or [data]
     classes = classes or [os.path.basename(os.path.normpath(data))]
     files = [(os.path.join(d, f), i) for i, d in enumerate(dirs) for f in sorted(os.listdir(d))
              if f.lower().endswith(extensions)]
     if not files:
-        raise UserError(f"--data {data}: no images ({', '.join(extensions)}) in {data}/<class>/ or {data}/")
+        raise UserError(f"{flag} {data}: no images ({', '.join(extensions)}) in {data}/<class>/ or {data}/")
     files = files if pick is None else [files[i] for i in pick(len(files))]
+    if image_size is None:
+        with Image.open(files[0][0]) as im:
+            image_size = min(im.size)
 
     def decode(path):
         try:
@@ -361,18 +391,99 @@ def batch_indices(n, batch_size, seed, step):
     return torch.cat(out)
 
 
-# ======== 5. Training: Algorithm 1 with Adam, warm-up, clipping, EMA, atomic checkpoints and exact resume ===========
+# ======== 5. FID: the Fréchet distance of Inception features, as the papers measure it (Heusel et al. 2017) =========
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """FID = ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁ Σ₂)^½), in float64. Tr((Σ₁ Σ₂)^½) = Σᵢ sqrt(λᵢ), λ the eigenvalues of
+    sqrt(Σ₁) Σ₂ sqrt(Σ₁): symmetric PSD, so eigvalsh is stable, also for a rank-deficient Σ (fewer samples than 2048)."""
+    mu1, sigma1, mu2, sigma2 = (torch.as_tensor(v, dtype=torch.float64) for v in (mu1, sigma1, mu2, sigma2))
+    w, v = torch.linalg.eigh(sigma1)
+    root1 = (v * w.clamp(min=0).sqrt()) @ v.T                                                          # sqrt(Σ₁)
+    m = root1 @ sigma2 @ root1
+    lam = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0)  # rounding makes tiny negative eigenvalues: clip them
+    return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * lam.sqrt().sum())
+
+
+def load_inception(path=None, device=torch.device("cpu")):
+    """TensorFlow's Inception of 2015-12-05 (pool3, 2048 features), the network FID is defined with, as torch-fidelity
+    ports it: uint8 RGB in, resized to 299 px inside with TF1's bilinear resize. path: a local copy of its weights
+    (offline); None: torch-fidelity downloads them once. torchvision's ImageNet Inception gives other numbers."""
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except ImportError:
+        raise UserError("FID needs torch-fidelity: pip install torch-fidelity") from None
+    if path is not None and not os.path.isfile(path):
+        raise UserError(f"--inception {path}: no such file")
+    try:
+        if path is not None:  # torch-fidelity loads with weights_only=False: only a file of plain tensors gets there
+            torch.load(path, map_location="cpu", weights_only=True)
+        with torch.random.fork_rng(devices=[]):  # building its layers draws initial weights: not from training's RNG
+            net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=path)
+    except Exception as e:
+        raise UserError(f"cannot load the Inception weights {path or '(download)'} ({type(e).__name__}); offline, "
+                        "pass --inception PATH to a local copy (or set DDPM_INCEPTION)") from None
+    return net.to(device, memory_format=torch.channels_last)  # in eval mode already, as FID needs it
+
+
+@torch.inference_mode()
+def inception_stats(net, batches):
+    """μ, Σ (float64) and n of the Inception features of uint8 image batches (B, C, H, W); grey images (C = 1) enter
+    as R = G = B, as PIL's convert("RGB") makes them. Σ is the unbiased covariance, from sums: no (n, 2048) array."""
+    device, n, total, outer = next(net.parameters()).device, 0, 0, 0
+    for x in batches:
+        with torch.autocast(device.type, enabled=False):  # fp32 even inside a sampler's bf16 autocast
+            f = net(x.expand(-1, 3, -1, -1).to(device))[0].double().cpu()
+        n, total, outer = n + len(f), total + f.sum(0), outer + f.T @ f
+    mu = total / n
+    return mu, (outer - n * torch.outer(mu, mu)) / (n - 1), n
+
+
+def cached_stats(net, images, cache_dir, batch_size=50):
+    """inception_stats of uint8 images (N, C, H, W), kept in cache_dir/inception-<hash>.npz. The hash covers what
+    produced them: the pixels themselves, the network's weights and the torch-fidelity version, so a changed data set
+    or network is computed anew, and two sets never share a file (the key stored inside is checked on loading)."""
+    import hashlib, numpy as np, torch_fidelity
+    key = hashlib.sha256(f"{tuple(images.shape)} {torch_fidelity.__version__}".encode())
+    for value in [*net.state_dict().values(), images]:
+        key.update(value.cpu().contiguous().numpy().tobytes())
+    key, path = key.hexdigest(), os.path.join(cache_dir, f"inception-{key.hexdigest()[:20]}.npz")
+    if os.path.isfile(path):
+        with np.load(path) as f:
+            if str(f["key"]) == key:
+                return torch.from_numpy(f["mu"]), torch.from_numpy(f["sigma"]), int(f["n"])
+    mu, sigma, n = inception_stats(net, tqdm(images.split(batch_size), "reference", leave=False, disable=None))
+    os.makedirs(cache_dir, exist_ok=True)
+    save_atomic(path, lambda f: np.savez(f, mu=mu.numpy(), sigma=sigma.numpy(), n=n, key=key))
+    return mu, sigma, n
+
+
+def reference_stats(net, ref, root="./data", image_size=32, n=None, workers=4):
+    """(μ, Σ, n, channels) of the reference `ref`: an .npz with mu and sigma (pytorch-fid's and EDM's format; n and
+    channels unknown: None), or cifar10, mnist, an image folder, decoded as training decodes it, at image_size, all
+    images or a fixed random n of them; their statistics are cached in root/fid/."""
+    if ref.endswith(".npz"):
+        import numpy as np
+        try:
+            with np.load(ref) as f:
+                return torch.from_numpy(f["mu"]), torch.from_numpy(f["sigma"]), int(f["n"]) if "n" in f else None, None
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"--ref {ref}: not an .npz with arrays mu and sigma ({type(e).__name__}: {e})") from None
+    pick = None if n is None else lambda total: torch.randperm(total, generator=torch.Generator().manual_seed(0))[:n]
+    images = load_images(ref, root, image_size, workers, pick, flag="--ref")[0]
+    return *cached_stats(net, images, os.path.join(root, "fid")), images.shape[1]
+
+
+# ======== 6. Training: Algorithm 1 with Adam, warm-up, clipping, EMA, atomic checkpoints and exact resume ===========
 TRAIN_DEFAULTS = dict(  # Ho et al.'s CIFAR-10 run; every value is a `train` flag (ch_mult → --ch-mult)
     data="cifar10", data_root="./data", image_size=None, flip=None, unconditional=False, out=None, steps=800_000,
     batch_size=128, lr=2e-4, warmup=5000, grad_clip=1.0, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
     attn_res=(16,), dropout=0.1, timesteps=1000, schedule="linear", ema_decay=0.9999, p_uncond=0.1, eta=0.0,
     save_every=5000, keep_every=0, sample_every=10000, log_every=100, seed=0, device=None, num_workers=4,
-    precision="auto", compile=None)
+    precision="auto", compile=None, fid_every=0, fid_n=1000, fid_ref=None, inception=None)
 PRESETS = {"paper": {}, "small": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(), dropout=0.0, lr=1e-3,
                                       batch_size=32, warmup=200, steps=1150, ema_decay=0.999, eta=1.0, log_every=50)}
 # What a resumed run may change; everything else must match the checkpoint, or the run would silently differ.
 RESUMABLE = {"steps", "save_every", "keep_every", "sample_every", "log_every", "device", "num_workers", "eta",
-             "precision", "compile", "data", "data_root", "out"}
+             "precision", "compile", "data", "data_root", "out", "fid_every", "fid_n", "fid_ref", "inception"}
 
 
 def get_device(name=None):
@@ -397,26 +508,6 @@ def autocast(device, precision):
 def unet_from_config(cfg, num_classes):
     return UNet(cfg["channels"], cfg["ch"], tuple(cfg["ch_mult"]), cfg["num_res_blocks"], tuple(cfg["attn_res"]),
                 cfg["dropout"], cfg["image_size"], None if cfg["unconditional"] else num_classes)
-
-
-def save_atomic(path, write, durable=False):
-    """write(file) into a temporary file beside `path`, then rename it to `path`: a crash leaves the old file or the
-    new one, whole, and a failed write leaves nothing. durable (checkpoints): fsync the file and the rename too."""
-    tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"  # the same extension: PIL reads the format from it
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    if durable:
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        os.fsync(fd)  # make the rename itself durable
-        os.close(fd)
 
 
 def ensure_writable(folder, flag):
@@ -448,14 +539,56 @@ def load_checkpoint(path):
 def to_image(x, nrow, padding=1):
     """Images (B, C, H, W) in [-1, 1] → one PIL grid, grey ("L") for one channel, quantised as torchvision does."""
     from torchvision.utils import make_grid
-    grid = make_grid((x.float() + 1) / 2, nrow=nrow, padding=padding)[:x.shape[1]]  # make_grid makes grey RGB
-    return Image.fromarray(grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).squeeze(2).numpy())
+    grid = make_grid(to_uint8(x), nrow=nrow, padding=padding)[:x.shape[1]]  # make_grid makes grey RGB
+    return Image.fromarray(grid.permute(1, 2, 0).squeeze(2).numpy())
 
 
 def class_rows(num_classes, n):
     """Labels for a grid with one row per class, about n images in all → (labels, images per row)."""
     per = max(1, math.ceil(n / num_classes))
     return torch.arange(num_classes).repeat_interleave(per), per
+
+
+def plot_progress(log_path, png_path, size=(640, 320)):
+    """A picture of log.txt: the loss against the step on a log scale (grey: each log line; white: smoothed) and the
+    FID where measured (orange, its scale on the right). Pillow only, no plotting library to install."""
+    from PIL import ImageDraw
+    with open(log_path) as f:
+        text = f.read()
+    # the last value of each step: a resumed run logs again the steps after its checkpoint
+    loss, fid = (sorted(dict((int(s), float(v)) for s, v in re.findall(rf"^step (\d+) {key} (\S+)", text, re.M)).items())
+                 for key in ("loss", "fid"))
+    loss = [(s, math.log10(v)) for s, v in loss if v > 0]
+    if not loss:
+        return
+    (W, H), (left, right, top, bottom) = size, (40, 48, 16, 30)
+    image = Image.new("RGB", size)
+    draw, last = ImageDraw.Draw(image), max(s for s, _ in loss + fid)
+    x = lambda s: left + (W - left - right) * s / max(last, 1)
+    y = lambda frac: H - bottom - (H - top - bottom) * frac  # frac 0 at the bottom, 1 at the top
+    lo, hi = math.floor(min(v for _, v in loss)), math.ceil(max(v for _, v in loss))
+    hi += hi == lo
+    smooth = [loss[0][1]]
+    for _, v in loss[1:]:
+        smooth.append(0.9 * smooth[-1] + 0.1 * v)  # an exponential moving average over log lines, in log space
+    draw.line([(x(s), y((v - lo) / (hi - lo))) for s, v in loss], fill=(110, 110, 110))
+    draw.line([(x(s), y((v - lo) / (hi - lo))) for (s, _), v in zip(loss, smooth)], fill="white", width=2)
+    for d in range(lo, hi + 1):
+        draw.text((4, y((d - lo) / (hi - lo)) - 6), f"1e{d}", fill="white")
+    if fid:
+        scale = 1.1 * max(v for _, v in fid)
+        draw.line(points := [(x(s), y(v / scale)) for s, v in fid], fill="orange", width=2)
+        for px, py in points:
+            draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill="orange")
+        for frac in (0, 0.5, 1):
+            draw.text((W - right + 4, y(frac) - 6), f"{scale * frac:.1f}", fill="orange")
+    draw.rectangle((left, top, W - right, H - bottom), outline=(160, 160, 160))
+    for s in (0, last // 2, last):
+        draw.text((x(s) - 3 * len(str(s)), H - bottom + 3), str(s), fill="white")
+    draw.text((4, 2), "loss", fill="white")
+    draw.text((W // 2 - 30, H - 13), "training step", fill="white")
+    draw.text((W - right + 4, 2), "FID" if fid else "", fill="orange")
+    save_atomic(png_path, image.save)
 
 
 def init_processes(batch_size, device_name=None):
@@ -550,11 +683,16 @@ class Trainer:
             self.forward.num_classes = self.model.num_classes
         self.amp = autocast(device, cfg["precision"])
         self.pending, self.stats = [], []  # (loss, grad norm) per step: on the device until check(), then as floats
+        self.postfix, self.fid_ref, self.saved = {}, None, None if ckpt is None else ckpt["step"]  # the last save
 
     def load_data(self, cfg, ckpt):
         if self.rank:
             dist.barrier()  # until rank 0 has downloaded the data set, if it must
-        images, labels, classes = load_images(cfg["data"], cfg["data_root"], cfg["image_size"], cfg["num_workers"])
+        try:
+            images, labels, classes = load_images(cfg["data"], cfg["data_root"], cfg["image_size"], cfg["num_workers"])
+        except UserError as e:  # a resumed run whose data went away: say how to go on
+            raise UserError(f"{e}; {cfg['out']}/ckpt.pt of step {ckpt['step']} is whole: pass --data with --resume "
+                            "to continue it on the data where it is now" if ckpt else e) from None
         if self.ddp and not self.rank:
             dist.barrier()
         if ckpt is not None and ckpt["classes"] != classes:
@@ -612,6 +750,8 @@ class Trainer:
             self.save()
         if cfg["sample_every"] and step % cfg["sample_every"] == 0 and not self.rank:
             self.preview()
+        if cfg["fid_every"] and step % cfg["fid_every"] == 0 and not self.rank:
+            self.measure_fid()
 
     def check(self):
         """Waits for the device: at log lines and before saves, as a sync per step would idle the GPU."""
@@ -630,10 +770,13 @@ class Trainer:
         stats, B = self.stats, self.cfg["batch_size"]
         rate = (self.step - self.step_log) * B / (time.time() - self.t_log)
         loss_value = sum(v[0] for v in stats) / len(stats)
-        self.bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.0f}")
+        self.postfix.update(loss=f"{loss_value:.4f}", img_s=f"{rate:.0f}")
+        self.bar.set_postfix(self.postfix)
         print(f"step {self.step} loss {loss_value:.5f} lr {lr:.3e} grad_norm {stats[-1][1]:.3f} "
               f"img/s {rate:.1f}", file=self.log, flush=True)
         stats.clear()
+        if not self.rank:
+            plot_progress(self.log.name, os.path.join(self.out, "progress.png"))
         self.t_log, self.step_log = time.time(), self.step
 
     def keep(self):  # also a ckpt_<step>.pt at this step?
@@ -653,6 +796,7 @@ class Trainer:
         paths = [os.path.join(self.out, "ckpt.pt")] + [os.path.join(self.out, f"ckpt_{self.step:08d}.pt")] * self.keep()
         for path in paths if not self.rank else []:
             save_atomic(path, lambda f: torch.save(state, f), durable=True)
+        self.saved = self.step
 
     def preview(self):
         """A grid of EMA samples, as `sample` draws them, from a generator of its own: the training RNG is untouched."""
@@ -665,6 +809,28 @@ class Trainer:
         save_atomic(os.path.join(self.out, f"samples_{self.step:08d}.png"), to_image(x, nrow).save)
         self.t_log, self.step_log = time.time(), self.step  # images/s counts training only
 
+    def measure_fid(self):
+        """FID of fid_n EMA samples, drawn as the previews are, against the training images (or --fid-ref), into
+        log.txt and the progress bar. The EMA model is in eval mode and g its own: the training RNG is untouched."""
+        cfg, device, n = self.cfg, self.device, self.cfg["fid_n"]
+        if self.fid_ref is None:  # the first time: Inception, and the reference statistics (cached in data_root/fid/)
+            self.inception = load_inception(cfg["inception"] or os.environ.get("DDPM_INCEPTION"), device)
+            self.fid_ref = cached_stats(self.inception, self.images, os.path.join(cfg["data_root"], "fid")) \
+                if cfg["fid_ref"] is None else reference_stats(self.inception, cfg["fid_ref"], cfg["data_root"],
+                                                               cfg["image_size"], workers=cfg["num_workers"])
+        y = None if cfg["unconditional"] else class_rows(len(self.classes), n)[0][:n].to(device)
+        g, steps = torch.Generator(device).manual_seed(cfg["seed"]), min(100, cfg["timesteps"])
+        chunks = torch.arange(n, device=device).split(cfg["batch_size"])
+        with self.amp:
+            batches = (to_uint8(self.diffusion.sample(self.ema.model, len(c), None if y is None else y[c], 2.0, steps,
+                                                      cfg["eta"], generator=g)) for c in chunks)
+            fid = frechet_distance(*inception_stats(self.inception, batches)[:2], *self.fid_ref[:2])
+        self.postfix["fid"] = f"{fid:.2f}"
+        self.bar.set_postfix(self.postfix)
+        print(f"step {self.step} fid {fid:.4f} n {n} DDIM {steps} steps, eta {cfg['eta']}, guidance 2.0", file=self.log,
+              flush=True)
+        self.t_log, self.step_log = time.time(), self.step
+
     def run(self):
         """Train to cfg["steps"] → 0, or after a signal save and → 128 + its number."""
         cfg, out, world = self.cfg, self.out, self.world
@@ -672,15 +838,22 @@ class Trainer:
                  f"({len(self.classes)} classes) on {self.device} in {world} process{'es' * (world > 1)}, step "
                  f"{self.step} → {cfg['steps']}, run folder {out}", file=sys.stderr)
         signum, log = 0, os.path.join(out, "log.txt") if not self.rank else os.devnull
-        with SignalStop(self.ctrl) as stop, open(log, "a") as self.log, \
-                tqdm(total=cfg["steps"], initial=self.step, dynamic_ncols=True, disable=True if self.rank else None) \
-                as self.bar:
-            self.t_log, self.step_log = time.time(), self.step
-            while self.step < cfg["steps"] and not signum:
-                self.periodic(self.train_step())
-                signum = stop.agreed()  # every process stops after the same step
+        try:
+            with SignalStop(self.ctrl) as stop, open(log, "a") as self.log, \
+                    tqdm(total=cfg["steps"], initial=self.step, dynamic_ncols=True, disable=True if self.rank else None) \
+                    as self.bar:
+                self.t_log, self.step_log = time.time(), self.step
+                while self.step < cfg["steps"] and not signum:
+                    self.periodic(self.train_step())
+                    signum = stop.agreed()  # every process stops after the same step
+            if signum:
+                self.save()
+        except OSError as e:  # a full disk, a folder gone or unwritable: saves are atomic, the last one is whole
+            kept = self.saved is not None and os.path.isfile(os.path.join(out, "ckpt.pt"))
+            how = f"{out}/ckpt.pt of step {self.saved} is whole; fix that, then resume with: python ddpm.py train " \
+                  f"--resume --out {out}" if kept else f"no checkpoint is left in {out}"
+            raise UserError(f"cannot write in {out} at step {self.step} ({e.strerror}); {how}", code=1) from None
         if signum:
-            self.save()
             self.say(f"interrupted at step {self.step}; saved {out}/ckpt.pt. Resume with: "
                      f"{'torchrun … ' if self.ddp else 'python '}ddpm.py train --resume --out {out}", file=sys.stderr)
             return 128 + signum
@@ -694,7 +867,7 @@ def train(cfg, ckpt=None):
     return Trainer(cfg, ckpt, device, rank, world, ctrl).run()
 
 
-# ======== 6. Sampling from a checkpoint =============================================================================
+# ======== 7. Sampling from a checkpoint =============================================================================
 def load_sampler(path, device):
     """Checkpoint → (EMA U-Net in eval mode on device, Diffusion, class names, config)."""
     ckpt = load_checkpoint(path)
@@ -759,7 +932,7 @@ def labelled_grid(rows, col_labels=(), row_labels=(), scale=2):
     return canvas
 
 
-# ======== 7. Command line ===========================================================================================
+# ======== 8. Command line ===========================================================================================
 def cmd_train(args):
     given = {k: v for k, v in vars(args).items() if k in TRAIN_DEFAULTS and v is not None}
     name = os.path.basename(os.path.normpath(given.get("data", "cifar10")))
@@ -789,27 +962,45 @@ def cmd_train(args):
             dist.destroy_process_group()
 
 
-def cmd_sample(args):
+def sampler_from_args(args, device, n):
+    """What `sample` and `fid` share: the checkpoint (--ckpt, else the newest runs/*/ckpt.pt, else the bundled model),
+    its EMA U-Net (compiled for long runs) and the sampler's options from the flags, for n samples
+    → (path, model, diffusion, classes, cfg, options for Diffusion.sample, the --class index or None, compiled)."""
     path = args.ckpt or max(glob.glob(os.path.join("runs", "*", "ckpt.pt")), key=os.path.getmtime, default=None)
     if path is None:  # a fresh clone: the small CIFAR-10 model that ships in samples/
         path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples", "cifar10_small.pt")
         if not os.path.isfile(path):
             raise UserError("no checkpoint found in runs/*/ckpt.pt: train one first, or pass --ckpt")
         print(f"no runs/*/ckpt.pt: sampling from the bundled CIFAR-10 model {path}", file=sys.stderr)
-    device = get_device(args.device)
     model, diffusion, classes, cfg = load_sampler(path, device)
     if args.steps is not None and args.steps > diffusion.num_timesteps:
         raise UserError(f"--steps {args.steps}: the model has only T = {diffusion.num_timesteps} steps")
     steps = (min(25, diffusion.num_timesteps) if device.type == "cpu" else None) if args.steps is None else args.steps
     steps = steps or None  # 'all' (0): ancestral. A CPU takes an hour for 1000 steps: there 25 DDIM steps by default
     eta = cfg["eta"] if args.eta is None else args.eta  # the model's own, as `train --eta` saved it
-    name, labels, nrow, c = "all", None, math.ceil(math.sqrt(args.n)), getattr(args, "class")
+    idx, c = None, getattr(args, "class")
     if c is not None:
         if cfg["unconditional"]:
             raise UserError(f"--class: {path} is an unconditional model")
         idx = classes.index(c) if c in classes else int(c) if c.isdigit() else -1
         if not 0 <= idx < len(classes):
             raise UserError(f"--class {c}: unknown; choose from {', '.join(classes)} (or 0-{len(classes) - 1})")
+    sample_steps = n * (steps or diffusion.num_timesteps)  # compiling takes ~30 s on an H100: for long runs only
+    compiled = device.type == "cuda" and sample_steps >= 200_000 if args.compile is None else args.compile
+    forward = torch.compile(model) if compiled else model
+    return path, forward, diffusion, classes, cfg, dict(guidance=args.guidance, steps=steps, eta=eta), idx, compiled
+
+
+def describe(options, timesteps):
+    s = options["steps"]
+    return f"DDIM {s} steps, eta {options['eta']}" if s else f"ancestral {timesteps} steps"
+
+
+def cmd_sample(args):
+    device = get_device(args.device)
+    path, forward, diffusion, classes, cfg, options, idx, compiled = sampler_from_args(args, device, args.n)
+    name, labels, nrow = "all", None, math.ceil(math.sqrt(args.n))
+    if idx is not None:
         name, labels = classes[idx], torch.full((args.n,), idx)
     elif not cfg["unconditional"]:
         labels, nrow = class_rows(len(classes), args.n)
@@ -820,10 +1011,6 @@ def cmd_sample(args):
     n = len(labels) if labels is not None else args.n
     # CPU: batches of 16 keep tensors under glibc's 32 MB mmap threshold, so memory is reused, not faulted in anew
     batch_size = args.batch_size or (1024 if device.type == "cuda" else 16)  # (64 ships, 2 cores: 45 s → 34 s)
-    sample_steps = n * (steps or diffusion.num_timesteps)  # compiling takes ~30 s on an H100: for long runs only
-    compiled = device.type == "cuda" and sample_steps >= 200_000 if args.compile is None else args.compile
-    forward = torch.compile(model) if compiled else model
-    options = dict(guidance=args.guidance, steps=steps, eta=eta)  # the sampler's, for the grid and the process alike
     with autocast(device, args.precision), ThreadPoolExecutor(8) as pool:  # PNGs are written while sampling goes on
         if args.process:
             base = os.path.join(out, name) if per_file else os.path.splitext(out)[0]
@@ -834,8 +1021,44 @@ def cmd_sample(args):
             list(pool.map(write, x, range(n)))
         else:
             save_atomic(out, to_image(torch.stack(list(x)), nrow).save)
-    sampler = f"DDIM {steps} steps, eta {eta}" if steps else f"ancestral {diffusion.num_timesteps} steps"
-    print(f"wrote {n} samples ({sampler}, guidance {args.guidance}) from {path} to {out}", file=sys.stderr)
+    print(f"wrote {n} samples ({describe(options, diffusion.num_timesteps)}, guidance {args.guidance}) from {path} "
+          f"to {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_fid(args):
+    """FID of a checkpoint's samples, drawn as `sample` draws them, or of a folder of images, against --ref."""
+    device = get_device(args.device)
+    net = load_inception(args.inception or os.environ.get("DDPM_INCEPTION"), device)
+    n = args.n or (50_000 if device.type == "cuda" else 1000)  # the papers' 50,000; a CPU takes ~1 s a sample
+    if args.samples:
+        pick = None if args.n is None else lambda total: torch.arange(min(n, total))
+        images = load_images(args.samples, image_size=args.image_size, pick=pick, flag="--samples")[0]
+        size, channels, source, result = images.shape[-1], images.shape[1], args.samples, dict(samples=args.samples)
+    else:
+        path, forward, diffusion, classes, cfg, options, idx, compiled = sampler_from_args(args, device, n)
+        size, channels, source, result = cfg["image_size"], cfg["channels"], path, dict(ckpt=path)
+        result.update(sampler=describe(options, diffusion.num_timesteps), guidance=args.guidance, seed=args.seed or 0)
+        labels = None if cfg["unconditional"] else class_rows(len(classes), n)[0][:n] if idx is None else \
+            torch.full((n,), idx)
+    ref = reference_stats(net, args.ref, args.data_root, size, args.ref_n, args.num_workers)  # before the long part
+    if ref[3] is not None and ref[3] != channels:
+        kind = lambda c: "grey" if c == 1 else "RGB"
+        raise UserError(f"--ref {args.ref} is {kind(ref[3])}, the samples are {kind(channels)}: FID would score the "
+                        "colour (grey enters Inception as R = G = B); compare grey with grey")
+    if args.samples:
+        mu, sigma, n = inception_stats(net, images.split(50))
+    else:
+        torch.manual_seed(args.seed or 0)
+        batch_size = args.batch_size or (1024 if device.type == "cuda" else 16)
+        with autocast(device, args.precision):  # Inception itself runs in fp32 (inception_stats)
+            x = sample_images(forward, diffusion, labels, n, batch_size, compiled, **options)
+            mu, sigma, n = inception_stats(net, (to_uint8(torch.stack(b)) for b in iter(lambda: list(islice(x, 50)), [])))
+    fid = frechet_distance(mu, sigma, *ref[:2])
+    result = dict(fid=round(fid, 4), n=n, **result, ref=args.ref, ref_n=ref[2])
+    how = f" ({result['sampler']}, guidance {args.guidance}, seed {args.seed or 0})" if "ckpt" in result else ""
+    print(json.dumps(result) if args.json else f"FID {fid:.3f} of {n} images{how} from {source} against {args.ref} "
+          f"(n {ref[2]})")
     return 0
 
 
@@ -925,7 +1148,11 @@ def build_parser():
             ("--save-every", _num(int, 1, big), "checkpoint interval in steps"),
             ("--keep-every", _num(int, 0, big), "also keep ckpt_<step>.pt every N steps (0: only the last)"),
             ("--sample-every", _num(int, 0, big), "EMA sample grid interval (0: never)"),
-            ("--log-every", _num(int, 1, big), "log line interval"), ("--num-workers", _num(int, 1, 256), "threads")]:
+            ("--log-every", _num(int, 1, big), "log line interval"), ("--num-workers", _num(int, 1, 256), "threads"),
+            ("--fid-every", _num(int, 0, big), "FID of the EMA model into log.txt and progress.png every N steps (0: "
+             "never)"), ("--fid-n", _num(int, 2, 10 ** 6), "samples for that FID (DDIM as the previews)"),
+            ("--fid-ref", str, "FID reference as `fid --ref` takes it (default: the training images)"),
+            ("--inception", str, "local Inception weights for FID, as `fid --inception`")]:
         key = flag[2:].replace("-", "_")
         default = "" if TRAIN_DEFAULTS[key] is None else f" (default: {TRAIN_DEFAULTS[key]})"
         tr.add_argument(flag, type=kind, help=text + default,
@@ -937,21 +1164,42 @@ def build_parser():
                     "but off for --data mnist: turn them off for any digits, letters or text)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
 
-    sa = sub.add_parser("sample", parents=[common], help="sample a PNG grid (or one PNG per image) from a checkpoint")
-    sa.set_defaults(func=cmd_sample, precision="auto")
+    sampling = _Parser(add_help=False)  # the sampler's flags: `sample` and `fid` draw samples alike
     for flag, kind, default, text in [
             ("--ckpt", str, None, "checkpoint (default: the newest runs/*/ckpt.pt, else samples/cifar10_small.pt)"),
             ("--class", str, None, "class name or index (default: every class, one per row)"),
-            ("--n", _num(int, 1, 10 ** 7), 64, "number of samples (default: 64)"),
             ("--guidance", _num(float, 0, 100), 2.0, "guidance s: 1 = conditional, 0 = unconditional (default: 2)"),
             ("--steps", lambda v: 0 if v == "all" else _num(int, 1, 10 ** 5)(v), None,
              "DDIM steps, or 'all': ancestral sampling over all T steps (default: all; on a CPU 25)"),
             ("--eta", _num(float, 0, 1), None, "DDIM noise: 0 deterministic, 1 DDPM-like (default: the model's "
-             "train --eta: 0, for --preset small 1)"),
-            ("--out", str, None, "a PNG grid, or a folder/ for one PNG per sample (default: outputs/<class>.png)")]:
-        sa.add_argument(flag, type=kind, default=default, help=text)
+             "train --eta: 0, for --preset small 1)")]:
+        sampling.add_argument(flag, type=kind, default=default, help=text)
+    sa = sub.add_parser("sample", parents=[common, sampling], help="sample a PNG grid (or one PNG per image) from a "
+                        "checkpoint")
+    sa.set_defaults(func=cmd_sample, precision="auto")
+    sa.add_argument("--n", type=_num(int, 1, 10 ** 7), default=64, help="number of samples (default: 64)")
+    sa.add_argument("--out", help="a PNG grid, or a folder/ for one PNG per sample (default: outputs/<class>.png)")
     sa.add_argument("--process", action="store_true", help="write the reverse process instead: NAME.gif (x_t beside "
                     "its predicted x_0, 10 steps) and NAME.png (those steps, up to 8 samples) for --out NAME.png")
+
+    fi = sub.add_parser("fid", parents=[common, sampling], help="FID of a checkpoint's samples (or of --samples DIR) "
+                        "against --ref, with TensorFlow's Inception as torch-fidelity ports it")
+    fi.set_defaults(func=cmd_fid, precision="auto")
+    for flag, kind, default, text in [
+            ("--ref", str, None, "cifar10 or mnist (their training sets), an image folder, or an .npz with mu and "
+             "sigma (pytorch-fid's format); the statistics of images are cached in --data-root/fid/"),
+            ("--n", _num(int, 2, 10 ** 7), None, "samples (default: 50,000 on CUDA, as the papers; 1,000 on a CPU, "
+             "which biases FID upwards: compare only figures of equal n)"),
+            ("--samples", str, None, "score this image folder instead of a checkpoint (all its images, or the first "
+             "--n)"), ("--image-size", _num(int, 4, 4096), None, "with --samples: decode at this size (default: "
+                       "the folder's own)"),
+            ("--ref-n", _num(int, 2, 10 ** 7), None, "a fixed random subset of the reference images (default: all)"),
+            ("--inception", str, None, "local copy of torch-fidelity's Inception weights, for offline use (default: "
+             "$DDPM_INCEPTION, else downloaded once)"),
+            ("--data-root", str, "./data", "download folder for --ref cifar10/mnist, and the cache (default: ./data)"),
+            ("--num-workers", _num(int, 1, 256), 4, "decoding threads (default: 4)")]:
+        fi.add_argument(flag, type=kind, default=default, help=text, required=flag == "--ref")
+    fi.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
     fw = sub.add_parser("forward", help="picture the forward process q(x_t | x_0): training images turning into noise")
     fw.set_defaults(func=cmd_forward)
@@ -977,6 +1225,9 @@ def main(argv=None):
     except torch.OutOfMemoryError:
         print("ddpm.py: error: out of GPU memory; try a smaller --batch-size", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk or a folder gone while writing: save_atomic has left no partial file
+        print(f"ddpm.py: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("ddpm.py: interrupted", file=sys.stderr)
         return 130

@@ -1,6 +1,8 @@
 """Tests for ddpm.py: formulas against closed forms or independent computations, the network, the samplers,
 the training loop (overfit, exact resume, interruption) and every user error. CPU only, about a minute."""
-import math, multiprocessing, os, shutil, signal, socket, struct, subprocess, sys, time
+import errno, glob, json, math, multiprocessing, os, re, shutil, signal, socket, struct, subprocess, sys, time
+
+import numpy as np
 
 import pytest
 import torch
@@ -902,3 +904,210 @@ def test_mnist_defaults_to_its_own_28_px_and_no_flips_where_the_unet_allows(tmp_
         cfg = torch.load(out / "ckpt.pt", weights_only=True)["config"]
         assert cfg["image_size"] == size and cfg["flip"] is False
     capsys.readouterr()
+
+
+# ---------------------------------------------------------------------------------------------- FID
+class FakeInception(torch.nn.Module):
+    """Stands in for Inception where a test is about the plumbing: uint8 (B, 3, H, W) → (features (B, 6),)."""
+    def __init__(self, seed=0):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3)              # its initialisation draws from the global RNG, as Inception's
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.conv.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+
+    def forward(self, x):
+        assert x.dtype == torch.uint8 and x.shape[1] == 3
+        return (self.conv((x.float() - 128) / 128).relu().mean((2, 3)),)
+
+
+@pytest.fixture
+def fake_inception(monkeypatch):
+    """torch-fidelity's class replaced: ddpm.load_inception runs as it is, around the stand-in."""
+    import torch_fidelity.feature_extractor_inceptionv3 as tfi
+    monkeypatch.delenv("DDPM_INCEPTION", raising=False)
+    monkeypatch.setattr(tfi, "FeatureExtractorInceptionV3", lambda *a, **k: FakeInception().eval())
+
+
+def test_frechet_distance_against_closed_form_and_an_independent_computation():
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+    g = torch.Generator().manual_seed(0)
+    q = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))[0]      # Σ = Q diag Qᵀ: they commute
+    a, b = torch.rand(5, generator=g, dtype=torch.float64) + 0.1, torch.rand(5, generator=g, dtype=torch.float64)
+    mu1, mu2 = torch.randn(5, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    exact = (mu1 - mu2).square().sum() + (a.sqrt() - b.sqrt()).square().sum()      # ‖Δμ‖² + Σ (√a − √b)²
+    assert ddpm.frechet_distance(mu1, q @ a.diag() @ q.T, mu2, q @ b.diag() @ q.T) == pytest.approx(float(exact), 1e-10)
+    for n in (200, 20):   # 20 samples of 64 features: Σ of rank 19, as with a small n against 2048 features
+        f1, f2 = torch.randn(n, 64, generator=g, dtype=torch.float64), torch.randn(n, 64, generator=g, dtype=torch.float64) + 0.3
+        s1, s2 = [dict(mu=f.mean(0).numpy(), sigma=torch.cov(f.T).numpy()) for f in (f1, f2)]
+        theirs = fid_statistics_to_metric(s1, s2, False)["frechet_inception_distance"]   # numpy, non-symmetric eig
+        assert ddpm.frechet_distance(s1["mu"], s1["sigma"], s2["mu"], s2["sigma"]) == pytest.approx(theirs, rel=1e-6)
+        # itself: 0, to rounding (zero eigenvalues come out ~1e-16 and their square roots ~1e-8: measured 2e-6)
+        assert abs(ddpm.frechet_distance(s1["mu"], s1["sigma"], s1["mu"], s1["sigma"])) < 1e-7 * s1["sigma"].trace()
+
+
+def test_inception_stats_are_the_mean_and_unbiased_covariance_of_the_features():
+    net, images = FakeInception(), (torch.rand(13, 1, 9, 9) * 255).to(torch.uint8)
+    mu, sigma, n = ddpm.inception_stats(net, images.split(5))                 # grey: repeated into R, G, B
+    features = net(images.expand(-1, 3, -1, -1))[0].double()
+    assert n == 13 and torch.allclose(mu, features.mean(0)) and torch.allclose(sigma, torch.cov(features.T), atol=1e-12)
+
+
+def test_fid_of_a_checkpoint_equals_fid_of_its_samples_written_as_pngs(ckpts, folder, tmp_path, capsys, fake_inception):
+    args = ["--ref", folder, "--data-root", str(tmp_path / "root"), "--json"]
+    assert ddpm.main(["sample", "--ckpt", ckpts["cond"], "--n", "6", "--steps", "3", "--out", str(tmp_path / "s") + "/"]) == 0
+    capsys.readouterr()
+    assert ddpm.main(["fid", "--ckpt", ckpts["cond"], "--n", "6", "--steps", "3", *args]) == 0
+    sampled = json.loads(capsys.readouterr().out)
+    assert ddpm.main(["fid", "--samples", str(tmp_path / "s"), *args]) == 0
+    written = json.loads(capsys.readouterr().out)
+    assert sampled["fid"] == written["fid"] > 0 and sampled["n"] == written["n"] == 6 and sampled["ref_n"] == 6
+    assert sampled["sampler"] == "DDIM 3 steps, eta 0.0" and sampled["guidance"] == 2.0 and sampled["seed"] == 0
+    assert ddpm.main(["fid", "--samples", folder, *args]) == 0                   # a set against itself
+    assert abs(json.loads(capsys.readouterr().out)["fid"]) < 1e-6
+
+
+def test_reference_statistics_are_cached_by_what_made_them(folder, tmp_path, monkeypatch):
+    shutil.copytree(folder, tmp_path / "d")
+    computed, real = [], ddpm.inception_stats
+    monkeypatch.setattr(ddpm, "inception_stats", lambda *a: computed.append(1) or real(*a))
+    net, root = FakeInception(), str(tmp_path / "root")
+    first = ddpm.reference_stats(net, str(tmp_path / "d"), root, 16)
+    again = ddpm.reference_stats(net, str(tmp_path / "d"), root, 16)
+    assert len(computed) == 1 and all(torch.equal(x, y) for x, y in zip(first[:2], again[:2])) and first[2:] == (6, 3)
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "d" / "cat" / "1.png")     # the folder changed: computed anew
+    changed = ddpm.reference_stats(net, str(tmp_path / "d"), root, 16)
+    assert len(computed) == 2 and not torch.equal(changed[0], first[0])
+    ddpm.reference_stats(net, str(tmp_path / "d"), root, 8)                     # another size, another network
+    ddpm.reference_stats(FakeInception(seed=1), str(tmp_path / "d"), root, 16)
+    assert len(computed) == 4 and len(os.listdir(tmp_path / "root" / "fid")) == 4
+    for path in glob.glob(str(tmp_path / "root" / "fid" / "*.npz")):           # a file whose key is not ours: never used
+        with np.load(path) as f:
+            np.savez(path, **{**f, "key": "someone else's"})
+    ddpm.reference_stats(net, str(tmp_path / "d"), root, 16)
+    assert len(computed) == 5
+
+
+def test_fid_bad_inputs_are_one_line(ckpts, folder, tmp_path, capsys, monkeypatch, fake_inception):
+    os.makedirs(tmp_path / "empty" / "c")
+    np.savez(tmp_path / "nomu.npz", sigma=np.eye(3))
+    (tmp_path / "junk.npz").write_bytes(b"not an npz")
+    _grey_run(tmp_path)
+    capsys.readouterr()
+    cases = {
+        "no --ref": (["fid", "--ckpt", ckpts["cond"]], "--ref", 2),
+        "no images": (["fid", "--samples", str(tmp_path / "empty"), "--ref", folder], "--samples", 2),
+        "empty ref": (["fid", "--samples", folder, "--ref", str(tmp_path / "empty")], "--ref", 2),
+        "npz without mu": (["fid", "--samples", folder, "--ref", str(tmp_path / "nomu.npz")], "mu and sigma", 2),
+        "not an npz": (["fid", "--samples", folder, "--ref", str(tmp_path / "junk.npz")], "mu and sigma", 2),
+        "grey against RGB": (["fid", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--ref", folder], "R = G = B", 2),
+        "n = 1": (["fid", "--samples", folder, "--ref", folder, "--n", "1"], "--n", 2),
+    }
+    for name, (argv, needle, want) in cases.items():
+        code, err = run_main([*argv, "--data-root", str(tmp_path / "root")], capsys)
+        assert code == want and needle in err and err.count("\n") == 1 and "Traceback" not in err, (name, err)
+
+
+def test_missing_inception_weights_offline_name_the_flag(tmp_path, monkeypatch):
+    import torch_fidelity.feature_extractor_inceptionv3 as tfi
+
+    def offline(*a, **k):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+    monkeypatch.setattr(tfi, "load_state_dict_from_url", offline)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    torch.save({"w": Evil()}, tmp_path / "evil.pth")
+    for path in (None, str(tmp_path / "none.pth"), str(tmp_path / "evil.pth")):
+        with pytest.raises(ddpm.UserError, match="--inception"):
+            ddpm.load_inception(path)
+    assert not marker.exists()
+
+
+def test_fid_while_training_leaves_the_training_bitwise_as_it_was_and_resumes_exactly(folder, tmp_path, capsys,
+                                                                                      fake_inception):
+    args = ["train", "--data", folder, "--steps", "4", "--dropout", "0.3", "--log-every", "1", "--data-root",
+            str(tmp_path / "root"), *TINY]
+    fid = ["--fid-every", "2", "--fid-n", "5"]
+    assert ddpm.main(args + ["--out", str(tmp_path / "plain")]) == 0
+    assert ddpm.main(args + fid + ["--out", str(tmp_path / "fid")]) == 0
+    half = [*args[:args.index("--steps") + 1], "3", *args[args.index("--steps") + 2:]]
+    assert ddpm.main(half + fid + ["--out", str(tmp_path / "resumed")]) == 0
+    assert ddpm.main(["train", "--resume", "--out", str(tmp_path / "resumed"), "--steps", "4"]) == 0
+    plain, *others = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("plain", "fid", "resumed"))
+    for other in others:
+        for part in ("model", "optimizer", "ema"):
+            flat_a, flat_b = (torch.utils._pytree.tree_flatten(c[part])[0] for c in (plain, other))
+            assert all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(flat_a, flat_b)), part
+    log = open(tmp_path / "fid" / "log.txt").read()
+    fids = re.findall(r"^step (\d+) fid (\S+) n 5 DDIM 50 steps, eta 0.0, guidance 2.0$", log, re.M)
+    assert [s for s, _ in fids] == ["2", "4"] and all(float(v) > 0 for _, v in fids)
+    resumed = open(tmp_path / "resumed" / "log.txt").read()
+    assert re.findall(r"^step (\d+) fid (\S+)", resumed, re.M) == fids          # the same samples, the same FID
+    picture = Image.open(tmp_path / "fid" / "progress.png").convert("RGB")
+    colours = {colour for _, colour in picture.getcolors(1 << 20)}
+    assert picture.size == (640, 320) and (255, 165, 0) in colours and (255, 255, 255) in colours   # FID, loss
+    capsys.readouterr()
+
+
+def test_progress_picture_plots_loss_and_fid_against_the_step(tmp_path):
+    lines = [f"step {s} loss {1 / s:.5f} lr 1e-4 grad_norm 1.0 img/s 10.0" for s in range(10, 1001, 10)]
+    (tmp_path / "log.txt").write_text("\n".join(lines + ["step 500 fid 80.0 n 9 x", "step 1000 fid 40.0 n 9 x"]) + "\n")
+    ddpm.plot_progress(str(tmp_path / "log.txt"), str(tmp_path / "p.png"))
+    image = Image.open(tmp_path / "p.png").convert("RGB")
+    orange = [(x, y) for x in range(image.width) for y in range(image.height) if image.getpixel((x, y)) == (255, 165, 0)]
+    # FID 80 at step 500 sits higher and further left than FID 40 at step 1000 (dots of radius 3 around each)
+    left, right = [p for p in orange if p[0] < 320], [p for p in orange if p[0] > 560]
+    assert left and right and min(y for _, y in left) < min(y for _, y in right)
+    assert sorted(os.listdir(tmp_path)) == ["log.txt", "p.png"]
+
+
+def test_a_full_disk_while_training_is_one_line_naming_the_checkpoint_that_is_whole(folder, tmp_path, monkeypatch, capsys):
+    out, real, calls = tmp_path / "run", torch.save, []
+
+    def full_at_second(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"part of a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", full_at_second)
+    code, err = run_main(["train", "--data", folder, "--out", str(out), "--steps", "5", "--save-every", "1", *TINY], capsys)
+    assert code == 1 and err.count("\n") == 2 and "Traceback" not in err, err      # the start line, then the error
+    assert "No space left on device" in err and f"{out}/ckpt.pt of step 1 is whole" in err
+    assert f"ddpm.py train --resume --out {out}" in err and sorted(os.listdir(out)) == ["ckpt.pt", "log.txt"]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 1
+
+
+def test_a_run_folder_that_vanishes_and_a_full_disk_while_sampling_are_one_line(ckpts, folder, tmp_path, monkeypatch,
+                                                                               capsys):
+    out, real = tmp_path / "run", ddpm.save_atomic
+
+    def vanish(path, *a, **k):
+        shutil.rmtree(out, ignore_errors=True)
+        return real(path, *a, **k)
+    monkeypatch.setattr(ddpm, "save_atomic", vanish)
+    code, err = run_main(["train", "--data", folder, "--out", str(out), "--steps", "3", *TINY], capsys)
+    assert code == 1 and "No such file or directory" in err and "no checkpoint is left" in err and "Traceback" not in err
+    monkeypatch.setattr(ddpm, "save_atomic", real)
+
+    def full(self, f, *a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(Image.Image, "save", full)
+    code, err = run_main(["sample", "--ckpt", ckpts["cond"], "--n", "3", "--steps", "1", "--out",
+                          str(tmp_path / "each") + "/"], capsys)
+    assert code == 1 and err.count("\n") == 1 and "No space left on device" in err and os.listdir(tmp_path / "each") == []
+
+
+def test_a_resumed_run_whose_data_went_away_says_how_to_go_on(folder, tmp_path, capsys):
+    shutil.copytree(folder, tmp_path / "d")
+    out = str(tmp_path / "run")
+    assert ddpm.main(["train", "--data", str(tmp_path / "d"), "--out", out, "--steps", "1", *TINY]) == 0
+    shutil.rmtree(tmp_path / "d")
+    capsys.readouterr()
+    code, err = run_main(["train", "--resume", "--out", out, "--steps", "2"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "no such folder" in err
+    assert f"{out}/ckpt.pt of step 1 is whole: pass --data with --resume" in err
