@@ -1032,7 +1032,8 @@ def cmd_fid(args):
     net = load_inception(args.inception or os.environ.get("DDPM_INCEPTION"), device)
     n = args.n or (50_000 if device.type == "cuda" else 1000)  # the papers' 50,000; a CPU takes ~1 s a sample
     if args.samples:
-        pick = None if args.n is None else lambda total: torch.arange(min(n, total))
+        g = torch.Generator().manual_seed(args.seed or 0)  # --n: a fixed random n of the folder's images
+        pick = None if args.n is None else lambda total: torch.randperm(total, generator=g)[:n]
         images = load_images(args.samples, image_size=args.image_size, pick=pick, flag="--samples")[0]
         size, channels, source, result = images.shape[-1], images.shape[1], args.samples, dict(samples=args.samples)
     else:
@@ -1190,8 +1191,8 @@ def build_parser():
              "sigma (pytorch-fid's format); the statistics of images are cached in --data-root/fid/"),
             ("--n", _num(int, 2, 10 ** 7), None, "samples (default: 50,000 on CUDA, as the papers; 1,000 on a CPU, "
              "which biases FID upwards: compare only figures of equal n)"),
-            ("--samples", str, None, "score this image folder instead of a checkpoint (all its images, or the first "
-             "--n)"), ("--image-size", _num(int, 4, 4096), None, "with --samples: decode at this size (default: "
+            ("--samples", str, None, "score this image folder instead of a checkpoint (all its images, or a random "
+             "--n of them)"), ("--image-size", _num(int, 4, 4096), None, "with --samples: decode at this size (default: "
                        "the folder's own)"),
             ("--ref-n", _num(int, 2, 10 ** 7), None, "a fixed random subset of the reference images (default: all)"),
             ("--inception", str, None, "local copy of torch-fidelity's Inception weights, for offline use (default: "
