@@ -393,8 +393,9 @@ def batch_indices(n, batch_size, seed, step):
 
 # ======== 5. FID: the Fréchet distance of Inception features, as the papers measure it (Heusel et al. 2017) =========
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """FID = ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁ Σ₂)^½), in float64. Tr((Σ₁ Σ₂)^½) = Σᵢ sqrt(λᵢ), λ the eigenvalues of
-    sqrt(Σ₁) Σ₂ sqrt(Σ₁): symmetric PSD, so eigvalsh is stable, also for a rank-deficient Σ (fewer samples than 2048)."""
+    """FID = ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁ Σ₂)^½), in float64.
+    Tr((Σ₁ Σ₂)^½) = Σᵢ sqrt(λᵢ), λ the eigenvalues of sqrt(Σ₁) Σ₂ sqrt(Σ₁): symmetric PSD,
+    so eigvalsh is stable, also for a rank-deficient Σ (fewer samples than features)."""
     mu1, sigma1, mu2, sigma2 = (torch.as_tensor(v, dtype=torch.float64) for v in (mu1, sigma1, mu2, sigma2))
     w, v = torch.linalg.eigh(sigma1)
     root1 = (v * w.clamp(min=0).sqrt()) @ v.T                                                          # sqrt(Σ₁)
@@ -555,39 +556,37 @@ def plot_progress(log_path, png_path, size=(640, 320)):
     from PIL import ImageDraw
     with open(log_path) as f:
         text = f.read()
-    # the last value of each step: a resumed run logs again the steps after its checkpoint
-    loss, fid = (sorted(dict((int(s), float(v)) for s, v in re.findall(rf"^step (\d+) {key} (\S+)", text, re.M)).items())
+    # the last value of each step (a resumed run logs again the steps after its checkpoint), in order of the step
+    loss, fid = (sorted({int(s): float(v) for s, v in re.findall(rf"^step (\d+) {key} (\S+)", text, re.M)}.items())
                  for key in ("loss", "fid"))
     loss = [(s, math.log10(v)) for s, v in loss if v > 0]
     if not loss:
         return
-    (W, H), (left, right, top, bottom) = size, (40, 48, 16, 30)
-    image = Image.new("RGB", size)
-    draw, last = ImageDraw.Draw(image), max(s for s, _ in loss + fid)
-    x = lambda s: left + (W - left - right) * s / max(last, 1)
-    y = lambda frac: H - bottom - (H - top - bottom) * frac  # frac 0 at the bottom, 1 at the top
+    (W, H), (left, right, top, bottom), last = size, (40, 48, 16, 30), max(s for s, _ in loss + fid)
     lo, hi = math.floor(min(v for _, v in loss)), math.ceil(max(v for _, v in loss))
-    hi += hi == lo
+    at = lambda s, frac: (left + (W - left - right) * s / max(last, 1), H - bottom - (H - top - bottom) * frac)
+    on_log = lambda s, v: at(s, (v - lo) / max(hi - lo, 1))  # frac 0 at the bottom, 1 at the top
     smooth = [loss[0][1]]
     for _, v in loss[1:]:
         smooth.append(0.9 * smooth[-1] + 0.1 * v)  # an exponential moving average over log lines, in log space
-    draw.line([(x(s), y((v - lo) / (hi - lo))) for s, v in loss], fill=(110, 110, 110))
-    draw.line([(x(s), y((v - lo) / (hi - lo))) for (s, _), v in zip(loss, smooth)], fill="white", width=2)
-    for d in range(lo, hi + 1):
-        draw.text((4, y((d - lo) / (hi - lo)) - 6), f"1e{d}", fill="white")
-    if fid:
-        scale = 1.1 * max(v for _, v in fid)
-        draw.line(points := [(x(s), y(v / scale)) for s, v in fid], fill="orange", width=2)
-        for px, py in points:
-            draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill="orange")
-        for frac in (0, 0.5, 1):
-            draw.text((W - right + 4, y(frac) - 6), f"{scale * frac:.1f}", fill="orange")
+    image = Image.new("RGB", size)
+    draw = ImageDraw.Draw(image)
+    draw.line([on_log(s, v) for s, v in loss], fill=(110, 110, 110))
+    draw.line([on_log(s, v) for (s, _), v in zip(loss, smooth)], fill="white", width=2)
+    for d in range(lo, max(hi, lo + 1) + 1):
+        draw.text((4, on_log(0, d)[1] - 6), f"1e{d}", fill="white")
+    scale = 1.1 * max([v for _, v in fid] or [1])
+    draw.line([at(s, v / scale) for s, v in fid], fill="orange", width=2)
+    for px, py in [at(s, v / scale) for s, v in fid]:
+        draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill="orange")
+    for frac in (0, 0.5, 1) if fid else ():
+        draw.text((W - right + 4, at(0, frac)[1] - 6), f"{scale * frac:.1f}", fill="orange")
     draw.rectangle((left, top, W - right, H - bottom), outline=(160, 160, 160))
     for s in (0, last // 2, last):
-        draw.text((x(s) - 3 * len(str(s)), H - bottom + 3), str(s), fill="white")
-    draw.text((4, 2), "loss", fill="white")
-    draw.text((W // 2 - 30, H - 13), "training step", fill="white")
-    draw.text((W - right + 4, 2), "FID" if fid else "", fill="orange")
+        draw.text((at(s, 0)[0] - 3 * len(str(s)), H - bottom + 3), str(s), fill="white")
+    for xy, text, colour in [((4, 2), "loss", "white"), ((W // 2 - 30, H - 13), "training step", "white"),
+                             ((W - right + 4, 2), "FID" if fid else "", "orange")]:
+        draw.text(xy, text, fill=colour)
     save_atomic(png_path, image.save)
 
 
@@ -608,37 +607,11 @@ def init_processes(batch_size, device_name=None):
     return device, rank, world, dist.new_group(backend="gloo")
 
 
-class SignalStop:
-    """Context: the first SIGINT or SIGTERM asks the loop to save and stop after this step, a second stops at once
-    (checkpoints are atomic, so the last one stays whole). agreed() → the signal to stop for (0: none), the same in
-    every process of `group`, whichever of them got it, so that all of them stop after the same step."""
-    def __init__(self, group=None):
-        self.group, self.received = group, []
-
-    def __enter__(self):
-        self.handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for s, h in self.handlers.items():
-            signal.signal(s, h)
-
-    def on_signal(self, sig, frame):
-        self.received.append(sig)
-        if len(self.received) > 1:
-            raise KeyboardInterrupt
-
-    def agreed(self):
-        signum = torch.tensor(self.received[:1] or [0])
-        if self.group is not None:
-            dist.all_reduce(signum, dist.ReduceOp.MAX, group=self.group)
-        return int(signum)
-
-
 class Trainer:
     """One run. __init__ builds its state (data, U-Net, EMA, Adam, the two random streams), new or resumed from
-    `ckpt`; train_step is Algorithm 1 once; periodic does the bookkeeping after it: check, log_line, save, preview.
-    A class, not closures: that state is what every piece shares, and each piece has a name to look up."""
+    `ckpt`; train_step is Algorithm 1 once; periodic does the bookkeeping after it: check, log_line, save, preview,
+    measure_fid; on_signal and agreed_signal stop it. A class, not closures: that state is what every piece shares,
+    and each piece has a name to look up."""
     def __init__(self, cfg, ckpt=None, device=torch.device("cpu"), rank=0, world=1, ctrl=None):
         self.device, self.rank, self.world, self.ctrl, self.ddp = device, rank, world, ctrl, ctrl is not None
         self.say = print if not rank else lambda *a, **k: None
@@ -684,6 +657,7 @@ class Trainer:
         self.amp = autocast(device, cfg["precision"])
         self.pending, self.stats = [], []  # (loss, grad norm) per step: on the device until check(), then as floats
         self.postfix, self.fid_ref, self.saved = {}, None, None if ckpt is None else ckpt["step"]  # the last save
+        self.signals = []
 
     def load_data(self, cfg, ckpt):
         if self.rank:
@@ -798,38 +772,51 @@ class Trainer:
             save_atomic(path, lambda f: torch.save(state, f), durable=True)
         self.saved = self.step
 
-    def preview(self):
-        """A grid of EMA samples, as `sample` draws them, from a generator of its own: the training RNG is untouched."""
+    def ema_samples(self, n, batch_size):
+        """Yields n EMA samples in batches, as `sample` draws them (DDIM, guidance 2, the classes in turn), from a
+        generator of their own: the EMA model is in eval mode, so the training RNG is untouched."""
         cfg, device = self.cfg, self.device
-        y, nrow = class_rows(len(self.classes), 64) if not cfg["unconditional"] else (None, 8)
+        y = None if cfg["unconditional"] else class_rows(len(self.classes), n)[0][:n].to(device)
         g = torch.Generator(device).manual_seed(cfg["seed"])
-        with self.amp:
-            x = self.diffusion.sample(self.ema.model, 64 if y is None else len(y), None if y is None else y.to(device),
-                                      2.0, min(100, cfg["timesteps"]), cfg["eta"], generator=g)
-        save_atomic(os.path.join(self.out, f"samples_{self.step:08d}.png"), to_image(x, nrow).save)
+        for c in torch.arange(n, device=device).split(batch_size):
+            with self.amp:
+                x = self.diffusion.sample(self.ema.model, len(c), None if y is None else y[c], 2.0,
+                                          min(100, cfg["timesteps"]), cfg["eta"], generator=g)
+            yield x
         self.t_log, self.step_log = time.time(), self.step  # images/s counts training only
 
+    def preview(self):  # a grid of EMA samples in the run folder, a row per class
+        labels, nrow = (None, 8) if self.cfg["unconditional"] else class_rows(len(self.classes), 64)
+        n = 64 if labels is None else len(labels)
+        x = torch.cat(list(self.ema_samples(n, n)))
+        save_atomic(os.path.join(self.out, f"samples_{self.step:08d}.png"), to_image(x, nrow).save)
+
     def measure_fid(self):
-        """FID of fid_n EMA samples, drawn as the previews are, against the training images (or --fid-ref), into
-        log.txt and the progress bar. The EMA model is in eval mode and g its own: the training RNG is untouched."""
-        cfg, device, n = self.cfg, self.device, self.cfg["fid_n"]
+        """FID of fid_n EMA samples against the training images (or --fid-ref), into log.txt and the progress bar."""
+        cfg, n = self.cfg, self.cfg["fid_n"]
         if self.fid_ref is None:  # the first time: Inception, and the reference statistics (cached in data_root/fid/)
-            self.inception = load_inception(cfg["inception"] or os.environ.get("DDPM_INCEPTION"), device)
+            self.inception = load_inception(cfg["inception"] or os.environ.get("DDPM_INCEPTION"), self.device)
             self.fid_ref = cached_stats(self.inception, self.images, os.path.join(cfg["data_root"], "fid")) \
                 if cfg["fid_ref"] is None else reference_stats(self.inception, cfg["fid_ref"], cfg["data_root"],
                                                                cfg["image_size"], workers=cfg["num_workers"])
-        y = None if cfg["unconditional"] else class_rows(len(self.classes), n)[0][:n].to(device)
-        g, steps = torch.Generator(device).manual_seed(cfg["seed"]), min(100, cfg["timesteps"])
-        chunks = torch.arange(n, device=device).split(cfg["batch_size"])
-        with self.amp:
-            batches = (to_uint8(self.diffusion.sample(self.ema.model, len(c), None if y is None else y[c], 2.0, steps,
-                                                      cfg["eta"], generator=g)) for c in chunks)
-            fid = frechet_distance(*inception_stats(self.inception, batches)[:2], *self.fid_ref[:2])
+        batches = map(to_uint8, self.ema_samples(n, cfg["batch_size"]))
+        fid = frechet_distance(*inception_stats(self.inception, batches)[:2], *self.fid_ref[:2])
         self.postfix["fid"] = f"{fid:.2f}"
         self.bar.set_postfix(self.postfix)
-        print(f"step {self.step} fid {fid:.4f} n {n} DDIM {steps} steps, eta {cfg['eta']}, guidance 2.0", file=self.log,
-              flush=True)
-        self.t_log, self.step_log = time.time(), self.step
+        print(f"step {self.step} fid {fid:.4f} n {n} DDIM {min(100, cfg['timesteps'])} steps, eta {cfg['eta']}, "
+              "guidance 2.0", file=self.log, flush=True)
+
+    def on_signal(self, sig, frame):  # the first signal: save and stop after this step; a second: stop now
+        self.signals.append(sig)
+        if len(self.signals) > 1:
+            raise KeyboardInterrupt  # checkpoints are atomic, so the last one stays whole
+
+    def agreed_signal(self):
+        """The signal to stop for (0: none), the same in every process whichever got it: all stop after one step."""
+        signum = torch.tensor(self.signals[:1] or [0])
+        if self.ddp:
+            dist.all_reduce(signum, dist.ReduceOp.MAX, group=self.ctrl)
+        return int(signum)
 
     def run(self):
         """Train to cfg["steps"] → 0, or after a signal save and → 128 + its number."""
@@ -838,14 +825,14 @@ class Trainer:
                  f"({len(self.classes)} classes) on {self.device} in {world} process{'es' * (world > 1)}, step "
                  f"{self.step} → {cfg['steps']}, run folder {out}", file=sys.stderr)
         signum, log = 0, os.path.join(out, "log.txt") if not self.rank else os.devnull
+        handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            with SignalStop(self.ctrl) as stop, open(log, "a") as self.log, \
-                    tqdm(total=cfg["steps"], initial=self.step, dynamic_ncols=True, disable=True if self.rank else None) \
-                    as self.bar:
+            with open(log, "a") as self.log, tqdm(total=cfg["steps"], initial=self.step, dynamic_ncols=True,
+                                                  disable=True if self.rank else None) as self.bar:
                 self.t_log, self.step_log = time.time(), self.step
                 while self.step < cfg["steps"] and not signum:
                     self.periodic(self.train_step())
-                    signum = stop.agreed()  # every process stops after the same step
+                    signum = self.agreed_signal()
             if signum:
                 self.save()
         except OSError as e:  # a full disk, a folder gone or unwritable: saves are atomic, the last one is whole
@@ -853,6 +840,9 @@ class Trainer:
             how = f"{out}/ckpt.pt of step {self.saved} is whole; fix that, then resume with: python ddpm.py train " \
                   f"--resume --out {out}" if kept else f"no checkpoint is left in {out}"
             raise UserError(f"cannot write in {out} at step {self.step} ({e.strerror}); {how}", code=1) from None
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
         if signum:
             self.say(f"interrupted at step {self.step}; saved {out}/ckpt.pt. Resume with: "
                      f"{'torchrun … ' if self.ddp else 'python '}ddpm.py train --resume --out {out}", file=sys.stderr)
@@ -1054,7 +1044,8 @@ def cmd_fid(args):
         batch_size = args.batch_size or (1024 if device.type == "cuda" else 16)
         with autocast(device, args.precision):  # Inception itself runs in fp32 (inception_stats)
             x = sample_images(forward, diffusion, labels, n, batch_size, compiled, **options)
-            mu, sigma, n = inception_stats(net, (to_uint8(torch.stack(b)) for b in iter(lambda: list(islice(x, 50)), [])))
+            batches = (to_uint8(torch.stack(b)) for b in iter(lambda: list(islice(x, 50)), []))  # 50 at a time
+            mu, sigma, n = inception_stats(net, batches)
     fid = frechet_distance(mu, sigma, *ref[:2])
     result = dict(fid=round(fid, 4), n=n, **result, ref=args.ref, ref_n=ref[2])
     how = f" ({result['sampler']}, guidance {args.guidance}, seed {args.seed or 0})" if "ckpt" in result else ""
@@ -1117,25 +1108,79 @@ def _int_tuple(text):  # "1,2,2" → (1, 2, 2); "" → ()
     return tuple(_num(int, 1, 4096)(v) for v in text.split(",") if v.strip())
 
 
+def _add_options(parser, rows):
+    """rows of (flag, type, default, help); the help ends with the default where it has one; default ...: required."""
+    for flag, kind, default, text in rows:
+        parser.add_argument(flag, type=kind, default=default, required=default is ...,
+                            help=text + ("" if default in (None, ...) else f" (default: {default})"))
+
+
 def build_parser():
     parser = _Parser(prog="ddpm.py", description="DDPM (Ho et al. 2020): train on images, sample with guidance.")
     sub = parser.add_subparsers(dest="command", required=True)
-    big = 10 ** 9
     common = _Parser(add_help=False)
     common.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the best found)")
     common.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="auto = bf16 autocast on CUDA, else fp32")
     common.add_argument("--seed", type=_num(int, 0, 2 ** 62), help="random seed (default: 0)")
     common.add_argument("--batch-size", type=_num(int, 1, 65536), help="images a step (train, default 128) or a batch")
     common.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on CUDA)")
+    add_train_parser(sub, common)
 
+    sampling = _Parser(add_help=False)  # the sampler's flags: `sample` and `fid` draw samples alike
+    _add_options(sampling, [
+        ("--ckpt", str, None, "checkpoint (default: the newest runs/*/ckpt.pt, else samples/cifar10_small.pt)"),
+        ("--class", str, None, "class name or index (default: every class, one per row)"),
+        ("--guidance", _num(float, 0, 100), 2.0, "guidance s: 1 = conditional, 0 = unconditional"),
+        ("--steps", lambda v: 0 if v == "all" else _num(int, 1, 10 ** 5)(v), None,
+         "DDIM steps, or 'all': ancestral sampling over all T steps (default: all; on a CPU 25)"),
+        ("--eta", _num(float, 0, 1), None, "DDIM noise: 0 deterministic, 1 DDPM-like (default: the model's train "
+         "--eta: 0, for --preset small 1)")])
+    sa = sub.add_parser("sample", parents=[common, sampling], help="sample a PNG grid (or a PNG per image)")
+    sa.set_defaults(func=cmd_sample, precision="auto")
+    _add_options(sa, [("--n", _num(int, 1, 10 ** 7), 64, "number of samples"),
+                      ("--out", str, None, "a PNG grid, or a folder/ for a PNG each (default: outputs/<class>.png)")])
+    sa.add_argument("--process", action="store_true", help="write the reverse process instead: NAME.gif (x_t beside "
+                    "its predicted x_0, 10 steps) and NAME.png (those steps, up to 8 samples) for --out NAME.png")
+
+    fi = sub.add_parser("fid", parents=[common, sampling], help="FID of a checkpoint's samples (or of --samples DIR) "
+                        "against --ref, with TensorFlow's Inception as torch-fidelity ports it")
+    fi.set_defaults(func=cmd_fid, precision="auto")
+    _add_options(fi, [
+        ("--ref", str, ..., "cifar10 or mnist (their training sets), an image folder, or an .npz with mu and sigma "
+         "(pytorch-fid's format); the statistics of images are cached in --data-root/fid/"),
+        ("--n", _num(int, 2, 10 ** 7), None, "samples (default: 50,000 on CUDA, as the papers; 1,000 on a CPU, which "
+         "biases FID upwards: compare only figures of equal n)"),
+        ("--samples", str, None, "score this image folder instead of a checkpoint (all its images, or a random --n)"),
+        ("--image-size", _num(int, 4, 4096), None, "with --samples: decode at this size (default: the folder's own)"),
+        ("--ref-n", _num(int, 2, 10 ** 7), None, "a fixed random subset of the reference images (default: all)"),
+        ("--inception", str, None, "local copy of torch-fidelity's Inception weights, for offline use (default: "
+         "$DDPM_INCEPTION, else downloaded once)"),
+        ("--data-root", str, "./data", "download folder for --ref cifar10/mnist, and the cache"),
+        ("--num-workers", _num(int, 1, 256), 4, "decoding threads")])
+    fi.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+    fw = sub.add_parser("forward", help="picture the forward process q(x_t | x_0): training images turning into noise")
+    fw.set_defaults(func=cmd_forward)
+    _add_options(fw, [
+        ("--data", str, "cifar10", "cifar10, mnist, fashion-mnist or an image folder"),
+        ("--data-root", str, "./data", "download folder"),
+        ("--image-size", _num(int, 4, 4096), None, "side in pixels (default: the data's own; folders: 32)"),
+        ("--n", _num(int, 1, 100), 3, "training images, two rows each: linear and cosine schedule"),
+        ("--seed", _num(int, 0, 2 ** 62), 0, "picks the images and ε"),
+        ("--out", str, None, "PNG file (default: outputs/forward_<data>.png)")])
+    return parser
+
+
+def add_train_parser(sub, common):
     tr = sub.add_parser("train", parents=[common], help="train a model (default: Ho et al.'s CIFAR-10 setup)")
     tr.set_defaults(func=cmd_train)
+    big = 10 ** 9
     for flag, kind, text in [
             ("--data", str, "cifar10, mnist, fashion-mnist, or an image folder <folder>/<class>/*.png|jpg"),
             ("--data-root", str, "download folder"),
             ("--image-size", _num(int, 4, 4096), "side in pixels (default: the data's own, 28 for MNIST, if the U-Net "
              "can take it, else 32)"),
-            ("--out", str, "run folder: ckpt.pt, log.txt, samples_*.png (default: runs/<data name>)"),
+            ("--out", str, "run folder: ckpt.pt, log.txt, progress.png, samples_*.png (default: runs/<data name>)"),
             ("--steps", _num(int, 1, big), "training steps"), ("--lr", _num(float, 0, 1, True), "Adam learning rate"),
             ("--warmup", _num(int, 0, big), "warm-up steps"), ("--grad-clip", _num(float, 0, 1e6, True), "norm clip"),
             ("--ch", _num(int, 8, 4096), "base channels"), ("--ch-mult", _int_tuple, "channels per level, e.g. 1,2,2"),
@@ -1164,55 +1209,6 @@ def build_parser():
     tr.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips (default: on, "
                     "but off for --data mnist: turn them off for any digits, letters or text)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-
-    sampling = _Parser(add_help=False)  # the sampler's flags: `sample` and `fid` draw samples alike
-    for flag, kind, default, text in [
-            ("--ckpt", str, None, "checkpoint (default: the newest runs/*/ckpt.pt, else samples/cifar10_small.pt)"),
-            ("--class", str, None, "class name or index (default: every class, one per row)"),
-            ("--guidance", _num(float, 0, 100), 2.0, "guidance s: 1 = conditional, 0 = unconditional (default: 2)"),
-            ("--steps", lambda v: 0 if v == "all" else _num(int, 1, 10 ** 5)(v), None,
-             "DDIM steps, or 'all': ancestral sampling over all T steps (default: all; on a CPU 25)"),
-            ("--eta", _num(float, 0, 1), None, "DDIM noise: 0 deterministic, 1 DDPM-like (default: the model's "
-             "train --eta: 0, for --preset small 1)")]:
-        sampling.add_argument(flag, type=kind, default=default, help=text)
-    sa = sub.add_parser("sample", parents=[common, sampling], help="sample a PNG grid (or one PNG per image) from a "
-                        "checkpoint")
-    sa.set_defaults(func=cmd_sample, precision="auto")
-    sa.add_argument("--n", type=_num(int, 1, 10 ** 7), default=64, help="number of samples (default: 64)")
-    sa.add_argument("--out", help="a PNG grid, or a folder/ for one PNG per sample (default: outputs/<class>.png)")
-    sa.add_argument("--process", action="store_true", help="write the reverse process instead: NAME.gif (x_t beside "
-                    "its predicted x_0, 10 steps) and NAME.png (those steps, up to 8 samples) for --out NAME.png")
-
-    fi = sub.add_parser("fid", parents=[common, sampling], help="FID of a checkpoint's samples (or of --samples DIR) "
-                        "against --ref, with TensorFlow's Inception as torch-fidelity ports it")
-    fi.set_defaults(func=cmd_fid, precision="auto")
-    for flag, kind, default, text in [
-            ("--ref", str, None, "cifar10 or mnist (their training sets), an image folder, or an .npz with mu and "
-             "sigma (pytorch-fid's format); the statistics of images are cached in --data-root/fid/"),
-            ("--n", _num(int, 2, 10 ** 7), None, "samples (default: 50,000 on CUDA, as the papers; 1,000 on a CPU, "
-             "which biases FID upwards: compare only figures of equal n)"),
-            ("--samples", str, None, "score this image folder instead of a checkpoint (all its images, or a random "
-             "--n of them)"), ("--image-size", _num(int, 4, 4096), None, "with --samples: decode at this size (default: "
-                       "the folder's own)"),
-            ("--ref-n", _num(int, 2, 10 ** 7), None, "a fixed random subset of the reference images (default: all)"),
-            ("--inception", str, None, "local copy of torch-fidelity's Inception weights, for offline use (default: "
-             "$DDPM_INCEPTION, else downloaded once)"),
-            ("--data-root", str, "./data", "download folder for --ref cifar10/mnist, and the cache (default: ./data)"),
-            ("--num-workers", _num(int, 1, 256), 4, "decoding threads (default: 4)")]:
-        fi.add_argument(flag, type=kind, default=default, help=text, required=flag == "--ref")
-    fi.add_argument("--json", action="store_true", help="print the result as one JSON object")
-
-    fw = sub.add_parser("forward", help="picture the forward process q(x_t | x_0): training images turning into noise")
-    fw.set_defaults(func=cmd_forward)
-    for flag, kind, default, text in [
-            ("--data", str, "cifar10", "cifar10, mnist, fashion-mnist or an image folder (default: cifar10)"),
-            ("--data-root", str, "./data", "download folder (default: ./data)"),
-            ("--image-size", _num(int, 4, 4096), None, "side in pixels (default: the data's own; folders: 32)"),
-            ("--n", _num(int, 1, 100), 3, "training images, two rows each: linear and cosine schedule (default: 3)"),
-            ("--seed", _num(int, 0, 2 ** 62), 0, "picks the images and ε (default: 0)"),
-            ("--out", str, None, "PNG file (default: outputs/forward_<data>.png)")]:
-        fw.add_argument(flag, type=kind, default=default, help=text)
-    return parser
 
 
 def main(argv=None):
