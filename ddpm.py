@@ -447,10 +447,12 @@ def cached_stats(net, images, cache_dir, batch_size=50):
     for value in [*net.state_dict().values(), images]:
         key.update(value.cpu().contiguous().numpy().tobytes())
     key, path = key.hexdigest(), os.path.join(cache_dir, f"inception-{key.hexdigest()[:20]}.npz")
-    if os.path.isfile(path):
+    try:
         with np.load(path) as f:
             if str(f["key"]) == key:
                 return torch.from_numpy(f["mu"]), torch.from_numpy(f["sigma"]), int(f["n"])
+    except Exception:  # none yet, or truncated or corrupt: it is only a cache, computed anew
+        pass
     mu, sigma, n = inception_stats(net, tqdm(images.split(batch_size), "reference", leave=False, disable=None))
     os.makedirs(cache_dir, exist_ok=True)
     save_atomic(path, lambda f: np.savez(f, mu=mu.numpy(), sigma=sigma.numpy(), n=n, key=key))

@@ -987,6 +987,11 @@ def test_reference_statistics_are_cached_by_what_made_them(folder, tmp_path, mon
             np.savez(path, **{**f, "key": "someone else's"})
     ddpm.reference_stats(net, str(tmp_path / "d"), root, 16)
     assert len(computed) == 5
+    for path in glob.glob(str(tmp_path / "root" / "fid" / "*.npz")):           # a truncated file: computed anew
+        with open(path, "r+b") as f:
+            f.truncate(100)
+    again = ddpm.reference_stats(net, str(tmp_path / "d"), root, 16)
+    assert len(computed) == 6 and torch.equal(again[0], changed[0])
 
 
 def test_fid_bad_inputs_are_one_line(ckpts, folder, tmp_path, capsys, monkeypatch, fake_inception):
