@@ -434,6 +434,8 @@ def inception_stats(net, batches):
         with torch.autocast(device.type, enabled=False):  # fp32 even inside a sampler's bf16 autocast
             f = net(x.expand(-1, 3, -1, -1).to(device))[0].double().cpu()
         n, total, outer = n + len(f), total + f.sum(0), outer + f.T @ f
+    if n < 2:
+        raise UserError(f"FID needs a covariance, so at least 2 images; got {n}")
     mu = total / n
     return mu, (outer - n * torch.outer(mu, mu)) / (n - 1), n
 

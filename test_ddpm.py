@@ -996,6 +996,8 @@ def test_reference_statistics_are_cached_by_what_made_them(folder, tmp_path, mon
 
 def test_fid_bad_inputs_are_one_line(ckpts, folder, tmp_path, capsys, monkeypatch, fake_inception):
     os.makedirs(tmp_path / "empty" / "c")
+    os.makedirs(tmp_path / "one" / "c")
+    Image.new("RGB", (16, 16)).save(tmp_path / "one" / "c" / "0.png")
     np.savez(tmp_path / "nomu.npz", sigma=np.eye(3))
     (tmp_path / "junk.npz").write_bytes(b"not an npz")
     _grey_run(tmp_path)
@@ -1008,6 +1010,7 @@ def test_fid_bad_inputs_are_one_line(ckpts, folder, tmp_path, capsys, monkeypatc
         "not an npz": (["fid", "--samples", folder, "--ref", str(tmp_path / "junk.npz")], "mu and sigma", 2),
         "grey against RGB": (["fid", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--ref", folder], "R = G = B", 2),
         "n = 1": (["fid", "--samples", folder, "--ref", folder, "--n", "1"], "--n", 2),
+        "one image": (["fid", "--samples", str(tmp_path / "one"), "--ref", folder], "at least 2 images", 2),
     }
     for name, (argv, needle, want) in cases.items():
         code, err = run_main([*argv, "--data-root", str(tmp_path / "root")], capsys)
