@@ -5,16 +5,18 @@ ddpm.py: Denoising Diffusion Probabilistic Models in one file, read top to botto
     DDIM   Song, Meng & Ermon 2020, https://arxiv.org/abs/2010.02502  (fast sampling with fewer steps)
     CFG    Ho & Salimans 2022, https://arxiv.org/abs/2207.12598       (classifier-free guidance)
     cosine Nichol & Dhariwal 2021, https://arxiv.org/abs/2102.09672   (cosine noise schedule)
+    FID    Heusel et al. 2017, https://arxiv.org/abs/1706.08500       (Fréchet Inception Distance)
 
 Usage: python ddpm.py train --help (default: the paper's CIFAR-10 setup; on a CPU: --preset small --data mnist),
 python ddpm.py sample --help (e.g. --class ship: guided samples; --process: the reverse process as a GIF),
-python ddpm.py forward --help (the forward process: training images turning into noise).
+python ddpm.py forward --help (the forward process: training images turning into noise),
+python ddpm.py fid --help (FID of a checkpoint's samples or an image folder, e.g. --ref cifar10).
 
 Notation: T steps, 0-based in code, t ∈ {0, …, T−1}: code t is the paper's t + 1 (t = 0: last denoising
 step). β_t is the noise variance of step t, α_t = 1 − β_t, ᾱ_t = ∏_{s≤t} α_s. Data x_0 is in [-1, 1];
 x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε, ε ~ N(0, I); the network predicts ε: ε̂ = ε_θ(x_t, t, y).
-Sections 1-7 (schedule and diffusion math, U-Net, EMA, data, training, sampling, command line) each use only the
-ones above and no module globals, so any of them can be copied out alone.
+Sections 1-8 (schedule and diffusion math, U-Net, EMA, data, FID, training, sampling, command line) each use only
+the ones above and no module globals, so any of them can be copied out alone.
 """
 import argparse, copy, glob, json, math, os, re, signal, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
