@@ -1026,7 +1026,7 @@ def cmd_fid(args):
     """FID of a checkpoint's samples, drawn as `sample` draws them, or of a folder of images, against --ref."""
     device = get_device(args.device)
     net = load_inception(args.inception or os.environ.get("DDPM_INCEPTION"), device)
-    n = args.n or (50_000 if device.type == "cuda" else 1000)  # the papers' 50,000; a CPU takes ~1 s a sample
+    n = args.n or (50_000 if device.type == "cuda" else 1000)  # the papers' 50,000; a CPU: seconds a sample
     if args.samples:
         g = torch.Generator().manual_seed(args.seed or 0)  # --n: a fixed random n of the folder's images
         pick = None if args.n is None else lambda total: torch.randperm(total, generator=g)[:n]
