@@ -958,10 +958,10 @@ def cmd_train(args):
             dist.destroy_process_group()
 
 
-def sampler_from_args(args, device, n):
+def sampler_from_args(args, device, n, rows):
     """What `sample` and `fid` share: the checkpoint (--ckpt, else the newest runs/*/ckpt.pt, else the bundled model),
-    its EMA U-Net (compiled for long runs) and the sampler's options from the flags, for n samples
-    → (path, model, diffusion, classes, cfg, options for Diffusion.sample, the --class index or None, compiled)."""
+    its EMA U-Net (compiled for long runs), the sampler's options from the flags and the labels of n samples: --class,
+    else the classes in turn (rows: whole rows of a grid, n rounded up; else exactly n) → a Namespace of them."""
     path = args.ckpt or max(glob.glob(os.path.join("runs", "*", "ckpt.pt")), key=os.path.getmtime, default=None)
     if path is None:  # a fresh clone: the small CIFAR-10 model that ships in samples/
         path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples", "cifar10_small.pt")
@@ -974,17 +974,23 @@ def sampler_from_args(args, device, n):
     steps = (min(25, diffusion.num_timesteps) if device.type == "cpu" else None) if args.steps is None else args.steps
     steps = steps or None  # 'all' (0): ancestral. A CPU takes an hour for 1000 steps: there 25 DDIM steps by default
     eta = cfg["eta"] if args.eta is None else args.eta  # the model's own, as `train --eta` saved it
-    idx, c = None, getattr(args, "class")
+    idx, c, labels, nrow = None, getattr(args, "class"), None, math.ceil(math.sqrt(n))
     if c is not None:
         if cfg["unconditional"]:
             raise UserError(f"--class: {path} is an unconditional model")
         idx = classes.index(c) if c in classes else int(c) if c.isdigit() else -1
         if not 0 <= idx < len(classes):
             raise UserError(f"--class {c}: unknown; choose from {', '.join(classes)} (or 0-{len(classes) - 1})")
+        labels = torch.full((n,), idx)
+    elif not cfg["unconditional"]:
+        labels, nrow = class_rows(len(classes), n)
+        labels = labels if rows else labels[:n]
+    n = n if labels is None else len(labels)
     sample_steps = n * (steps or diffusion.num_timesteps)  # compiling takes ~30 s on an H100: for long runs only
     compiled = device.type == "cuda" and sample_steps >= 200_000 if args.compile is None else args.compile
-    forward = torch.compile(model) if compiled else model
-    return path, forward, diffusion, classes, cfg, dict(guidance=args.guidance, steps=steps, eta=eta), idx, compiled
+    return argparse.Namespace(path=path, model=torch.compile(model) if compiled else model, diffusion=diffusion,
+                              cfg=cfg, options=dict(guidance=args.guidance, steps=steps, eta=eta), labels=labels, n=n,
+                              nrow=nrow, compiled=compiled, name=classes[idx] if idx is not None else "all")
 
 
 def describe(options, timesteps):
@@ -994,24 +1000,20 @@ def describe(options, timesteps):
 
 def cmd_sample(args):
     device = get_device(args.device)
-    path, forward, diffusion, classes, cfg, options, idx, compiled = sampler_from_args(args, device, args.n)
-    name, labels, nrow = "all", None, math.ceil(math.sqrt(args.n))
-    if idx is not None:
-        name, labels = classes[idx], torch.full((args.n,), idx)
-    elif not cfg["unconditional"]:
-        labels, nrow = class_rows(len(classes), args.n)
+    run = sampler_from_args(args, device, args.n, rows=True)
+    path, forward, diffusion, options, labels, n, nrow, name = \
+        run.path, run.model, run.diffusion, run.options, run.labels, run.n, run.nrow, run.name
     out = args.out or os.path.join("outputs", f"{name}.png")  # not samples/: the repo's own pictures stay as they are
     per_file = out.endswith(("/", os.sep)) or os.path.isdir(out)
     ensure_writable(out if per_file else os.path.dirname(out) or ".", "--out")
     torch.manual_seed(args.seed or 0)
-    n = len(labels) if labels is not None else args.n
     # CPU: batches of 16 keep tensors under glibc's 32 MB mmap threshold, so memory is reused, not faulted in anew
     batch_size = args.batch_size or (1024 if device.type == "cuda" else 16)  # (64 ships, 2 cores: 45 s → 34 s)
     with autocast(device, args.precision), ThreadPoolExecutor(8) as pool:  # PNGs are written while sampling goes on
         if args.process:
             base = os.path.join(out, name) if per_file else os.path.splitext(out)[0]
             return write_process(forward, diffusion, labels, n, nrow, base, **options)
-        x = sample_images(forward, diffusion, labels, n, batch_size, compiled, progress=n <= batch_size, **options)
+        x = sample_images(forward, diffusion, labels, n, batch_size, run.compiled, progress=n <= batch_size, **options)
         if per_file:
             write = lambda image, i: save_atomic(os.path.join(out, f"{i:06d}.png"), to_image(image[None], 1).save)
             list(pool.map(write, x, range(n)))
@@ -1033,11 +1035,10 @@ def cmd_fid(args):
         images = load_images(args.samples, image_size=args.image_size, pick=pick, flag="--samples")[0]
         size, channels, source, result = images.shape[-1], images.shape[1], args.samples, dict(samples=args.samples)
     else:
-        path, forward, diffusion, classes, cfg, options, idx, compiled = sampler_from_args(args, device, n)
-        size, channels, source, result = cfg["image_size"], cfg["channels"], path, dict(ckpt=path)
-        result.update(sampler=describe(options, diffusion.num_timesteps), guidance=args.guidance, seed=args.seed or 0)
-        labels = None if cfg["unconditional"] else class_rows(len(classes), n)[0][:n] if idx is None else \
-            torch.full((n,), idx)
+        run = sampler_from_args(args, device, n, rows=False)
+        size, channels, source, result = run.cfg["image_size"], run.cfg["channels"], run.path, dict(ckpt=run.path)
+        result.update(sampler=describe(run.options, run.diffusion.num_timesteps), guidance=args.guidance,
+                      seed=args.seed or 0)
     ref = reference_stats(net, args.ref, args.data_root, size, args.ref_n, args.num_workers)  # before the long part
     if ref[3] is not None and ref[3] != channels:
         kind = lambda c: "grey" if c == 1 else "RGB"
@@ -1049,7 +1050,7 @@ def cmd_fid(args):
         torch.manual_seed(args.seed or 0)
         batch_size = args.batch_size or (1024 if device.type == "cuda" else 16)
         with autocast(device, args.precision):  # Inception itself runs in fp32 (inception_stats)
-            x = sample_images(forward, diffusion, labels, n, batch_size, compiled, **options)
+            x = sample_images(run.model, run.diffusion, run.labels, n, batch_size, run.compiled, **run.options)
             batches = (to_uint8(torch.stack(b)) for b in iter(lambda: list(islice(x, 50)), []))  # 50 at a time
             mu, sigma, n = inception_stats(net, batches)
     fid = frechet_distance(mu, sigma, *ref[:2])
