@@ -327,6 +327,11 @@ def to_uint8(x):
     return ((x.float() + 1) / 2).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
 
 
+def random_subset(n, seed=0):
+    """A `pick` for load_images: a fixed random n of the N images (seeded), or all of them for n None."""
+    return None if n is None else lambda total: torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+
+
 def load_images(data, root="./data", image_size=32, workers=4, pick=None, flag="--data",
                 extensions=(".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif")):
     """→ (images uint8 (N, C, S, S), labels (N,), class names) of "cifar10", "mnist", "fashion-mnist" (torchvision,
@@ -463,20 +468,23 @@ def cached_stats(net, images, cache_dir, batch_size=50):
     return mu, sigma, n
 
 
-def reference_stats(net, ref, root="./data", image_size=32, n=None, workers=4):
-    """(μ, Σ, n, channels) of the reference `ref`: an .npz with mu and sigma (pytorch-fid's and EDM's format; n and
-    channels unknown: None), or cifar10, mnist, an image folder, decoded as training decodes it, at image_size, all
-    images or a fixed random n of them; their statistics are cached in root/fid/."""
+def reference_stats(net, ref, root="./data", image_size=32, n=None, workers=4, channels=None):
+    """(μ, Σ, n) of the reference `ref`: an .npz with mu and sigma (pytorch-fid's and EDM's format; n None if it has
+    none), or cifar10, mnist, an image folder, decoded as training decodes it, at image_size, all images or a fixed
+    random n of them, refused unless they have `channels` (if given); their statistics are cached in root/fid/."""
     if ref.endswith(".npz"):
         import numpy as np
         try:
             with np.load(ref) as f:
-                return torch.from_numpy(f["mu"]), torch.from_numpy(f["sigma"]), int(f["n"]) if "n" in f else None, None
+                return torch.from_numpy(f["mu"]), torch.from_numpy(f["sigma"]), int(f["n"]) if "n" in f else None
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"--ref {ref}: not an .npz with arrays mu and sigma ({type(e).__name__}: {e})") from None
-    pick = None if n is None else lambda total: torch.randperm(total, generator=torch.Generator().manual_seed(0))[:n]
-    images = load_images(ref, root, image_size, workers, pick, flag="--ref")[0]
-    return *cached_stats(net, images, os.path.join(root, "fid")), images.shape[1]
+    images = load_images(ref, root, image_size, workers, random_subset(n), flag="--ref")[0]
+    if channels is not None and images.shape[1] != channels:
+        kind = lambda c: "grey" if c == 1 else "RGB"
+        raise UserError(f"--ref {ref} is {kind(images.shape[1])}, the samples are {kind(channels)}: FID would score "
+                        "the colour (grey enters Inception as R = G = B); compare grey with grey")
+    return cached_stats(net, images, os.path.join(root, "fid"))
 
 
 # ======== 6. Training: Algorithm 1 with Adam, warm-up, clipping, EMA, atomic checkpoints and exact resume ===========
@@ -804,7 +812,8 @@ class Trainer:
             self.inception = load_inception(cfg["inception"] or os.environ.get("DDPM_INCEPTION"), self.device)
             self.fid_ref = cached_stats(self.inception, self.images, os.path.join(cfg["data_root"], "fid")) \
                 if cfg["fid_ref"] is None else reference_stats(self.inception, cfg["fid_ref"], cfg["data_root"],
-                                                               cfg["image_size"], workers=cfg["num_workers"])
+                                                               cfg["image_size"], None, cfg["num_workers"],
+                                                               cfg["channels"])
         batches = map(to_uint8, self.ema_samples(n, cfg["batch_size"]))
         fid = frechet_distance(*inception_stats(self.inception, batches)[:2], *self.fid_ref[:2])
         self.postfix["fid"] = f"{fid:.2f}"
@@ -1030,8 +1039,7 @@ def cmd_fid(args):
     net = load_inception(args.inception or os.environ.get("DDPM_INCEPTION"), device)
     n = args.n or (50_000 if device.type == "cuda" else 1000)  # the papers' 50,000; a CPU: seconds a sample
     if args.samples:
-        g = torch.Generator().manual_seed(args.seed or 0)  # --n: a fixed random n of the folder's images
-        pick = None if args.n is None else lambda total: torch.randperm(total, generator=g)[:n]
+        pick = random_subset(args.n, args.seed or 0)  # --n: a fixed random n of the folder's images
         images = load_images(args.samples, image_size=args.image_size, pick=pick, flag="--samples")[0]
         size, channels, source, result = images.shape[-1], images.shape[1], args.samples, dict(samples=args.samples)
     else:
@@ -1039,11 +1047,7 @@ def cmd_fid(args):
         size, channels, source, result = run.cfg["image_size"], run.cfg["channels"], run.path, dict(ckpt=run.path)
         result.update(sampler=describe(run.options, run.diffusion.num_timesteps), guidance=args.guidance,
                       seed=args.seed or 0)
-    ref = reference_stats(net, args.ref, args.data_root, size, args.ref_n, args.num_workers)  # before the long part
-    if ref[3] is not None and ref[3] != channels:
-        kind = lambda c: "grey" if c == 1 else "RGB"
-        raise UserError(f"--ref {args.ref} is {kind(ref[3])}, the samples are {kind(channels)}: FID would score the "
-                        "colour (grey enters Inception as R = G = B); compare grey with grey")
+    ref = reference_stats(net, args.ref, args.data_root, size, args.ref_n, args.num_workers, channels)  # first
     if args.samples:
         mu, sigma, n = inception_stats(net, images.split(50))
     else:
