@@ -105,11 +105,15 @@ class Diffusion:
         eps_c, eps_u = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
         return eps_u + guidance * (eps_c - eps_u)
 
-    def p_mean_variance(self, model, x_t, t, y=None, guidance=1.0):
-        """Mean and variance of p_θ(x_{t−1} | x_t), and the clipped x̂_0 the mean was formed from."""
+    def predict_x0(self, model, x_t, t, y=None, guidance=1.0):
+        """x̂_0 from the (guided) ε̂, clipped: what every sampler steps with."""
         eps = self.predict_eps(model, x_t, t, y, guidance)
         # Clip x̂_0, not x_t: data lies in [-1, 1], and an out-of-range x̂_0 pulls the mean off it (colour shift).
-        pred_x0 = self.predict_x0_from_eps(x_t, t, eps).clamp(-1, 1)
+        return self.predict_x0_from_eps(x_t, t, eps).clamp(-1, 1)
+
+    def p_mean_variance(self, model, x_t, t, y=None, guidance=1.0):
+        """Mean and variance of p_θ(x_{t−1} | x_t), and the clipped x̂_0 the mean was formed from."""
+        pred_x0 = self.predict_x0(model, x_t, t, y, guidance)
         mean, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)    # Eq. 11 written through x̂_0
         return mean, _extract(self.model_variance, t, x_t), pred_x0
 
@@ -125,44 +129,91 @@ class Diffusion:
         eps = model(self.q_sample(x0, t, noise)[part], t[part], None if y is None else y[part])
         return F.mse_loss(eps.float(), noise[part])  # in float32 even when the network ran in bf16
 
-    def sampling_steps(self, steps=None):
-        """The t a sampler visits, ascending: all T (steps=None) or S evenly spaced ones from 0 to T − 1."""
+    def sampling_steps(self, steps=None, spacing="uniform"):
+        """The t a sampler visits, ascending, from 0 to T − 1: all T (steps=None), or `steps` of them spaced
+        "uniform" in t, "quadratic" in t (DDIM's CIFAR-10 figures: dense near the data), or "logsnr": uniform in
+        λ_t = log(sqrt(ᾱ_t) / sqrt(1 − ᾱ_t)), what DPM-Solver's authors recommend for low resolutions."""
         T = self.num_timesteps
-        return list(range(T)) if steps is None else torch.linspace(0, T - 1, steps).round().long().tolist()
+        if steps is None:
+            return list(range(T))
+        if steps == 1:  # from the noise x_{T−1} straight to x̂_0
+            return [T - 1]
+        u = torch.linspace(0, 1, steps, dtype=torch.float64)
+        if spacing == "uniform":
+            ts = torch.linspace(0, T - 1, steps)
+        elif spacing == "quadratic":
+            ts = u ** 2 * (T - 1)
+        elif spacing == "logsnr":  # the step whose λ is nearest to each of `steps` evenly spaced λ
+            lam = (self.alphas_cumprod.double() / (1 - self.alphas_cumprod.double())).log() / 2   # falls with t
+            ts = (lam[None] - (lam[0] + u * (lam[-1] - lam[0]))[:, None]).abs().argmin(1).double()
+        else:
+            raise ValueError(f"unknown spacing {spacing!r}: use 'uniform', 'quadratic' or 'logsnr'")
+        ts = ts.round().long().tolist() + [T]
+        for i in range(1, steps):  # where rounding crowds steps together (a few t apart), move them apart ...
+            ts[i] = max(ts[i], ts[i - 1] + 1)
+        for i in reversed(range(steps)):  # ... and keep them below T: `steps` distinct t, never fewer
+            ts[i] = min(ts[i], ts[i + 1] - 1)
+        return ts[:-1]
 
     @torch.inference_mode()
     def sample(self, model, n, y=None, guidance=1.0, steps=None, eta=0.0, generator=None, noise=None, progress=False,
-               callback=None):
+               callback=None, sampler=None, spacing="uniform"):
         """Draw n images (n, C, H, W) in [-1, 1] from the reverse process, starting at x_{T−1} = noise ~ N(0, I).
-        steps=None: Algorithm 2, the paper's ancestral sampler over all T steps, no noise at the last step.
-        steps=S:    DDIM over S evenly spaced steps that include t = T−1 and t = 0; eta = 0 is deterministic,
-                    eta = 1 adds DDPM-like noise (σ²_t = β_t would be very bad with few steps: DDIM, Table 1).
+        sampler "ancestral" (the default for steps=None): Algorithm 2 over all T steps, no noise at the last one.
+        "ddim" (the default for steps=S): DDIM over S steps (sampling_steps(S, spacing)); eta = 0 is deterministic,
+            eta = 1 adds DDPM-like noise (σ²_t = β_t would be very bad with few steps: DDIM, Table 1).
+        "dpm++": DPM-Solver++(2M) over S steps (dpm_solver_step): deterministic, second order, so as good in fewer.
         callback(t, x_t, x̂_0) is called at every step (the pictures of the process); at t = 0, x̂_0 is the result."""
+        sampler = sampler or ("ancestral" if steps is None else "ddim")
+        if sampler not in ("ancestral", "ddim", "dpm++") or sampler == "ancestral" and steps is not None:
+            raise ValueError(f"sampler {sampler!r} with steps={steps}: ancestral takes all T steps, ddim, dpm++ any")
         p = next(model.parameters())
         shape = (n, model.in_channels, model.image_size, model.image_size)
         x = torch.randn(shape, generator=generator, device=p.device) if noise is None else noise.to(p.device)
-        ts = self.sampling_steps(steps)
-        alphas_cumprod = self.alphas_cumprod.tolist()  # DDIM's ᾱ as Python floats: no device sync per step
+        ts = self.sampling_steps(steps, spacing)
+        alphas_cumprod = self.alphas_cumprod.tolist()  # ᾱ as Python floats: no device sync per step
+        last_x0 = h_last = None  # DPM-Solver++'s memory: x̂_0 and the step h of the previous step
         for i in tqdm(reversed(range(len(ts))), "sampling", len(ts), leave=False, disable=None if progress else True):
             t = torch.full((n,), ts[i], device=x.device, dtype=torch.long)
-            z = torch.randn(shape, generator=generator, device=x.device) if i > 0 and (steps is None or eta) else 0
-            if steps is None:
+            noisy = i > 0 and (sampler == "ancestral" or sampler == "ddim" and eta)
+            z = torch.randn(shape, generator=generator, device=x.device) if noisy else 0
+            if sampler == "ancestral":
                 mean, var, pred_x0 = self.p_mean_variance(model, x, t, y, guidance)
                 x_prev = mean + var.sqrt() * z       # Algorithm 2: x_{t−1} = μ_θ(x_t, t) + σ_t z, z = 0 at the end
             else:
-                eps = self.predict_eps(model, x, t, y, guidance)
-                pred_x0 = self.predict_x0_from_eps(x, t, eps).clamp(-1, 1)
+                pred_x0 = self.predict_x0(model, x, t, y, guidance)
                 a, a_prev = alphas_cumprod[ts[i]], (alphas_cumprod[ts[i - 1]] if i > 0 else 1.0)
+            if sampler == "ddim":
                 # Re-derive ε from the clipped x̂_0 so the step stays on the line between x̂_0 and x_t.
                 eps = (x - a ** 0.5 * pred_x0) / (1 - a) ** 0.5
                 # DDIM Eq. 16: σ = η sqrt((1 − ᾱ_prev) / (1 − ᾱ_t)) sqrt(1 − ᾱ_t / ᾱ_prev)
                 sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
                 # DDIM Eq. 12: x_prev = sqrt(ᾱ_prev) x̂_0 + sqrt(1 − ᾱ_prev − σ²) ε + σ z
                 x_prev = a_prev ** 0.5 * pred_x0 + max(1 - a_prev - sigma ** 2, 0.0) ** 0.5 * eps + sigma * z
+            elif sampler == "dpm++":  # first order on the first step, and below 15 steps on the one into t = 0 as
+                second = last_x0 is not None and not (i == 1 and len(ts) < 15)  # their code: r small over-extrapolates
+                x_prev, h_last = self.dpm_solver_step(x, pred_x0, a, a_prev, last_x0 if second else None, h_last)
+                last_x0 = pred_x0
             if callback is not None:
                 callback(ts[i], x, pred_x0)
             x = x_prev
         return x
+
+    @staticmethod
+    def dpm_solver_step(x, pred_x0, a, a_prev, last_x0=None, h_last=None):
+        """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Algorithm 2) from ᾱ = a to ᾱ = a_prev → (x_prev, h).
+        With α = sqrt(ᾱ), σ = sqrt(1 − ᾱ), λ = log(α / σ), the probability-flow ODE is solved exactly for x̂_0
+        extrapolated linearly in λ from this step's x̂_0 and the last one (last_x0, taken a step h_last before);
+        without last_x0 x̂_0 is held constant: first order, which is DDIM with η = 0 (as Lu et al. show)."""
+        if a_prev == 1.0:  # the last step, to σ = 0: h = ∞, e^{−h} = 0, and the update below is x̂_0 itself
+            return pred_x0, None
+        h = math.log(a_prev / (1 - a_prev)) / 2 - math.log(a / (1 - a)) / 2                   # h_i = λ_i − λ_{i−1}
+        d = pred_x0
+        if last_x0 is not None:
+            r = h_last / h                                                                       # r_i = h_{i−1} / h_i
+            d = (1 + 1 / (2 * r)) * pred_x0 - 1 / (2 * r) * last_x0        # D_i = (1 + 1/2r_i) x̂_0,i − (1/2r_i) x̂_0,i−1
+        # x_i = (σ_i / σ_{i−1}) x_{i−1} − α_i (e^{−h_i} − 1) D_i
+        return ((1 - a_prev) / (1 - a)) ** 0.5 * x - a_prev ** 0.5 * math.expm1(-h) * d, h
 
 
 # ======== 2. U-Net ε_θ(x_t, t, y): Ho et al.'s CIFAR-10 network (their diffusion_utils model, "ddpm_cifar10") =======
@@ -904,7 +955,7 @@ def sample_images(model, diffusion, labels, n, batch_size, pad=False, **kwargs):
 def reverse_process(model, diffusion, n, frames=10, **kwargs):
     """Sample n images in one batch → (images, [(t, x_t, x̂_0)] at `frames` steps evenly spaced over the sampler's,
     from its first (t = T − 1, x_t the start noise) to its last (t = 0, x̂_0 the images)), all on the CPU."""
-    ts = diffusion.sampling_steps(kwargs.get("steps"))[::-1]  # in the order the sampler visits them
+    ts = diffusion.sampling_steps(kwargs.get("steps"), kwargs.get("spacing", "uniform"))[::-1]  # as it visits them
     keep = {ts[j] for j in torch.linspace(0, len(ts) - 1, min(frames, len(ts))).round().long().tolist()}
     kept = []
     record = lambda t, x_t, x0: kept.append((t, x_t.float().cpu(), x0.float().cpu())) if t in keep else None
@@ -938,6 +989,10 @@ def labelled_grid(rows, col_labels=(), row_labels=(), scale=2):
 
 
 # ======== 8. Command line ===========================================================================================
+SAMPLERS = {"ddim": (25, "uniform"), "dpm++": (10, "logsnr")}  # the steps and spacing each takes by default
+CPU_SAMPLER = "dpm++"  # `sample`'s and `fid`'s default on a CPU (on a GPU: ancestral, as the paper)
+
+
 def cmd_train(args):
     given = {k: v for k, v in vars(args).items() if k in TRAIN_DEFAULTS and v is not None}
     name = os.path.basename(os.path.normpath(given.get("data", "cifar10")))
@@ -978,11 +1033,20 @@ def sampler_from_args(args, device, n, rows):
             raise UserError("no checkpoint found in runs/*/ckpt.pt: train one first, or pass --ckpt")
         print(f"no runs/*/ckpt.pt: sampling from the bundled CIFAR-10 model {path}", file=sys.stderr)
     model, diffusion, classes, cfg = load_sampler(path, device)
-    if args.steps is not None and args.steps > diffusion.num_timesteps:
-        raise UserError(f"--steps {args.steps}: the model has only T = {diffusion.num_timesteps} steps")
-    steps = (min(25, diffusion.num_timesteps) if device.type == "cpu" else None) if args.steps is None else args.steps
-    steps = steps or None  # 'all' (0): ancestral. A CPU takes an hour for 1000 steps: there 25 DDIM steps by default
-    eta = cfg["eta"] if args.eta is None else args.eta  # the model's own, as `train --eta` saved it
+    T = diffusion.num_timesteps
+    if args.steps is not None and args.steps > T:
+        raise UserError(f"--steps {args.steps}: the model has only T = {T} steps")
+    # --steps N alone is DDIM, 'all' (0) ancestral, as ever; neither: the paper's ancestral sampler on a GPU, and on a
+    # CPU, where 1000 steps take an hour, the cheapest sampler as good as 25 DDIM steps (measured: README)
+    sampler = args.sampler or ("ddim" if args.steps else "ancestral" if args.steps == 0 or device.type != "cpu"
+                               else CPU_SAMPLER)
+    if sampler == "ancestral" and (args.steps or args.spacing):
+        raise UserError("--sampler ancestral visits all T steps: drop --steps and --spacing, or use ddim or dpm++")
+    if args.eta and sampler != "ddim":
+        raise UserError(f"--eta {args.eta}: only --sampler ddim takes it ({sampler} draws its own noise or none)")
+    steps = None if sampler == "ancestral" or args.steps == 0 else args.steps or min(SAMPLERS[sampler][0], T)
+    spacing = args.spacing or SAMPLERS.get(sampler, (None, "uniform"))[1]
+    eta = (cfg["eta"] if args.eta is None else args.eta) if sampler == "ddim" else 0.0  # DDIM's: the model's own
     idx, c, labels, nrow = None, getattr(args, "class"), None, math.ceil(math.sqrt(n))
     if c is not None:
         if cfg["unconditional"]:
@@ -998,13 +1062,18 @@ def sampler_from_args(args, device, n, rows):
     sample_steps = n * (steps or diffusion.num_timesteps)  # compiling takes ~30 s on an H100: for long runs only
     compiled = device.type == "cuda" and sample_steps >= 200_000 if args.compile is None else args.compile
     return argparse.Namespace(path=path, model=torch.compile(model) if compiled else model, diffusion=diffusion,
-                              cfg=cfg, options=dict(guidance=args.guidance, steps=steps, eta=eta), labels=labels, n=n,
+                              cfg=cfg, options=dict(guidance=args.guidance, steps=steps, eta=eta, sampler=sampler,
+                                                    spacing=spacing), labels=labels, n=n,
                               nrow=nrow, compiled=compiled, name=classes[idx] if idx is not None else "all")
 
 
 def describe(options, timesteps):
-    s = options["steps"]
-    return f"DDIM {s} steps, eta {options['eta']}" if s else f"ancestral {timesteps} steps"
+    name, steps = options["sampler"], options["steps"] or timesteps
+    spacing = "" if options["spacing"] == "uniform" else f" ({options['spacing']})"
+    if name == "ancestral":
+        return f"ancestral {timesteps} steps"
+    return f"DPM-Solver++(2M) {steps} steps{spacing}" if name == "dpm++" else \
+        f"DDIM {steps} steps{spacing}, eta {options['eta']}"
 
 
 def cmd_sample(args):
@@ -1142,10 +1211,15 @@ def build_parser():
         ("--ckpt", str, None, "checkpoint (default: the newest runs/*/ckpt.pt, else samples/cifar10_small.pt)"),
         ("--class", str, None, "class name or index (default: every class, one per row)"),
         ("--guidance", _num(float, 0, 100), 2.0, "guidance s: 1 = conditional, 0 = unconditional"),
-        ("--steps", lambda v: 0 if v == "all" else _num(int, 1, 10 ** 5)(v), None,
-         "DDIM steps, or 'all': ancestral sampling over all T steps (default: all; on a CPU 25)"),
+        ("--steps", lambda v: 0 if v == "all" else _num(int, 1, 10 ** 5)(v), None, "steps of the sampler, or 'all' T "
+         f"(default: all; on a CPU {SAMPLERS[CPU_SAMPLER][0]}); --steps N alone samples with DDIM, 'all' ancestrally"),
         ("--eta", _num(float, 0, 1), None, "DDIM noise: 0 deterministic, 1 DDPM-like (default: the model's train "
          "--eta: 0, for --preset small 1)")])
+    sampling.add_argument("--sampler", choices=("ancestral", "ddim", "dpm++"), help="ancestral (Algorithm 2), DDIM, "
+                          f"or DPM-Solver++(2M) (default: ancestral; on a CPU {CPU_SAMPLER})")
+    sampling.add_argument("--spacing", choices=("uniform", "quadratic", "logsnr"), help="the steps' spacing: uniform or "
+                          "quadratic in t, uniform in log-SNR (default: " +
+                          ", ".join(f"{k} {v[1]}" for k, v in SAMPLERS.items()) + ")")
     sa = sub.add_parser("sample", parents=[common, sampling], help="sample a PNG grid (or a PNG per image)")
     sa.set_defaults(func=cmd_sample, precision="auto")
     _add_options(sa, [("--n", _num(int, 1, 10 ** 7), 64, "number of samples"),

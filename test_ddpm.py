@@ -240,6 +240,95 @@ def test_ddim_eta0_is_deterministic_given_the_start_noise():
     assert run(0.0, 1).abs().max() <= 1
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_spacings_are_ascending_distinct_and_run_from_0_to_T_minus_1(schedule):
+    for T in [2, 3, 5, 50, 1000]:
+        d = ddpm.Diffusion(T, schedule)
+        for S in sorted({2, 3, 5, 10, 25, 100, T} & set(range(2, T + 1))):
+            for spacing in ["uniform", "quadratic", "logsnr"]:
+                ts = d.sampling_steps(S, spacing)
+                assert len(ts) == S and ts == sorted(set(ts)) and ts[0] == 0 and ts[-1] == T - 1, (T, S, spacing, ts)
+        assert d.sampling_steps(1, "logsnr") == [T - 1]  # one step: from the noise straight to x̂_0
+    d = ddpm.Diffusion(1000, schedule)
+    assert d.sampling_steps(10) == torch.linspace(0, 999, 10).round().long().tolist()  # DDIM's list, as it was
+    assert d.sampling_steps(10, "quadratic") == [round(999 * (i / 9) ** 2) for i in range(10)]
+    assert d.sampling_steps(100, "quadratic")[:4] == [0, 1, 2, 3]  # 999 (1/99)² rounds to 0: moved apart, not lost
+    # log-SNR: each t is the step whose λ_t = ½ log(ᾱ_t / (1 − ᾱ_t)) is nearest to 10 evenly spaced λ (ᾱ from β here;
+    # cosine's last β, clamped at 0.999, drops λ by 3.5 in one step: there the steps crowd and are moved apart)
+    a = torch.cumprod(1 - ddpm.make_betas(schedule, 1000), 0)
+    lam = (a / (1 - a)).log() / 2
+    ts = d.sampling_steps(10, "logsnr")
+    for t, target in zip(ts, torch.linspace(lam[0], lam[-1], 10, dtype=torch.float64)):
+        assert schedule == "cosine" or (lam[t] - target).abs() <= (lam - target).abs().min() + 1e-4, (t, target)
+    with pytest.raises(ValueError):
+        d.sampling_steps(10, "cubic")
+
+
+class Gaussian(Oracle):
+    """The exact ε for data N(μ, s² I): x_t ~ N(sqrt(ᾱ) μ, (ᾱ s² + 1 − ᾱ) I), ε̂ = sqrt(1 − ᾱ) (x_t − sqrt(ᾱ) μ) /
+    (ᾱ s² + 1 − ᾱ). Along the probability-flow ODE z = (x_t − sqrt(ᾱ_t) μ) / sqrt(ᾱ_t s² + 1 − ᾱ_t) stays fixed."""
+    def __init__(self, diffusion, mu, s, shape=(1, 8, 8)):
+        super().__init__(diffusion, torch.zeros(1, *shape))
+        self.mu, self.s = mu, s
+
+    def forward(self, x, t, y=None):
+        a = self.d.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+        return ((1 - a).sqrt() * (x.double() - a.sqrt() * self.mu) / (a * self.s ** 2 + 1 - a)).float()
+
+    def exact(self, x_start, t):  # the ODE's solution at t from x_{T−1} = x_start
+        a = self.d.alphas_cumprod.double()
+        z = (x_start.double() - a[-1].sqrt() * self.mu) / (a[-1] * self.s ** 2 + 1 - a[-1]).sqrt()
+        return a[t].sqrt() * self.mu + (a[t] * self.s ** 2 + 1 - a[t]).sqrt() * z
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_ddim_is_first_order_and_dpm_solver_second_order_on_gaussian_data(schedule):
+    d = ddpm.Diffusion(1000, schedule)
+    model, noise = Gaussian(d, 0.1, 0.2), torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    steps = [16, 24, 32, 48, 64]
+    for sampler, order in [("ddim", 1.0), ("dpm++", 2.0)]:
+        errors = []
+        for S in steps:
+            path = {}
+            d.sample(model, 64, steps=S, noise=noise, sampler=sampler, spacing="logsnr",
+                     callback=lambda t, x_t, x0: path.__setitem__(t, x_t))
+            # the largest error along the path, down to t = 10: below it the integer t cannot follow the spacing
+            # (1 − ᾱ_t ≈ β_0 (t + 1), so from t = 0 to t = 1 λ moves by ½ log 2 whatever S), and steps stop shrinking
+            errors.append(max((x_t.double() - model.exact(noise, t)).abs().max().item() for t, x_t in path.items()
+                              if t >= 10))
+        slope = -np.polyfit(np.log(steps), np.log(errors), 1)[0]  # error ∝ S^−order
+        assert abs(slope - order) < 0.2, (sampler, slope, errors)
+
+
+def test_dpm_solver_is_ddim_where_it_is_first_order_and_guidance_goes_through_it():
+    d = ddpm.Diffusion(50)
+    model = randomize(ddpm.UNet(3, 16, (1, 2), 1, (), 0.0, 8, num_classes=3))
+    noise, y = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 2])
+    run = lambda m, sampler, steps, s=2.0, spacing="logsnr": d.sample(m, 2, y, s, steps, noise=noise, sampler=sampler,
+                                                                     spacing=spacing)
+    # Below 15 steps its first step and the one into t = 0 are first order, and the last is x̂_0: 3 steps are DDIM's
+    for spacing in ["uniform", "logsnr"]:
+        assert torch.allclose(run(model, "dpm++", 3, spacing=spacing), run(model, "ddim", 3, spacing=spacing), atol=1e-5)
+    assert not torch.allclose(run(model, "dpm++", 8), run(model, "ddim", 8), atol=1e-3)  # the second-order terms act
+
+    class Guided(torch.nn.Module):  # ε_u + s (ε_c − ε_u) from two separate evaluations, handed over as a plain model
+        in_channels, image_size, num_classes = 3, 8, None
+
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, t, _):
+            eps_u = model(x, t, torch.full_like(y, 3))
+            return eps_u + 2.5 * (model(x, t, y) - eps_u)
+    assert torch.allclose(run(model, "dpm++", 8, 2.5), run(Guided(), "dpm++", 8, 1.0), atol=1e-5)
+    assert run(model, "dpm++", 8, 4.0).abs().max() <= 1  # x̂_0 is clipped, so the result stays in range
+    oracle = Oracle(d, torch.rand(1, 3, 8, 8) * 2 - 1)  # one data point: every x̂_0 is that point
+    x = d.sample(oracle, 2, steps=6, sampler="dpm++", noise=noise)
+    assert torch.allclose(x, oracle.x_star.expand_as(x), atol=1e-4)
+    assert [int(t[0]) for t in oracle.calls] == d.sampling_steps(6, "uniform")[::-1]
+
+
 # ---------------------------------------------------------------------------------------------- EMA
 def test_ema_update_matches_formula():
     model = torch.nn.Linear(3, 2)
@@ -368,7 +457,9 @@ def test_mnist_through_torchvision_trains_a_one_channel_model_and_writes_grey_pn
     assert cfg["batch_size"] == 4  # a flag beats the preset
     code, err = run_main(["sample", "--ckpt", str(out / "ckpt.pt"), "--class", "7", "--n", "2", "--out", str(tmp_path / "7.png")], capsys)
     grid = Image.open(tmp_path / "7.png")
-    assert code == 0 and grid.mode == "L" and grid.size == (35, 18) and "DDIM 25 steps" in err  # the CPU default
+    steps, spacing = ddpm.SAMPLERS[ddpm.CPU_SAMPLER]
+    cpu_default = ddpm.describe(dict(sampler=ddpm.CPU_SAMPLER, steps=steps, spacing=spacing, eta=1.0), 1000)
+    assert code == 0 and grid.mode == "L" and grid.size == (35, 18) and cpu_default in err
 
 
 def test_fashion_mnist_class_names_work_on_a_command_line(monkeypatch):
@@ -603,6 +694,9 @@ def _bad_inputs(ckpts, folder, tmp):
         "negative guidance": (["sample", "--ckpt", c, "--guidance", "-1"], "--guidance"),
         "eta above 1": (["sample", "--ckpt", c, "--eta", "1.5"], "--eta"),
         "sample batch 0": (["sample", "--ckpt", c, "--batch-size", "0"], "--batch-size"),
+        "ancestral with steps": (["sample", "--ckpt", c, "--sampler", "ancestral", "--steps", "5"], "all T steps"),
+        "eta for dpm++": (["sample", "--ckpt", c, "--sampler", "dpm++", "--eta", "0.5"], "only --sampler ddim"),
+        "unknown spacing": (["sample", "--ckpt", c, "--spacing", "cubic"], "--spacing"),
         "unknown device": (["sample", "--ckpt", c, "--device", "tpu9"], "--device"),
         "missing folder": ([*train, "--data", str(tmp / "nowhere")], "no such folder"),
         "empty folder": ([*train, "--data", str(tmp / "empty")], "no images"),
