@@ -615,10 +615,33 @@ def class_rows(num_classes, n):
     return torch.arange(num_classes).repeat_interleave(per), per
 
 
+def line_chart(curves, x_max, ticks, texts, size=(640, 320)):
+    """A line chart drawn with Pillow (no plotting library to install) → PIL image. curves: [(points [(x, f)], colour,
+    line width (0: dots only), dots)], x in [0, x_max], f in [0, 1] the height in the frame; ticks: [(side "l" or "r",
+    f, text, colour)] beside the frame; texts: [((x, y), text, colour)]. x is labelled at 0, x_max / 2 and x_max."""
+    from PIL import ImageDraw
+    (W, H), (left, right, top, bottom) = size, (40, 48, 16, 30)
+    at = lambda x, f: (left + (W - left - right) * x / max(x_max, 1), H - bottom - (H - top - bottom) * f)
+    image = Image.new("RGB", size)
+    draw = ImageDraw.Draw(image)
+    for points, colour, width, dots in curves:
+        if width:
+            draw.line([at(*p) for p in points], fill=colour, width=width)
+        for px, py in [at(*p) for p in points] if dots else []:
+            draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=colour)
+    for side, f, text, colour in ticks:
+        draw.text((4 if side == "l" else W - right + 4, at(0, f)[1] - 6), text, fill=colour)
+    draw.rectangle((left, top, W - right, H - bottom), outline=(160, 160, 160))
+    for s in (0, x_max // 2, x_max):
+        draw.text((at(s, 0)[0] - 3 * len(str(s)), H - bottom + 3), str(s), fill="white")
+    for xy, text, colour in texts:
+        draw.text(xy, text, fill=colour)
+    return image
+
+
 def plot_progress(log_path, png_path, size=(640, 320)):
     """A picture of log.txt: the loss against the step on a log scale (grey: each log line; white: smoothed) and the
-    FID where measured (orange, its scale on the right). Pillow only, no plotting library to install."""
-    from PIL import ImageDraw
+    FID where measured (orange, its scale on the right)."""
     with open(log_path) as f:
         text = f.read()
     # the last value of each step (a resumed run logs again the steps after its checkpoint), in order of the step
@@ -627,31 +650,20 @@ def plot_progress(log_path, png_path, size=(640, 320)):
     loss = [(s, math.log10(v)) for s, v in loss if v > 0]
     if not loss:
         return
-    (W, H), (left, right, top, bottom), last = size, (40, 48, 16, 30), max(s for s, _ in loss + fid)
     lo, hi = math.floor(min(v for _, v in loss)), math.ceil(max(v for _, v in loss))
-    at = lambda s, frac: (left + (W - left - right) * s / max(last, 1), H - bottom - (H - top - bottom) * frac)
-    on_log = lambda s, v: at(s, (v - lo) / max(hi - lo, 1))  # frac 0 at the bottom, 1 at the top
+    height = lambda v: (v - lo) / max(hi - lo, 1)  # 0 at the bottom, 1 at the top
     smooth = [loss[0][1]]
     for _, v in loss[1:]:
         smooth.append(0.9 * smooth[-1] + 0.1 * v)  # an exponential moving average over log lines, in log space
-    image = Image.new("RGB", size)
-    draw = ImageDraw.Draw(image)
-    draw.line([on_log(s, v) for s, v in loss], fill=(110, 110, 110))
-    draw.line([on_log(s, v) for (s, _), v in zip(loss, smooth)], fill="white", width=2)
-    for d in range(lo, max(hi, lo + 1) + 1):
-        draw.text((4, on_log(0, d)[1] - 6), f"1e{d}", fill="white")
     scale = 1.1 * max([v for _, v in fid] or [1])
-    draw.line([at(s, v / scale) for s, v in fid], fill="orange", width=2)
-    for px, py in [at(s, v / scale) for s, v in fid]:
-        draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill="orange")
-    for frac in (0, 0.5, 1) if fid else ():
-        draw.text((W - right + 4, at(0, frac)[1] - 6), f"{scale * frac:.1f}", fill="orange")
-    draw.rectangle((left, top, W - right, H - bottom), outline=(160, 160, 160))
-    for s in (0, last // 2, last):
-        draw.text((at(s, 0)[0] - 3 * len(str(s)), H - bottom + 3), str(s), fill="white")
-    for xy, text, colour in [((4, 2), "loss", "white"), ((W // 2 - 30, H - 13), "training step", "white"),
-                             ((W - right + 4, 2), "FID" if fid else "", "orange")]:
-        draw.text(xy, text, fill=colour)
+    curves = [([(s, height(v)) for s, v in loss], (110, 110, 110), 1, False),
+              ([(s, height(v)) for (s, _), v in zip(loss, smooth)], "white", 2, False),
+              ([(s, v / scale) for s, v in fid], "orange", 2, True)]
+    ticks = [("l", height(d), f"1e{d}", "white") for d in range(lo, max(hi, lo + 1) + 1)]
+    ticks += [("r", f, f"{scale * f:.1f}", "orange") for f in (0, 0.5, 1)] if fid else []
+    texts = [((4, 2), "loss", "white"), ((size[0] // 2 - 30, size[1] - 13), "training step", "white"),
+             ((size[0] - 44, 2), "FID" if fid else "", "orange")]
+    image = line_chart(curves, max(s for s, _ in loss + fid), ticks, texts, size)
     save_atomic(png_path, image.save)
 
 
@@ -972,6 +984,24 @@ def forward_process(x0, noise, timesteps=1000, columns=10):
     return rows, ts.tolist()
 
 
+def schedule_chart(timesteps=1000, steps=10, spacing="logsnr", size=(640, 320)):
+    """The numbers behind the forward process: sqrt(ᾱ_t), the scale of the signal in x_t (Eq. 4), and sqrt(1 − ᾱ_t),
+    the scale of its noise, against t for the linear and cosine schedules; dots where a sampler of `steps` steps with
+    `spacing` evaluates the network, grey dots below where 25 uniform steps (DDIM's) would."""
+    curves, ticks = [], [("l", f, f"{f:.1f}", "white") for f in (0, 0.5, 1)]
+    for schedule, colours in (("linear", ("white", (90, 160, 255))), ("cosine", ("orange", (230, 80, 80)))):
+        d = Diffusion(timesteps, schedule)
+        for scale, colour in zip((d.alphas_cumprod.sqrt(), (1 - d.alphas_cumprod).sqrt()), colours):
+            curves.append(([(t, float(scale[t])) for t in range(timesteps)], colour, 2, False))
+            curves.append(([(t, float(scale[t])) for t in d.sampling_steps(steps, spacing)], colour, 0, True))
+    curves.append(([(t, 0.0) for t in Diffusion(timesteps).sampling_steps(min(25, timesteps))], (150, 150, 150), 0, True))
+    texts = [((size[0] // 2 - 10, size[1] - 13), "t", "white"), ((48, 2), "linear: signal sqrt(abar_t)", "white"),
+             ((220, 2), "noise sqrt(1 - abar_t)", (90, 160, 255)), ((380, 2), "cosine: signal", "orange"),
+             ((480, 2), "noise", (230, 80, 80)), ((size[0] // 2 + 30, size[1] - 13), f"dots: the t of {steps} "
+             f"{spacing} steps, grey: 25 uniform", "white")]
+    return line_chart(curves, timesteps - 1, ticks, texts, size)
+
+
 def labelled_grid(rows, col_labels=(), row_labels=(), scale=2):
     """Rows of equal-sized images (C, H, W), values in [-1, 1] (clipped), → one PIL image `scale` times as large,
     white text on black under each column and left of each row."""
@@ -1161,7 +1191,10 @@ def cmd_forward(args):
     out = args.out or os.path.join("outputs", f"forward_{os.path.basename(os.path.normpath(args.data))}.png")
     ensure_writable(os.path.dirname(out) or ".", "--out")
     save_atomic(out, labelled_grid(rows, [f"t={t}" for t in ts], ["linear", "cosine"] * len(x0)).save)
-    print(f"wrote q(x_t | x_0) of {len(x0)} images of {args.data} at t = {ts} to {out}", file=sys.stderr)
+    chart = os.path.splitext(out)[0] + "_schedule.png"  # and the numbers behind it, with the CPU sampler's steps
+    save_atomic(chart, schedule_chart(1000, *SAMPLERS[CPU_SAMPLER]).save)
+    print(f"wrote q(x_t | x_0) of {len(x0)} images of {args.data} at t = {ts} to {out}, its schedules to {chart}",
+          file=sys.stderr)
     return 0
 
 

@@ -950,6 +950,24 @@ def test_forward_cli_writes_a_labelled_strip_of_both_schedules(folder, tmp_path,
     _grey_run(tmp_path)
     code, err = run_main(["forward", "--data", str(tmp_path / "grey"), "--n", "1", "--out", str(tmp_path / "g.png")], capsys)
     assert code == 0 and Image.open(tmp_path / "g.png").mode == "L" and "t = [0, 111" in err
+    assert Image.open(tmp_path / "g_schedule.png").size == (640, 320)  # the numbers behind it, beside it
+
+
+def test_schedule_chart_draws_both_scales_of_both_schedules_with_the_samplers_steps_on_them():
+    image = ddpm.schedule_chart(1000, 10, "logsnr")
+    W, H = image.size
+    at = lambda t, f: (round(40 + (W - 88) * t / 999), round(H - 30 - (H - 46) * float(f)))  # line_chart's frame
+    near = lambda xy, colour: any(image.getpixel((xy[0] + i, xy[1] + j)) == colour for i in (-1, 0, 1) for j in (-1, 0, 1))
+    colours = {"linear": ((255, 255, 255), (90, 160, 255)), "cosine": ((255, 165, 0), (230, 80, 80))}
+    for schedule, (signal, noise) in colours.items():
+        a = torch.cumprod(1 - ddpm.make_betas(schedule, 1000), 0)  # ᾱ from β, independently of Diffusion
+        for t in (300, 700):  # the curves: sqrt(ᾱ_t) and sqrt(1 − ᾱ_t) (Eq. 4's scales)
+            assert near(at(t, a[t].sqrt()), signal) and near(at(t, (1 - a[t]).sqrt()), noise), (schedule, t)
+    ts = ddpm.Diffusion(1000).sampling_steps(10, "logsnr")  # a dot where the sampler evaluates the network (not
+    for t in [t for t in ts if 50 < t < 950]:               # in the corners, where the cosine curves' dots lie too)
+        a = ddpm.Diffusion(1000).alphas_cumprod[t]
+        x, y = at(t, a.sqrt())
+        assert sum(image.getpixel((x + i, y)) == (255, 255, 255) for i in (-2, 2)) == 2, t  # wider than the line
 
 
 def test_sample_writes_into_outputs_not_into_the_repos_samples(ckpts, tmp_path, monkeypatch, capsys):
