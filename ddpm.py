@@ -3,12 +3,13 @@ ddpm.py: Denoising Diffusion Probabilistic Models in one file, read top to botto
 
     DDPM   Ho, Jain & Abbeel 2020, https://arxiv.org/abs/2006.11239  (Eq. and Algorithm numbers below are its)
     DDIM   Song, Meng & Ermon 2020, https://arxiv.org/abs/2010.02502  (fast sampling with fewer steps)
+    DPM++  Lu et al. 2022, https://arxiv.org/abs/2211.01095           (DPM-Solver++: second order, fewer steps still)
     CFG    Ho & Salimans 2022, https://arxiv.org/abs/2207.12598       (classifier-free guidance)
     cosine Nichol & Dhariwal 2021, https://arxiv.org/abs/2102.09672   (cosine noise schedule)
     FID    Heusel et al. 2017, https://arxiv.org/abs/1706.08500       (Fréchet Inception Distance)
 
 Usage: python ddpm.py train --help (default: the paper's CIFAR-10 setup; on a CPU: --preset small --data mnist),
-python ddpm.py sample --help (e.g. --class ship: guided samples; --process: the reverse process as a GIF),
+python ddpm.py sample --help (e.g. --class ship: guided samples; --sampler: ancestral, ddim, dpm++; --process: a GIF),
 python ddpm.py forward --help (the forward process: training images turning into noise),
 python ddpm.py fid --help (FID of a checkpoint's samples or an image folder, e.g. --ref cifar10).
 
@@ -158,11 +159,10 @@ class Diffusion:
     @torch.inference_mode()
     def sample(self, model, n, y=None, guidance=1.0, steps=None, eta=0.0, generator=None, noise=None, progress=False,
                callback=None, sampler=None, spacing="uniform"):
-        """Draw n images (n, C, H, W) in [-1, 1] from the reverse process, starting at x_{T−1} = noise ~ N(0, I).
-        sampler "ancestral" (the default for steps=None): Algorithm 2 over all T steps, no noise at the last one.
-        "ddim" (the default for steps=S): DDIM over S steps (sampling_steps(S, spacing)); eta = 0 is deterministic,
-            eta = 1 adds DDPM-like noise (σ²_t = β_t would be very bad with few steps: DDIM, Table 1).
-        "dpm++": DPM-Solver++(2M) over S steps (dpm_solver_step): deterministic, second order, so as good in fewer.
+        """Draw n images (n, C, H, W) in [-1, 1] from the reverse process, starting at x_{T−1} = noise ~ N(0, I), by
+        "ancestral" (steps=None's default): Algorithm 2 over all T steps; "ddim" (steps=S's default): DDIM over the S
+        steps sampling_steps(S, spacing) gives, eta = 0 deterministic, 1 DDPM-like (σ²_t = β_t would be very bad with
+        few steps: DDIM, Table 1); "dpm++": DPM-Solver++(2M) over those steps, deterministic, second order.
         callback(t, x_t, x̂_0) is called at every step (the pictures of the process); at t = 0, x̂_0 is the result."""
         sampler = sampler or ("ancestral" if steps is None else "ddim")
         if sampler not in ("ancestral", "ddim", "dpm++") or sampler == "ancestral" and steps is not None:
@@ -201,17 +201,16 @@ class Diffusion:
 
     @staticmethod
     def dpm_solver_step(x, pred_x0, a, a_prev, last_x0=None, h_last=None):
-        """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Algorithm 2) from ᾱ = a to ᾱ = a_prev → (x_prev, h).
-        With α = sqrt(ᾱ), σ = sqrt(1 − ᾱ), λ = log(α / σ), the probability-flow ODE is solved exactly for x̂_0
-        extrapolated linearly in λ from this step's x̂_0 and the last one (last_x0, taken a step h_last before);
-        without last_x0 x̂_0 is held constant: first order, which is DDIM with η = 0 (as Lu et al. show)."""
+        """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) from ᾱ = a to a_prev → (x_prev, h): with α = sqrt(ᾱ), σ =
+        sqrt(1 − ᾱ), λ = log(α/σ), the probability-flow ODE solved exactly for x̂_0 linear in λ through this step's and
+        the last one's (last_x0, h_last before); without last_x0, x̂_0 constant: first order, DDIM with η = 0."""
         if a_prev == 1.0:  # the last step, to σ = 0: h = ∞, e^{−h} = 0, and the update below is x̂_0 itself
             return pred_x0, None
         h = math.log(a_prev / (1 - a_prev)) / 2 - math.log(a / (1 - a)) / 2                   # h_i = λ_i − λ_{i−1}
         d = pred_x0
         if last_x0 is not None:
             r = h_last / h                                                                       # r_i = h_{i−1} / h_i
-            d = (1 + 1 / (2 * r)) * pred_x0 - 1 / (2 * r) * last_x0        # D_i = (1 + 1/2r_i) x̂_0,i − (1/2r_i) x̂_0,i−1
+            d = (1 + 1 / (2 * r)) * pred_x0 - 1 / (2 * r) * last_x0  # D_i = (1 + 1/2r_i) x̂_0 − (1/2r_i) x̂_0,prev
         # x_i = (σ_i / σ_{i−1}) x_{i−1} − α_i (e^{−h_i} − 1) D_i
         return ((1 - a_prev) / (1 - a)) ** 0.5 * x - a_prev ** 0.5 * math.expm1(-h) * d, h
 
@@ -544,9 +543,10 @@ TRAIN_DEFAULTS = dict(  # Ho et al.'s CIFAR-10 run; every value is a `train` fla
     batch_size=128, lr=2e-4, warmup=5000, grad_clip=1.0, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
     attn_res=(16,), dropout=0.1, timesteps=1000, schedule="linear", ema_decay=0.9999, p_uncond=0.1, eta=0.0,
     save_every=5000, keep_every=0, sample_every=10000, log_every=100, seed=0, device=None, num_workers=4,
-    precision="auto", compile=None, fid_every=0, fid_n=1000, fid_ref=None, inception=None)
+    precision="auto", compile=None, fid_every=0, fid_n=1000, fid_ref=None, inception=None, init=None)
 PRESETS = {"paper": {}, "small": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(), dropout=0.0, lr=1e-3,
                                       batch_size=32, warmup=200, steps=1150, ema_decay=0.999, eta=1.0, log_every=50)}
+INIT_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_res", "timesteps", "schedule", "unconditional")  # --init's
 # What a resumed run may change; everything else must match the checkpoint, or the run would silently differ.
 RESUMABLE = {"steps", "save_every", "keep_every", "sample_every", "log_every", "device", "num_workers", "eta",
              "precision", "compile", "data", "data_root", "out", "fid_every", "fid_n", "fid_ref", "inception"}
@@ -702,6 +702,8 @@ class Trainer:
             self.model = unet_from_config(cfg, len(self.classes)).to(device, memory_format=self.fmt)
         except ValueError as e:
             raise UserError(str(e)) from None
+        if ckpt is None and cfg["init"]:
+            self.init_from(cfg["init"])
         ensure_writable(cfg["out"], "--out")  # only now: a run that cannot start leaves no empty folder behind
         self.params = sum(p.numel() for p in self.model.parameters())
         if self.params > 20e6 and device.type == "cpu":
@@ -749,6 +751,23 @@ class Trainer:
         if ckpt is not None and ckpt["classes"] != classes:
             raise UserError(f"--data {cfg['data']} has classes {classes}, the run being resumed had {ckpt['classes']}")
         return images, labels, classes
+
+    def init_from(self, path):
+        """Fine-tuning: start from the EMA weights of `path`, a checkpoint or an exported model. Its class embedding is
+        kept if its classes are the data's; else the class rows start anew (as a new network's) and only the null
+        label's row, the unconditional model that guidance needs, is kept."""
+        init, emb = load_checkpoint(path), self.model.class_emb
+        weights = dict(init["ema"]["model"])
+        if emb is not None and init["classes"] != self.classes and "class_emb.weight" in weights:
+            null_row = weights["class_emb.weight"][-1:].float()
+            weights["class_emb.weight"] = torch.cat([emb.weight.detach()[:-1].cpu(), null_row])
+            self.say(f"--init {path}: its classes ({', '.join(init['classes'][:4])}, …) are not the data's: the class "
+                     "embedding starts anew, but for the null label's row", file=sys.stderr)
+        try:
+            self.model.load_state_dict(weights)
+        except RuntimeError as e:  # another number of channels, or attention at other levels at this --image-size
+            raise UserError(f"--init {path}: its weights do not fit a network for {self.cfg['channels']}-channel "
+                            f"{self.cfg['image_size']}-px images ({str(e).splitlines()[-1].strip()})") from None
 
     def resume(self, ckpt):
         self.model.load_state_dict(ckpt["model"])
@@ -984,7 +1003,7 @@ def forward_process(x0, noise, timesteps=1000, columns=10):
     return rows, ts.tolist()
 
 
-def schedule_chart(timesteps=1000, steps=10, spacing="logsnr", size=(640, 320)):
+def schedule_chart(timesteps=1000, steps=10, spacing="quadratic", size=(640, 320)):
     """The numbers behind the forward process: sqrt(ᾱ_t), the scale of the signal in x_t (Eq. 4), and sqrt(1 − ᾱ_t),
     the scale of its noise, against t for the linear and cosine schedules; dots where a sampler of `steps` steps with
     `spacing` evaluates the network, grey dots below where 25 uniform steps (DDIM's) would."""
@@ -994,7 +1013,8 @@ def schedule_chart(timesteps=1000, steps=10, spacing="logsnr", size=(640, 320)):
         for scale, colour in zip((d.alphas_cumprod.sqrt(), (1 - d.alphas_cumprod).sqrt()), colours):
             curves.append(([(t, float(scale[t])) for t in range(timesteps)], colour, 2, False))
             curves.append(([(t, float(scale[t])) for t in d.sampling_steps(steps, spacing)], colour, 0, True))
-    curves.append(([(t, 0.0) for t in Diffusion(timesteps).sampling_steps(min(25, timesteps))], (150, 150, 150), 0, True))
+    ddim25 = Diffusion(timesteps).sampling_steps(min(25, timesteps))
+    curves.append(([(t, 0.0) for t in ddim25], (150, 150, 150), 0, True))
     texts = [((size[0] // 2 - 10, size[1] - 13), "t", "white"), ((48, 2), "linear: signal sqrt(abar_t)", "white"),
              ((220, 2), "noise sqrt(1 - abar_t)", (90, 160, 255)), ((380, 2), "cosine: signal", "orange"),
              ((480, 2), "noise", (230, 80, 80)), ((size[0] // 2 + 30, size[1] - 13), f"dots: the t of {steps} "
@@ -1019,8 +1039,8 @@ def labelled_grid(rows, col_labels=(), row_labels=(), scale=2):
 
 
 # ======== 8. Command line ===========================================================================================
-SAMPLERS = {"ddim": (25, "uniform"), "dpm++": (10, "logsnr")}  # the steps and spacing each takes by default
-CPU_SAMPLER = "dpm++"  # `sample`'s and `fid`'s default on a CPU (on a GPU: ancestral, as the paper)
+SAMPLERS = {"ddim": (25, "uniform"), "dpm++": (10, "quadratic")}  # steps and spacing by default (measured: README)
+CPU_SAMPLER = "dpm++"  # `sample`'s and `fid`'s default on a CPU for models of train --eta 0 (GPU: ancestral)
 
 
 def cmd_train(args):
@@ -1037,6 +1057,13 @@ def cmd_train(args):
         raise UserError(f"{path} exists: pass --resume to continue that run, or choose another --out")
     else:
         cfg = {**TRAIN_DEFAULTS, **PRESETS[args.preset], **given}
+        if cfg["init"]:  # fine-tuning: the network and schedule are --init's, and its image size unless given
+            init = load_checkpoint(cfg["init"])["config"]
+            for key in INIT_KEYS:
+                if key in given and given[key] != init[key]:
+                    raise UserError(f"--{key.replace('_', '-')} {given[key]}: the network comes from --init "
+                                    f"{cfg['init']}, which has {init[key]}")
+            cfg.update({k: init[k] for k in INIT_KEYS}, image_size=cfg["image_size"] or init["image_size"])
         native = NATIVE_SIZE.get(cfg["data"], 32)  # the data's own size if the U-Net can halve it enough, else 32
         cfg["image_size"] = cfg["image_size"] or (32 if native % 2 ** (len(cfg["ch_mult"]) - 1) else native)
     cfg["flip"] = cfg["data"] != "mnist" if cfg["flip"] is None else cfg["flip"]  # a mirrored 7 is no 7
@@ -1067,9 +1094,11 @@ def sampler_from_args(args, device, n, rows):
     if args.steps is not None and args.steps > T:
         raise UserError(f"--steps {args.steps}: the model has only T = {T} steps")
     # --steps N alone is DDIM, 'all' (0) ancestral, as ever; neither: the paper's ancestral sampler on a GPU, and on a
-    # CPU, where 1000 steps take an hour, the cheapest sampler as good as 25 DDIM steps (measured: README)
-    sampler = args.sampler or ("ddim" if args.steps else "ancestral" if args.steps == 0 or device.type != "cpu"
-                               else CPU_SAMPLER)
+    # CPU, where 1000 steps take an hour, the cheapest sampler as good as 25 DDIM steps (measured: README), unless the
+    # model was saved with train --eta > 0: then DDIM with that noise (a deterministic solver leaves speckle on the
+    # MNIST preset's digits)
+    sampler = args.sampler or ("ancestral" if args.steps == 0 or args.steps is None and device.type != "cpu" else
+                               "ddim" if args.steps or cfg["eta"] else CPU_SAMPLER)
     if sampler == "ancestral" and (args.steps or args.spacing):
         raise UserError("--sampler ancestral visits all T steps: drop --steps and --spacing, or use ddim or dpm++")
     if args.eta and sampler != "ddim":
@@ -1244,14 +1273,15 @@ def build_parser():
         ("--ckpt", str, None, "checkpoint (default: the newest runs/*/ckpt.pt, else samples/cifar10_small.pt)"),
         ("--class", str, None, "class name or index (default: every class, one per row)"),
         ("--guidance", _num(float, 0, 100), 2.0, "guidance s: 1 = conditional, 0 = unconditional"),
-        ("--steps", lambda v: 0 if v == "all" else _num(int, 1, 10 ** 5)(v), None, "steps of the sampler, or 'all' T "
-         f"(default: all; on a CPU {SAMPLERS[CPU_SAMPLER][0]}); --steps N alone samples with DDIM, 'all' ancestrally"),
+        ("--steps", lambda v: 0 if v == "all" else _num(int, 1, 10 ** 5)(v), None, "steps of the sampler, or 'all' T; "
+         "--steps N alone samples with DDIM, 'all' ancestrally (default: all; on a CPU the --sampler's)"),
         ("--eta", _num(float, 0, 1), None, "DDIM noise: 0 deterministic, 1 DDPM-like (default: the model's train "
          "--eta: 0, for --preset small 1)")])
-    sampling.add_argument("--sampler", choices=("ancestral", "ddim", "dpm++"), help="ancestral (Algorithm 2), DDIM, "
-                          f"or DPM-Solver++(2M) (default: ancestral; on a CPU {CPU_SAMPLER})")
-    sampling.add_argument("--spacing", choices=("uniform", "quadratic", "logsnr"), help="the steps' spacing: uniform or "
-                          "quadratic in t, uniform in log-SNR (default: " +
+    sampling.add_argument("--sampler", choices=("ancestral", "ddim", "dpm++"), help="ancestral (Algorithm 2), DDIM, or "
+                          f"DPM-Solver++(2M) (default: ancestral; on a CPU {CPU_SAMPLER} with "
+                          f"{SAMPLERS[CPU_SAMPLER][0]} steps, or for a model of train --eta > 0 ddim with 25)")
+    sampling.add_argument("--spacing", choices=("uniform", "quadratic", "logsnr"), help="the steps' spacing: uniform "
+                          "or quadratic in t, uniform in log-SNR (default: " +
                           ", ".join(f"{k} {v[1]}" for k, v in SAMPLERS.items()) + ")")
     sa = sub.add_parser("sample", parents=[common, sampling], help="sample a PNG grid (or a PNG per image)")
     sa.set_defaults(func=cmd_sample, precision="auto")
@@ -1316,7 +1346,9 @@ def add_train_parser(sub, common):
             ("--fid-every", _num(int, 0, big), "FID of the EMA model into log.txt and progress.png every N steps (0: "
              "never)"), ("--fid-n", _num(int, 2, 10 ** 6), "samples for that FID (DDIM as the previews)"),
             ("--fid-ref", str, "FID reference as `fid --ref` takes it (default: the training images)"),
-            ("--inception", str, "local Inception weights for FID, as `fid --inception`")]:
+            ("--inception", str, "local Inception weights for FID, as `fid --inception`"),
+            ("--init", str, "fine-tune: start from this checkpoint's or exported model's EMA weights and "
+             "network, with a new optimizer, step and random streams")]:
         key = flag[2:].replace("-", "_")
         default = "" if TRAIN_DEFAULTS[key] is None else f" (default: {TRAIN_DEFAULTS[key]})"
         tr.add_argument(flag, type=kind, help=text + default,

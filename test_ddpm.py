@@ -457,9 +457,7 @@ def test_mnist_through_torchvision_trains_a_one_channel_model_and_writes_grey_pn
     assert cfg["batch_size"] == 4  # a flag beats the preset
     code, err = run_main(["sample", "--ckpt", str(out / "ckpt.pt"), "--class", "7", "--n", "2", "--out", str(tmp_path / "7.png")], capsys)
     grid = Image.open(tmp_path / "7.png")
-    steps, spacing = ddpm.SAMPLERS[ddpm.CPU_SAMPLER]
-    cpu_default = ddpm.describe(dict(sampler=ddpm.CPU_SAMPLER, steps=steps, spacing=spacing, eta=1.0), 1000)
-    assert code == 0 and grid.mode == "L" and grid.size == (35, 18) and cpu_default in err
+    assert code == 0 and grid.mode == "L" and grid.size == (35, 18) and "DDIM 25 steps" in err  # the CPU default
 
 
 def test_fashion_mnist_class_names_work_on_a_command_line(monkeypatch):
@@ -510,6 +508,61 @@ def test_exact_resume_is_bitwise_identical(folder, tmp_path, capsys):
     assert sorted(f for f in os.listdir(tmp_path / "straight") if f.startswith("ckpt_")) == \
         ["ckpt_00000002.pt", "ckpt_00000004.pt", "ckpt_00000006.pt"]
     capsys.readouterr()
+
+
+def _trainer_of(argv, monkeypatch, capsys):
+    """The Trainer that `train` builds for argv, before its first step (run() is not called)."""
+    built = []
+    monkeypatch.setattr(ddpm.Trainer, "run", lambda self: built.append(self) or 0)
+    code, err = run_main(argv, capsys)
+    assert code == 0, err
+    return built[0], err
+
+
+def test_init_starts_from_the_ema_weights_of_a_checkpoint_or_an_export_with_all_else_new(ckpts, folder, tmp_path,
+                                                                                         monkeypatch, capsys):
+    exported = str(tmp_path / "m.pt")
+    ddpm.export_model(ckpts["cond"], exported)
+    source = torch.load(ckpts["cond"], weights_only=True)
+    run = ["train", "--data", folder, "--batch-size", "4", "--sample-every", "0", "--num-workers", "1", "--seed", "3"]
+    for init, exact in [(ckpts["cond"], True), (exported, False)]:
+        t, _ = _trainer_of([*run, "--init", init, "--out", str(tmp_path / ("run_" + os.path.basename(init)))], monkeypatch, capsys)
+        for k, v in t.model.state_dict().items():  # the source's EMA weights (exported: in fp16), in model and EMA
+            want = source["ema"]["model"][k]
+            assert torch.equal(v, want) if exact else torch.allclose(v, want, rtol=1e-3, atol=1e-4), k
+            assert torch.equal(t.ema.model.state_dict()[k], v), k
+        assert t.step == 0 and t.ema.num_updates == 0 and not t.opt.state  # a new step, EMA count and Adam
+        assert (t.cfg["ch"], tuple(t.cfg["ch_mult"]), t.cfg["timesteps"], t.cfg["image_size"]) == (16, (1, 2), 50, 16)
+        assert t.cfg["init"] == init and t.cfg["seed"] == 3  # saved in the config; the seed is this run's
+    # a run from --init resumes exactly: 2 steps straight equal 1 step, then a resume to 2
+    base = [*run, "--init", exported, "--dropout", "0.3"]
+    monkeypatch.undo()
+    assert ddpm.main([*base, "--steps", "2", "--out", str(tmp_path / "straight")]) == 0
+    assert ddpm.main([*base, "--steps", "1", "--out", str(tmp_path / "resumed")]) == 0
+    assert ddpm.main(["train", "--resume", "--out", str(tmp_path / "resumed"), "--steps", "2"]) == 0
+    a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("straight", "resumed"))
+    assert all(torch.equal(a["model"][k], v) for k, v in b["model"].items())
+    assert dict(a["config"], out=None) == dict(b["config"], out=None) and a["config"]["init"] == exported
+    capsys.readouterr()
+
+
+def test_init_on_other_classes_starts_the_class_embedding_anew_but_keeps_the_null_label(ckpts, tmp_path, monkeypatch,
+                                                                                     capsys):
+    g = torch.Generator().manual_seed(0)
+    for c in ["a", "b", "c"]:  # three classes, not the source's cat and ship
+        os.makedirs(tmp_path / "abc" / c)
+        for i in range(2):
+            Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).to(torch.uint8).numpy()).save(
+                tmp_path / "abc" / c / f"{i}.png")
+    run = ["train", "--data", str(tmp_path / "abc"), "--batch-size", "4", "--sample-every", "0", "--num-workers", "1"]
+    source = torch.load(ckpts["cond"], weights_only=True)["ema"]["model"]
+    t, err = _trainer_of([*run, "--init", ckpts["cond"], "--out", str(tmp_path / "i")], monkeypatch, capsys)
+    new, _ = _trainer_of([*run, *TINY, "--out", str(tmp_path / "n")], monkeypatch, capsys)  # the same net, no --init
+    emb = t.model.class_emb.weight.detach()
+    assert emb.shape == (4, 64) and "starts anew" in err
+    assert torch.equal(emb[-1], source["class_emb.weight"][-1])  # the null label's row is the source's
+    assert torch.equal(emb[:-1], new.model.class_emb.weight.detach()[:-1])  # the rest: a new network's rows
+    assert all(torch.equal(v, source[k]) for k, v in t.model.state_dict().items() if k != "class_emb.weight")
 
 
 def test_a_checkpoint_of_the_one_process_release_resumes(folder, tmp_path, capsys):
@@ -714,6 +767,10 @@ def _bad_inputs(ckpts, folder, tmp):
         "bad ch-mult": ([*train, "--ch-mult", "1,x"], "--ch-mult"),
         "zero ch-mult": ([*train, "--ch-mult", "1,0"], "--ch-mult"),
         "changed architecture on resume": (["train", "--resume", "--out", os.path.dirname(c), "--ch", "32"], "--ch 32"),
+        "missing --init": ([*train, "--data", folder, "--init", str(tmp / "nope.pt")], "not found"),
+        "--init and another network": ([*train, "--data", folder, "--init", c, "--ch", "32"], "comes from --init"),
+        "--init at a size its attention misses": ([*train, "--data", folder, "--init", c, "--image-size", "32"],
+                                                  "do not fit"),
         "unknown flag": ([*train, "--bogus"], "unrecognized"),
     }
 
