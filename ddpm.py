@@ -543,13 +543,20 @@ TRAIN_DEFAULTS = dict(  # Ho et al.'s CIFAR-10 run; every value is a `train` fla
     batch_size=128, lr=2e-4, warmup=5000, grad_clip=1.0, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
     attn_res=(16,), dropout=0.1, timesteps=1000, schedule="linear", ema_decay=0.9999, p_uncond=0.1, eta=0.0,
     save_every=5000, keep_every=0, sample_every=10000, log_every=100, seed=0, device=None, num_workers=4,
-    precision="auto", compile=None, fid_every=0, fid_n=1000, fid_ref=None, inception=None, init=None)
+    precision="auto", compile=None, fid_every=0, fid_n=1000, fid_ref=None, inception=None, init=None,
+    micro_batch=None)
 PRESETS = {"paper": {}, "small": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(), dropout=0.0, lr=1e-3,
                                       batch_size=32, warmup=200, steps=1150, ema_decay=0.999, eta=1.0, log_every=50)}
+# The network for larger images when --ch-mult is not given: at 256 px Ho et al.'s LSUN and CelebA-HQ one (114M
+# parameters; App. B and their run_celebahq.py: lr 2e-5, batch 64, no dropout); at 64 and 128 px the channel
+# multipliers of guided-diffusion's script_util, with attention at 16 and 8 px as improved-diffusion's default.
+NET_BY_SIZE = {64: dict(ch_mult=(1, 2, 3, 4), attn_res=(16, 8)), 128: dict(ch_mult=(1, 1, 2, 3, 4), attn_res=(16, 8)),
+               256: dict(ch_mult=(1, 1, 2, 2, 4, 4), attn_res=(16,), lr=2e-5, batch_size=64, dropout=0.0)}
 INIT_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_res", "timesteps", "schedule", "unconditional")  # --init's
 # What a resumed run may change; everything else must match the checkpoint, or the run would silently differ.
 RESUMABLE = {"steps", "save_every", "keep_every", "sample_every", "log_every", "device", "num_workers", "eta",
-             "precision", "compile", "data", "data_root", "out", "fid_every", "fid_n", "fid_ref", "inception"}
+             "precision", "compile", "data", "data_root", "out", "fid_every", "fid_n", "fid_ref", "inception",
+             "micro_batch"}
 
 
 def get_device(name=None):
@@ -667,13 +674,14 @@ def plot_progress(log_path, png_path, size=(640, 320)):
     save_atomic(png_path, image.save)
 
 
-def init_processes(batch_size, device_name=None):
+def init_processes(batch_size, device_name=None, micro_batch=None):
     """Under torchrun (RANK, LOCAL_RANK, WORLD_SIZE set): one of `world` DDP processes, one GPU each; rank 0 writes.
     → (device, rank, world, ctrl): ctrl is a gloo group for the stop flag (a CPU channel: no GPU sync per step),
     None when not started by torchrun."""
     ddp, rank, world = "RANK" in os.environ, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if batch_size % world:
-        raise UserError(f"--batch-size {batch_size} (the global batch) does not split over {world} processes")
+    if batch_size % world or micro_batch and batch_size // world % micro_batch:
+        raise UserError(f"--batch-size {batch_size} (the global batch) does not split over {world} processes" +
+                        f" in micro-batches of {micro_batch}" * bool(micro_batch))
     device = get_device(device_name)
     if not ddp:
         return device, rank, world, None
@@ -793,15 +801,24 @@ class Trainer:
         lr = cfg["lr"] * min(1.0, (self.step + 1) / max(1, cfg["warmup"]))         # linear warm-up
         for group in self.opt.param_groups:
             group["lr"] = lr
-        if self.compiled:  # with CUDA graphs the last step's outputs may be overwritten (uncompiled: no 2 s import)
-            torch.compiler.cudagraph_mark_step_begin()
         y = None if cfg["unconditional"] else self.labels[idx]
-        with self.amp:
-            loss = self.diffusion.training_loss(self.forward, x0, y, cfg["p_uncond"], data, self.part)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # --micro-batch M: this process's share of the batch goes through the network M images at a time and the
+        # gradients add up to those of the whole share; each part draws the whole batch's t, ε and drops alike.
+        first, end, state, loss = self.part.start, self.part.stop, data.get_state(), 0.0
+        M = cfg["micro_batch"] or end - first
+        for start in range(first, end, M):
+            if self.compiled:  # with CUDA graphs the last outputs may be overwritten (uncompiled: no 2 s import)
+                torch.compiler.cudagraph_mark_step_begin()
+            data.set_state(state)
+            with self.forward.no_sync() if self.ddp and start + M < end else nullcontext():  # all-reduce once
+                with self.amp:
+                    part = self.diffusion.training_loss(self.forward, x0, y, cfg["p_uncond"], data,
+                                                        slice(start, start + M)) * (M / (end - first))
+                part.backward()
+            loss = loss + part.detach()
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg["grad_clip"])
-        self.pending.append(torch.stack([loss.detach(), grad_norm]))
+        self.pending.append(torch.stack([loss, grad_norm]))
         self.opt.step()
         self.ema.update(self.model)
         self.step += 1
@@ -950,7 +967,7 @@ class Trainer:
 
 def train(cfg, ckpt=None):
     """Train with config `cfg` (TRAIN_DEFAULTS' keys) into cfg["out"] or continue `ckpt`; → 0, or 128 + signal."""
-    device, rank, world, ctrl = init_processes(cfg["batch_size"], cfg["device"])
+    device, rank, world, ctrl = init_processes(cfg["batch_size"], cfg["device"], cfg["micro_batch"])
     return Trainer(cfg, ckpt, device, rank, world, ctrl).run()
 
 
@@ -1052,7 +1069,7 @@ def cmd_train(args):
         if not os.path.exists(path):
             raise UserError(f"--resume: no checkpoint in {out}/ to resume (start without --resume)")
         ckpt = load_checkpoint(path)
-        cfg = dict(ckpt["config"])
+        cfg = {**TRAIN_DEFAULTS, **ckpt["config"]}  # flags added since that run began: off, as it ran
     elif os.path.exists(path):
         raise UserError(f"{path} exists: pass --resume to continue that run, or choose another --out")
     else:
@@ -1066,6 +1083,8 @@ def cmd_train(args):
             cfg.update({k: init[k] for k in INIT_KEYS}, image_size=cfg["image_size"] or init["image_size"])
         native = NATIVE_SIZE.get(cfg["data"], 32)  # the data's own size if the U-Net can halve it enough, else 32
         cfg["image_size"] = cfg["image_size"] or (32 if native % 2 ** (len(cfg["ch_mult"]) - 1) else native)
+        if args.preset == "paper" and not cfg["init"] and "ch_mult" not in given:  # a network sized for the images
+            cfg.update({k: v for k, v in NET_BY_SIZE.get(cfg["image_size"], {}).items() if k not in given})
     cfg["flip"] = cfg["data"] != "mnist" if cfg["flip"] is None else cfg["flip"]  # a mirrored 7 is no 7
     for key, value in given.items():  # a new run holds `given` already; a resumed one may change RESUMABLE only
         if key not in RESUMABLE and value != cfg[key]:
@@ -1347,6 +1366,8 @@ def add_train_parser(sub, common):
              "never)"), ("--fid-n", _num(int, 2, 10 ** 6), "samples for that FID (DDIM as the previews)"),
             ("--fid-ref", str, "FID reference as `fid --ref` takes it (default: the training images)"),
             ("--inception", str, "local Inception weights for FID, as `fid --inception`"),
+            ("--micro-batch", _num(int, 1, 65536), "images through the network at a time, gradients accumulated "
+             "over the batch: less memory, the same step (default: the whole batch)"),
             ("--init", str, "fine-tune: start from this checkpoint's or exported model's EMA weights and "
              "network, with a new optimizer, step and random streams")]:
         key = flag[2:].replace("-", "_")

@@ -181,6 +181,19 @@ def test_default_unet_is_the_papers_35_7m():
     assert abs(n - 35.7e6) <= 0.1e6, n
 
 
+@pytest.mark.parametrize("size,ch_mult,params", [(256, (1, 1, 2, 2, 4, 4), 113_673_219), (64, (1, 2, 3, 4), None)])
+def test_larger_images_get_a_network_of_their_size_256_px_is_ho_et_als_114m(size, ch_mult, params, monkeypatch):
+    cfgs = []
+    monkeypatch.setattr(ddpm, "train", lambda cfg, ckpt=None: cfgs.append(cfg) or 0)
+    assert ddpm.main(["train", "--data", "imgs", "--image-size", str(size), "--unconditional"]) == 0
+    assert ddpm.main(["train", "--data", "imgs", "--image-size", str(size), "--ch-mult", "1,2,2,2,2,2"]) == 0
+    cfg, mine = cfgs
+    assert tuple(cfg["ch_mult"]) == ch_mult and mine["ch_mult"] == (1, 2, 2, 2, 2, 2)  # given: kept as given
+    if params:  # Ho et al. App. B: 114M parameters, and their run_celebahq.py's lr, batch and dropout
+        assert (cfg["lr"], cfg["batch_size"], cfg["dropout"], cfg["attn_res"]) == (2e-5, 64, 0.0, (16,))
+        assert sum(p.numel() for p in ddpm.unet_from_config(dict(cfg, channels=3), None).parameters()) == params
+
+
 def test_unet_rejects_indivisible_image_size():
     with pytest.raises(ValueError, match="not divisible by 4"):
         ddpm.UNet(ch_mult=(1, 2, 2), image_size=18)
@@ -767,6 +780,7 @@ def _bad_inputs(ckpts, folder, tmp):
         "bad ch-mult": ([*train, "--ch-mult", "1,x"], "--ch-mult"),
         "zero ch-mult": ([*train, "--ch-mult", "1,0"], "--ch-mult"),
         "changed architecture on resume": (["train", "--resume", "--out", os.path.dirname(c), "--ch", "32"], "--ch 32"),
+        "micro-batch not dividing the batch": ([*train, "--data", folder, "--micro-batch", "3"], "micro-batches of 3"),
         "missing --init": ([*train, "--data", folder, "--init", str(tmp / "nope.pt")], "not found"),
         "--init and another network": ([*train, "--data", folder, "--init", c, "--ch", "32"], "comes from --init"),
         "--init at a size its attention misses": ([*train, "--data", folder, "--init", c, "--image-size", "32"],
@@ -872,6 +886,22 @@ def test_two_processes_take_the_same_step_as_one(folder, tmp_path, capsys):
     for i, state in a["optimizer"]["state"].items():   # Adam's first moment is 0.1 × the (averaged) gradient
         grad_a, grad_b = state["exp_avg"], b["optimizer"]["state"][i]["exp_avg"]
         assert (grad_a - grad_b).norm() <= 1e-5 * grad_a.norm() + 1e-12, i
+    capsys.readouterr()
+
+
+def test_micro_batches_accumulate_the_gradient_of_the_whole_batch_in_one_process_and_in_two(folder, tmp_path, capsys):
+    args = ["train", "--data", folder, "--steps", "1", "--dropout", "0", "--warmup", "0", "--p-uncond", "0.5", *TINY]
+    assert ddpm.main(args + ["--out", str(tmp_path / "whole")]) == 0                          # batch 4 at once
+    assert ddpm.main(args + ["--micro-batch", "1", "--out", str(tmp_path / "micro")]) == 0    # 4 parts of 1
+    assert run_ddp(args + ["--micro-batch", "1", "--out", str(tmp_path / "two")]) == [0, 0]   # 2 processes × 2 parts
+    runs = [torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("whole", "micro", "two")]
+    logs = [re.search(r"loss (\S+)", (tmp_path / r / "log.txt").read_text())[1] for r in ("whole", "micro", "two")]
+    for other in runs[1:]:
+        for i, state in runs[0]["optimizer"]["state"].items():  # Adam's first moment: 0.1 × the gradient
+            grad, got = state["exp_avg"], other["optimizer"]["state"][i]["exp_avg"]
+            assert (grad - got).norm() <= 1e-5 * grad.norm() + 1e-12, i
+        assert all(torch.allclose(other["model"][k], v, rtol=1e-5, atol=1e-8) for k, v in runs[0]["model"].items())
+    assert logs[0] == logs[1] == logs[2]  # the loss of the whole batch, to the 5 digits logged
     capsys.readouterr()
 
 
