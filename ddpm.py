@@ -382,13 +382,16 @@ def random_subset(n, seed=0):
     return None if n is None else lambda total: torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
 
 
-def load_images(data, root="./data", image_size=32, workers=4, pick=None, flag="--data",
+def load_images(data, root="./data", image_size=32, workers=4, pick=None, flag="--data", cache=False,
                 extensions=(".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif")):
     """→ (images uint8 (N, C, S, S), labels (N,), class names) of "cifar10", "mnist", "fashion-mnist" (torchvision,
     downloaded into root) or a folder data/<class>/*.png|jpg (or data/*.png: one class), decoded once, now: a bad
     file is refused before training, not hours in. C = 1 if all images are grey, else 3; resize + centre crop to S
     (image_size None: the first image's shorter side). pick(N) → indices: only those of the N images are kept,
-    chosen before any is decoded (default: all). flag: what the messages call `data`."""
+    chosen before any is decoded (default: all). flag: what the messages call `data`. cache (a folder, all images):
+    the decoded pixels are kept in root/cache/images-<hash>.npy and mapped from there on later calls, the hash taken
+    over the folder, every file's name, size and modification time and the image size, so a changed folder is
+    decoded anew and two folders never share a file; a damaged one is decoded anew too."""
     import torchvision.transforms.functional as TF
     sets = {"cifar10": "CIFAR10", "mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
     if data in sets:
@@ -418,6 +421,18 @@ def load_images(data, root="./data", image_size=32, workers=4, pick=None, flag="
     if image_size is None:
         with Image.open(files[0][0]) as im:
             image_size = min(im.size)
+    labels, path = torch.tensor([y for _, y in files]), None
+    if cache and pick is None:
+        import hashlib, numpy as np
+        made_of = [(os.path.relpath(f, data), s.st_size, s.st_mtime_ns) for f, s in ((f, os.stat(f)) for f, _ in files)]
+        key = hashlib.sha256(repr((os.path.abspath(data), image_size, made_of)).encode()).hexdigest()[:20]
+        path = os.path.join(root, "cache", f"images-{key}.npy")
+        try:  # mapped, not read: pages come from disk as batches touch them (copy-on-write, so torch may index it)
+            images = torch.from_numpy(np.load(path, mmap_mode="c"))
+            if images.shape[0] == len(files) and images.shape[1] in (1, 3) and images.shape[2:] == (image_size,) * 2:
+                return images, labels, classes
+        except Exception:  # none yet, or truncated or damaged: it is only a cache, decoded anew
+            pass
 
     def decode(path):
         try:
@@ -430,7 +445,11 @@ def load_images(data, root="./data", image_size=32, workers=4, pick=None, flag="
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
         images = list(tqdm(pool.map(decode, [f for f, _ in files]), "loading", len(files), leave=False, disable=None))
     channels = max(len(x) for x in images)  # all grey: one channel; else grey images are repeated into RGB
-    return torch.stack([x.expand(channels, -1, -1) for x in images]), torch.tensor([y for _, y in files]), classes
+    images = torch.stack([x.expand(channels, -1, -1) for x in images])
+    if path is not None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_atomic(path, lambda f: np.save(f, images.numpy()))  # whole or not at all
+    return images, labels, classes
 
 
 NATIVE_SIZE = {"cifar10": 32, "mnist": 28, "fashion-mnist": 28}  # torchvision's data sets, in pixels
@@ -731,7 +750,12 @@ class Trainer:
         self.part = slice(rank * B // world, (rank + 1) * B // world)  # this process's share of every batch
         for stale in glob.glob(os.path.join(self.out, "*.tmp[0-9]*")) if not rank else []:  # left by a kill mid-save
             os.remove(stale)
-        self.images, self.labels = images.to(device), labels.to(device)  # CIFAR-10: 150 MB, so batches are a gather
+        # The images on the GPU if they fit comfortably (CIFAR-10: 150 MB, so batches are a gather), else in pinned
+        # memory if they fit there, else mapped from the decode cache; on a CPU they stay where load_images put them.
+        ram, size = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), images.numel()
+        on_gpu = not cuda or size < torch.cuda.mem_get_info(device)[0] // 4
+        images = images if on_gpu or size > ram // 2 else images.pin_memory()
+        self.images, self.labels = images.to(device) if on_gpu else images, labels.to(device)
         self.compiled = cuda if cfg["compile"] is None else cfg["compile"]
         # CUDA graphs (under DDP too): forward and backward replay as one launch each, not ~1,000 kernels a step.
         # NHWC forced: inductor keeps NCHW if a conv takes 2x the channels it gives (up path), costing ~100 copies.
@@ -750,7 +774,8 @@ class Trainer:
         if self.rank:
             dist.barrier()  # until rank 0 has downloaded the data set, if it must
         try:
-            images, labels, classes = load_images(cfg["data"], cfg["data_root"], cfg["image_size"], cfg["num_workers"])
+            images, labels, classes = load_images(cfg["data"], cfg["data_root"], cfg["image_size"], cfg["num_workers"],
+                                                  cache=True)
         except UserError as e:  # a resumed run whose data went away: say how to go on
             raise UserError(f"{e}; {cfg['out']}/ckpt.pt of step {ckpt['step']} is whole: pass --data with --resume "
                             "to continue it on the data where it is now" if ckpt else e) from None
@@ -794,8 +819,10 @@ class Trainer:
         """Algorithm 1 once: x_0 ~ q(x_0) (this step's batch), then a gradient step on ‖ε − ε_θ(x_t, t)‖²
         (t, ε, x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε: in Diffusion.training_loss). → the lr used."""
         cfg, B, data = self.cfg, self.cfg["batch_size"], self.data
-        idx = batch_indices(len(self.images), B, cfg["seed"], self.step).to(self.device, non_blocking=True)
-        x0 = self.images[idx].float() / 127.5 - 1                                     # pixels x/127.5 − 1 ∈ [-1, 1]
+        idx = batch_indices(len(self.images), B, cfg["seed"], self.step)
+        x0 = self.images[idx.to(self.images.device)].to(self.device, non_blocking=True)
+        x0 = x0.float() / 127.5 - 1                                                     # pixels x/127.5 − 1 ∈ [-1, 1]
+        idx = idx.to(self.device, non_blocking=True)
         flip = torch.rand(B, generator=data, device=self.device) < 0.5 * cfg["flip"]  # random horizontal flip
         x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0).contiguous(memory_format=self.fmt)
         lr = cfg["lr"] * min(1.0, (self.step + 1) / max(1, cfg["warmup"]))         # linear warm-up

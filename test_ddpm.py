@@ -50,6 +50,14 @@ class Oracle(torch.nn.Module):
         return ((x.double() - a.sqrt() * self.x_star.double()) / (1 - a).sqrt()).float()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_root(tmp_path_factory):
+    """train's --data-root (downloads, the decode cache) in a temporary folder, not ./data of wherever pytest runs."""
+    root, ddpm.TRAIN_DEFAULTS["data_root"] = ddpm.TRAIN_DEFAULTS["data_root"], str(tmp_path_factory.mktemp("data"))
+    yield ddpm.TRAIN_DEFAULTS["data_root"]
+    ddpm.TRAIN_DEFAULTS["data_root"] = root
+
+
 @pytest.fixture(scope="session")
 def folder(tmp_path_factory):
     """Two classes of three 16×16 images each, saved as PNG and JPEG."""
@@ -709,6 +717,33 @@ def test_mixed_image_modes_are_converted(tmp_path):
         Image.new(mode, (20, 12)).save(tmp_path / "c" / f"{i}.png")
     images, labels, classes = ddpm.load_images(str(tmp_path), image_size=8, workers=1)
     assert images.shape == (5, 3, 8, 8) and images.dtype == torch.uint8 and classes == ["c"]
+
+
+def test_a_folder_is_decoded_once_into_a_cache_keyed_by_what_made_it(folder, tmp_path, monkeypatch):
+    shutil.copytree(folder, tmp_path / "imgs")
+    data, root, opened = str(tmp_path / "imgs"), str(tmp_path / "root"), []
+    real_open = ddpm.Image.open
+    monkeypatch.setattr(ddpm.Image, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    load = lambda size=16, d=data: (ddpm.load_images(d, root, size, 1, cache=True), len(opened))
+    (first, labels, classes), n = load()
+    cached = glob.glob(os.path.join(root, "cache", "images-*.npy"))
+    assert n == 6 and len(cached) == 1
+    (again, labels2, classes2), n = load()
+    assert n == 6 and torch.equal(again, first) and torch.equal(labels2, labels) and classes2 == classes  # mapped
+    assert load(8)[1] == 12 and len(glob.glob(os.path.join(root, "cache", "*.npy"))) == 2  # another size: its own
+    shutil.copytree(data, tmp_path / "twin")  # the same files in another folder: its own cache too
+    assert load(16, str(tmp_path / "twin"))[1] == 18 and len(glob.glob(os.path.join(root, "cache", "*.npy"))) == 3
+    some = os.path.join(data, "cat", sorted(os.listdir(os.path.join(data, "cat")))[0])
+    os.utime(some, ns=(1, 1))  # a file changed (its time): decoded anew
+    assert load()[1] == 24 and len(glob.glob(os.path.join(root, "cache", "*.npy"))) == 4
+    with open(cached[0], "r+b") as f:  # a damaged cache: decoded anew and rewritten whole, never half-read
+        f.truncate(os.path.getsize(cached[0]) // 2)
+    shutil.rmtree(tmp_path / "imgs")
+    shutil.copytree(folder, tmp_path / "imgs")  # the first files again (copytree keeps their times): the first key
+    opened.clear()
+    (x, _, _), n = load()
+    assert torch.equal(x, first) and n == 6 and os.path.getsize(cached[0]) > x.numel()
+    assert torch.equal(load()[0][0], first) and len(opened) == 6  # whole again: mapped, not decoded
 
 
 def test_pick_decodes_only_the_chosen_images(folder, tmp_path):
