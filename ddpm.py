@@ -752,9 +752,9 @@ class Trainer:
             os.remove(stale)
         # The images on the GPU if they fit comfortably (CIFAR-10: 150 MB, so batches are a gather), else in pinned
         # memory if they fit there, else mapped from the decode cache; on a CPU they stay where load_images put them.
-        ram, size = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), images.numel()
-        on_gpu = not cuda or size < torch.cuda.mem_get_info(device)[0] // 4
-        images = images if on_gpu or size > ram // 2 else images.pin_memory()
+        on_gpu = not cuda or images.numel() < torch.cuda.mem_get_info(device)[0] // 4
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+        images = images if on_gpu or images.numel() > ram // 2 else images.pin_memory()
         self.images, self.labels = images.to(device) if on_gpu else images, labels.to(device)
         self.compiled = cuda if cfg["compile"] is None else cfg["compile"]
         # CUDA graphs (under DDP too): forward and backward replay as one launch each, not ~1,000 kernels a step.
