@@ -201,12 +201,13 @@ class Diffusion:
 
     @staticmethod
     def dpm_solver_step(x, pred_x0, a, a_prev, last_x0=None, h_last=None):
-        """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) from ᾱ = a to a_prev → (x_prev, h): with α = sqrt(ᾱ), σ =
-        sqrt(1 − ᾱ), λ = log(α/σ), the probability-flow ODE solved exactly for x̂_0 linear in λ through this step's and
-        the last one's (last_x0, h_last before); without last_x0, x̂_0 constant: first order, DDIM with η = 0."""
+        """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) from ᾱ = a to a_prev → (x_prev, h): with α = sqrt(ᾱ),
+        σ = sqrt(1 − ᾱ), λ = log(α/σ), the probability-flow ODE solved exactly for x̂_0 linear in λ through
+        this step's and the last one's (last_x0, h_last before); without last_x0, x̂_0 constant: first order,
+        DDIM with η = 0."""
         if a_prev == 1.0:  # the last step, to σ = 0: h = ∞, e^{−h} = 0, and the update below is x̂_0 itself
             return pred_x0, None
-        h = math.log(a_prev / (1 - a_prev)) / 2 - math.log(a / (1 - a)) / 2                   # h_i = λ_i − λ_{i−1}
+        h = math.log(a_prev / (1 - a_prev)) / 2 - math.log(a / (1 - a)) / 2               # h_i = λ_i − λ_{i−1}
         d = pred_x0
         if last_x0 is not None:
             r = h_last / h                                                                       # r_i = h_{i−1} / h_i
@@ -794,8 +795,8 @@ class Trainer:
         if emb is not None and init["classes"] != self.classes and "class_emb.weight" in weights:
             null_row = weights["class_emb.weight"][-1:].float()
             weights["class_emb.weight"] = torch.cat([emb.weight.detach()[:-1].cpu(), null_row])
-            self.say(f"--init {path}: its classes ({', '.join(init['classes'][:4])}, …) are not the data's: the class "
-                     "embedding starts anew, but for the null label's row", file=sys.stderr)
+            self.say(f"--init {path}: its classes ({', '.join(init['classes'][:4])}, ...) are not the data's: the "
+                     "class embedding starts anew, but for the null label's row", file=sys.stderr)
         try:
             self.model.load_state_dict(weights)
         except RuntimeError as e:  # another number of channels, or attention at other levels at this --image-size
@@ -821,7 +822,7 @@ class Trainer:
         cfg, B, data = self.cfg, self.cfg["batch_size"], self.data
         idx = batch_indices(len(self.images), B, cfg["seed"], self.step)
         x0 = self.images[idx.to(self.images.device)].to(self.device, non_blocking=True)
-        x0 = x0.float() / 127.5 - 1                                                     # pixels x/127.5 − 1 ∈ [-1, 1]
+        x0 = x0.float() / 127.5 - 1                                                 # pixels x/127.5 − 1 ∈ [-1, 1]
         idx = idx.to(self.device, non_blocking=True)
         flip = torch.rand(B, generator=data, device=self.device) < 0.5 * cfg["flip"]  # random horizontal flip
         x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0).contiguous(memory_format=self.fmt)
@@ -1048,9 +1049,9 @@ def forward_process(x0, noise, timesteps=1000, columns=10):
 
 
 def schedule_chart(timesteps=1000, steps=10, spacing="quadratic", size=(640, 320)):
-    """The numbers behind the forward process: sqrt(ᾱ_t), the scale of the signal in x_t (Eq. 4), and sqrt(1 − ᾱ_t),
-    the scale of its noise, against t for the linear and cosine schedules; dots where a sampler of `steps` steps with
-    `spacing` evaluates the network, grey dots below where 25 uniform steps (DDIM's) would."""
+    """The numbers behind the forward process: sqrt(ᾱ_t), the scale of the signal in x_t (Eq. 4), and
+    sqrt(1 − ᾱ_t), the scale of its noise, against t for the linear and cosine schedules; dots where a sampler
+    of `steps` steps with `spacing` evaluates the network, grey dots below where 25 uniform steps (DDIM's) would."""
     curves, ticks = [], [("l", f, f"{f:.1f}", "white") for f in (0, 0.5, 1)]
     for schedule, colours in (("linear", ("white", (90, 160, 255))), ("cosine", ("orange", (230, 80, 80)))):
         d = Diffusion(timesteps, schedule)
