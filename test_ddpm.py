@@ -414,8 +414,10 @@ def test_a_checkpoint_that_would_call_os_system_is_refused_by_name(tmp_path, cap
             return (os.system, (f"touch {marker}",))
     path = str(tmp_path / "evil.pt")
     torch.save({"config": {}, "classes": [], "ema": Evil(), "step": 0}, path)
-    code, err = run_main(["sample", "--ckpt", path], capsys)
-    assert code == 2 and "refused" in err and "posix.system" in err and "corrupt" not in err and not marker.exists()
+    for argv in (["sample", "--ckpt", path], ["train", "--data", "imgs", "--init", path, "--out", str(tmp_path / "r")]):
+        code, err = run_main(argv, capsys)
+        assert code == 2 and "refused" in err and "posix.system" in err and "corrupt" not in err and not marker.exists()
+    assert not os.path.exists(tmp_path / "r")
 
 
 def test_a_run_that_fails_before_its_first_step_leaves_no_folder(tmp_path, monkeypatch, capsys):
