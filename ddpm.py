@@ -137,8 +137,6 @@ class Diffusion:
         T = self.num_timesteps
         if steps is None:
             return list(range(T))
-        if steps == 1:  # from the noise x_{T−1} straight to x̂_0
-            return [T - 1]
         u = torch.linspace(0, 1, steps, dtype=torch.float64)
         if spacing == "uniform":
             ts = torch.linspace(0, T - 1, steps)
@@ -150,6 +148,7 @@ class Diffusion:
         else:
             raise ValueError(f"unknown spacing {spacing!r}: use 'uniform', 'quadratic' or 'logsnr'")
         ts = ts.round().long().tolist() + [T]
+        ts[steps - 1] = T - 1  # every sampler starts at the noise x_{T−1} (one step: from there straight to x̂_0)
         for i in range(1, steps):  # where rounding crowds steps together (a few t apart), move them apart ...
             ts[i] = max(ts[i], ts[i - 1] + 1)
         for i in reversed(range(steps)):  # ... and keep them below T: `steps` distinct t, never fewer
@@ -1058,8 +1057,7 @@ def schedule_chart(timesteps=1000, steps=10, spacing="quadratic", size=(640, 320
         for scale, colour in zip((d.alphas_cumprod.sqrt(), (1 - d.alphas_cumprod).sqrt()), colours):
             curves.append(([(t, float(scale[t])) for t in range(timesteps)], colour, 2, False))
             curves.append(([(t, float(scale[t])) for t in d.sampling_steps(steps, spacing)], colour, 0, True))
-    ddim25 = Diffusion(timesteps).sampling_steps(min(25, timesteps))
-    curves.append(([(t, 0.0) for t in ddim25], (150, 150, 150), 0, True))
+    curves.append(([(t, 0.0) for t in d.sampling_steps(min(25, timesteps))], (150, 150, 150), 0, True))
     texts = [((size[0] // 2 - 10, size[1] - 13), "t", "white"), ((48, 2), "linear: signal sqrt(abar_t)", "white"),
              ((220, 2), "noise sqrt(1 - abar_t)", (90, 160, 255)), ((380, 2), "cosine: signal", "orange"),
              ((480, 2), "noise", (230, 80, 80)), ((size[0] // 2 + 30, size[1] - 13), f"dots: the t of {steps} "
