@@ -127,7 +127,7 @@ class Diffusion:
         if y is not None and p_uncond > 0:
             drop = torch.rand(y.shape, generator=generator, device=y.device) < p_uncond
             y = torch.where(drop, torch.full_like(y, model.num_classes), y)
-        eps = model(self.q_sample(x0, t, noise)[part], t[part], None if y is None else y[part])
+        eps = model(self.q_sample(x0[part], t[part], noise[part]), t[part], None if y is None else y[part])
         return F.mse_loss(eps.float(), noise[part])  # in float32 even when the network ran in bf16
 
     def sampling_steps(self, steps=None, spacing="uniform"):
@@ -611,12 +611,13 @@ def ensure_writable(folder, flag):
         raise UserError(f"{flag} {folder}: cannot write there ({e.strerror})") from None
 
 
-def load_checkpoint(path):
-    """Load with weights_only=True (tensors and plain values only: a crafted file cannot run code), or UserError."""
+def load_checkpoint(path, mmap=False):
+    """Load with weights_only=True (tensors and plain values only: a crafted file cannot run code), or UserError.
+    mmap: the tensors are mapped from the file, not read, until used (for a look at the config only)."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))  # "Unsupported global: GLOBAL x.y", "unsupported GLOBAL x.y …"
         if found:  # a pickled Python object, maybe one that runs code when loaded: never unpickled
@@ -1101,7 +1102,7 @@ def cmd_train(args):
     else:
         cfg = {**TRAIN_DEFAULTS, **PRESETS[args.preset], **given}
         if cfg["init"]:  # fine-tuning: the network and schedule are --init's, and its image size unless given
-            init = load_checkpoint(cfg["init"])["config"]
+            init = load_checkpoint(cfg["init"], mmap=True)["config"]  # the weights are read once, by the Trainer
             for key in INIT_KEYS:
                 if key in given and given[key] != init[key]:
                     raise UserError(f"--{key.replace('_', '-')} {given[key]}: the network comes from --init "
