@@ -6,7 +6,6 @@ ddpm.py: Denoising Diffusion Probabilistic Models in one file, read top to botto
     DPM++  Lu et al. 2022, https://arxiv.org/abs/2211.01095           (DPM-Solver++: second order, fewer steps still)
     CFG    Ho & Salimans 2022, https://arxiv.org/abs/2207.12598       (classifier-free guidance)
     cosine Nichol & Dhariwal 2021, https://arxiv.org/abs/2102.09672   (cosine noise schedule)
-    FID    Heusel et al. 2017, https://arxiv.org/abs/1706.08500       (Fréchet Inception Distance)
 
 Usage: python ddpm.py train --help (default: the paper's CIFAR-10 setup; on a CPU: --preset small --data mnist),
 python ddpm.py sample --help (e.g. --class ship: guided samples; --sampler: ancestral, ddim, dpm++; --process: a GIF),
@@ -16,13 +15,14 @@ python ddpm.py fid --help (FID of a checkpoint's samples or an image folder, e.g
 Notation: T steps, 0-based in code, t ∈ {0, …, T−1}: code t is the paper's t + 1 (t = 0: last denoising
 step). β_t is the noise variance of step t, α_t = 1 − β_t, ᾱ_t = ∏_{s≤t} α_s. Data x_0 is in [-1, 1];
 x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε, ε ~ N(0, I); the network predicts ε: ε̂ = ε_θ(x_t, t, y).
-Sections 1-8 (schedule and diffusion math, U-Net, EMA, data, FID, training, sampling, command line) each use only
-the ones above and no module globals, so any of them can be copied out alone.
+Sections 1-7 (schedule and diffusion math, U-Net, EMA, data, training, sampling, command line) each use only the
+ones above and no module globals, so any of them can be copied out alone. FID (fid.py) and the pictures
+(pictures.py) are modules of their own, imported only by the commands that use them.
 """
-import argparse, copy, glob, json, math, os, re, signal, sys, tempfile, time
+import argparse, copy, glob, importlib, json, math, os, re, signal, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
-from itertools import islice
 from contextlib import nullcontext
+from itertools import islice
 
 import torch
 import torch.distributed as dist
@@ -37,8 +37,7 @@ def make_betas(schedule, timesteps):
     """β_0 … β_{T−1} as a (T,) float64 tensor; float64 because ᾱ is a product of 1000 numbers near 1."""
     if schedule == "linear":
         # Ho et al.: 1e-4 → 0.02 for T = 1000; × 1000/T, so any T ends at ᾱ_{T−1} ≈ 0 (x_{T−1} is noise)
-        scale = 1000 / timesteps
-        betas = torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
+        betas = torch.linspace(1000 / timesteps * 1e-4, 1000 / timesteps * 0.02, timesteps, dtype=torch.float64)
     elif schedule == "cosine":
         # Nichol & Dhariwal Eq. 17: ᾱ(t) = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s) · π/2), s = 0.008
         f = torch.cos((torch.arange(timesteps + 1, dtype=torch.float64) / timesteps + 0.008) / 1.008 * math.pi / 2) ** 2
@@ -56,8 +55,7 @@ class Diffusion:
     """Forward process q, reverse process p_θ, loss and samplers. Schedules: (T,) float32 computed in float64;
     t: LongTensor (B,) of 0-based steps; x: (B, C, H, W) in [-1, 1]; `model(x_t, t, y)` returns ε̂ shaped as x_t."""
     def __init__(self, timesteps=1000, schedule="linear", variance="fixedlarge", device=None):
-        self.num_timesteps = timesteps
-        betas = make_betas(schedule, timesteps)
+        self.num_timesteps, betas = timesteps, make_betas(schedule, timesteps)
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)                                           # ᾱ_t
         alphas_cumprod_prev = F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)                # ᾱ_{t−1}, 1 at t = 0
         # Eq. 7: β̃_t = (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · β_t; it is 0 at t = 0, where x_1 determines x_0.
@@ -66,8 +64,7 @@ class Diffusion:
         # fixedlarge puts β̃ of code t = 1 at t = 0, as their code does, so log σ² stays finite there.
         fixedlarge = torch.cat([posterior_variance[1:2], betas[1:]])
         model_variance = {"fixedlarge": fixedlarge, "fixedsmall": posterior_variance}[variance]  # KeyError if neither
-        tensors = dict(
-            betas=betas, alphas_cumprod=alphas_cumprod, alphas_cumprod_prev=alphas_cumprod_prev,
+        tensors = dict(betas=betas, alphas_cumprod=alphas_cumprod, alphas_cumprod_prev=alphas_cumprod_prev,
             sqrt_alphas_cumprod=alphas_cumprod.sqrt(), sqrt_one_minus_alphas_cumprod=(1 - alphas_cumprod).sqrt(),
             sqrt_recip_alphas_cumprod=alphas_cumprod.rsqrt(),
             sqrt_recipm1_alphas_cumprod=(1 / alphas_cumprod - 1).sqrt(),
@@ -80,8 +77,7 @@ class Diffusion:
             setattr(self, name, value.to(device, torch.float32))
 
     def q_sample(self, x0, t, noise):
-        """Draw x_t ~ q(x_t | x_0) with the given ε = noise."""
-        # Eq. 4: x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε
+        """x_t ~ q(x_t | x_0) for the given ε = noise. Eq. 4: x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε"""
         return _extract(self.sqrt_alphas_cumprod, t, x0) * x0 + \
             _extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
 
@@ -96,9 +92,8 @@ class Diffusion:
         return mean, _extract(self.posterior_variance, t, x_t)
 
     def predict_eps(self, model, x_t, t, y=None, guidance=1.0):
-        """ε̂, with classifier-free guidance if y is given and guidance ≠ 1: ε̃ = ε_u + s (ε_c − ε_u), where
-        ε_u is the prediction for the null label (index model.num_classes) and s = guidance. s = 1 is the plain
-        conditional model, s = 0 the unconditional one; Ho & Salimans write (1 + w) ε_c − w ε_u, so w = s − 1."""
+        """ε̂, guided if y is given and guidance ≠ 1: ε̃ = ε_u + s (ε_c − ε_u), ε_u for the null label (index
+        model.num_classes), s = guidance: 1 conditional, 0 unconditional (Ho & Salimans' w = s − 1)."""
         if y is None or guidance == 1.0:
             return model(x_t, t, y).float()
         null = torch.full_like(y, model.num_classes)
@@ -108,15 +103,13 @@ class Diffusion:
 
     def predict_x0(self, model, x_t, t, y=None, guidance=1.0):
         """x̂_0 from the (guided) ε̂, clipped: what every sampler steps with."""
-        eps = self.predict_eps(model, x_t, t, y, guidance)
         # Clip x̂_0, not x_t: data lies in [-1, 1], and an out-of-range x̂_0 pulls the mean off it (colour shift).
-        return self.predict_x0_from_eps(x_t, t, eps).clamp(-1, 1)
+        return self.predict_x0_from_eps(x_t, t, self.predict_eps(model, x_t, t, y, guidance)).clamp(-1, 1)
 
     def p_mean_variance(self, model, x_t, t, y=None, guidance=1.0):
         """Mean and variance of p_θ(x_{t−1} | x_t), and the clipped x̂_0 the mean was formed from."""
-        pred_x0 = self.predict_x0(model, x_t, t, y, guidance)
-        mean, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)    # Eq. 11 written through x̂_0
-        return mean, _extract(self.model_variance, t, x_t), pred_x0
+        pred_x0 = self.predict_x0(model, x_t, t, y, guidance)  # Eq. 11, the mean written through x̂_0:
+        return self.q_posterior_mean_variance(pred_x0, x_t, t)[0], _extract(self.model_variance, t, x_t), pred_x0
 
     def training_loss(self, model, x0, y=None, p_uncond=0.0, generator=None, part=slice(None)):
         """Algorithm 1: t ~ U{0, …, T−1}, ε ~ N(0, I), loss = ‖ε − ε_θ(x_t, t)‖², pixel mean (Eq. 14).
@@ -158,19 +151,16 @@ class Diffusion:
     @torch.inference_mode()
     def sample(self, model, n, y=None, guidance=1.0, steps=None, eta=0.0, generator=None, noise=None, progress=False,
                callback=None, sampler=None, spacing="uniform"):
-        """Draw n images (n, C, H, W) in [-1, 1] from the reverse process, starting at x_{T−1} = noise ~ N(0, I), by
-        "ancestral" (steps=None's default): Algorithm 2 over all T steps; "ddim" (steps=S's default): DDIM over the S
-        steps sampling_steps(S, spacing) gives, eta = 0 deterministic, 1 DDPM-like (σ²_t = β_t would be very bad with
-        few steps: DDIM, Table 1); "dpm++": DPM-Solver++(2M) over those steps, deterministic, second order.
-        callback(t, x_t, x̂_0) is called at every step (the pictures of the process); at t = 0, x̂_0 is the result."""
+        """n images (n, C, H, W) in [-1, 1] from x_{T−1} = noise ~ N(0, I) by "ancestral" (steps=None's default):
+        Algorithm 2 over all T steps; "ddim" (steps=S's default): DDIM over the S steps of sampling_steps(S, spacing),
+        eta 0 deterministic, 1 DDPM-like (σ²_t = β_t is very bad with few steps: DDIM, Table 1); "dpm++": DPM-Solver++
+        (2M) over them. callback(t, x_t, x̂_0) is called at every step; at t = 0, x̂_0 is the result."""
         sampler = sampler or ("ancestral" if steps is None else "ddim")
         if sampler not in ("ancestral", "ddim", "dpm++") or sampler == "ancestral" and steps is not None:
             raise ValueError(f"sampler {sampler!r} with steps={steps}: ancestral takes all T steps, ddim, dpm++ any")
-        p = next(model.parameters())
-        shape = (n, model.in_channels, model.image_size, model.image_size)
-        x = torch.randn(shape, generator=generator, device=p.device) if noise is None else noise.to(p.device)
-        ts = self.sampling_steps(steps, spacing)
-        alphas_cumprod = self.alphas_cumprod.tolist()  # ᾱ as Python floats: no device sync per step
+        shape, device = (n, model.in_channels, model.image_size, model.image_size), next(model.parameters()).device
+        x = torch.randn(shape, generator=generator, device=device) if noise is None else noise.to(device)
+        ts, alphas_cumprod = self.sampling_steps(steps, spacing), self.alphas_cumprod.tolist()  # floats: no syncs
         last_x0 = h_last = None  # DPM-Solver++'s memory: x̂_0 and the step h of the previous step
         for i in tqdm(reversed(range(len(ts))), "sampling", len(ts), leave=False, disable=None if progress else True):
             t = torch.full((n,), ts[i], device=x.device, dtype=torch.long)
@@ -200,10 +190,9 @@ class Diffusion:
 
     @staticmethod
     def dpm_solver_step(x, pred_x0, a, a_prev, last_x0=None, h_last=None):
-        """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) from ᾱ = a to a_prev → (x_prev, h): with α = sqrt(ᾱ),
-        σ = sqrt(1 − ᾱ), λ = log(α/σ), the probability-flow ODE solved exactly for x̂_0 linear in λ through
-        this step's and the last one's (last_x0, h_last before); without last_x0, x̂_0 constant: first order,
-        DDIM with η = 0."""
+        """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) from ᾱ = a to a_prev → (x_prev, h): with α = sqrt(ᾱ), σ =
+        sqrt(1 − ᾱ), λ = log(α/σ), the probability-flow ODE solved exactly for x̂_0 linear in λ through this step's and
+        the last one's (last_x0, h_last before); without last_x0, x̂_0 constant: first order, DDIM with η = 0."""
         if a_prev == 1.0:  # the last step, to σ = 0: h = ∞, e^{−h} = 0, and the update below is x̂_0 itself
             return pred_x0, None
         h = math.log(a_prev / (1 - a_prev)) / 2 - math.log(a / (1 - a)) / 2               # h_i = λ_i − λ_{i−1}
@@ -308,11 +297,10 @@ class UNet(nn.Module):
         emb = self.time_mlp(timestep_embedding(t, self.ch))                            # (B, 4·ch)
         if self.class_emb is not None:
             emb = emb + self.class_emb(torch.full_like(t, self.num_classes) if y is None else y)
-        h = self.conv_in(x)
-        hs = [h]
+        hs = [self.conv_in(x)]  # every output on the way down: the skips
         for layer in self.down:
-            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
-            hs.append(h)
+            hs.append(layer(hs[-1], emb) if isinstance(layer, ResBlock) else layer(hs[-1]))
+        h = hs[-1]
         for layer in self.mid:
             h = layer(h, emb)
         for layer in self.up:  # each residual block takes one skip; up-sampling layers take none
@@ -344,12 +332,27 @@ class EMA:
         self.model.load_state_dict(state["model"])
 
 
-# ======== 4. Data: the whole training set decoded once into memory as uint8 =========================================
+# ======== 4. Data: the whole training set decoded once into memory as uint8; files written whole ==================
 class UserError(Exception):
     """A problem the user can fix: reported as one line on stderr, exit code `code`, no traceback."""
     def __init__(self, message, code=2):
         super().__init__(message)
         self.code = code
+
+
+def need(name, what):
+    """fid.py or pictures.py, imported when `what` needs it (so ddpm.py alone trains and samples), or UserError."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise UserError(missing(e, what)) from None
+
+
+def missing(error, what):  # the line for an ImportError
+    name = (error.name or str(error)).split(".")[0]
+    if name in ("fid", "pictures"):
+        return f"{what} needs {name}.py, which comes with ddpm.py: put it beside ddpm.py"
+    return f"{what} needs {name}: pip install {name.replace('_', '-')}"
 
 
 def save_atomic(path, write, durable=False):
@@ -388,26 +391,11 @@ def load_images(data, root="./data", image_size=32, workers=4, pick=None, flag="
     downloaded into root) or a folder data/<class>/*.png|jpg (or data/*.png: one class), decoded once, now: a bad
     file is refused before training, not hours in. C = 1 if all images are grey, else 3; resize + centre crop to S
     (image_size None: the first image's shorter side). pick(N) → indices: only those of the N images are kept,
-    chosen before any is decoded (default: all). flag: what the messages call `data`. cache (a folder, all images):
-    the decoded pixels are kept in root/cache/images-<hash>.npy and mapped from there on later calls, the hash taken
-    over the folder, every file's name, size and modification time and the image size, so a changed folder is
-    decoded anew and two folders never share a file; a damaged one is decoded anew too."""
-    import torchvision.transforms.functional as TF
+    chosen before any is decoded (default: all). flag: what the messages call `data`. cache: a folder's pixels are
+    kept in root/cache/ (cached_images)."""
     sets = {"cifar10": "CIFAR10", "mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
     if data in sets:
-        import torchvision
-        try:
-            ds = getattr(torchvision.datasets, sets[data])(root, train=True, download=True)
-        except Exception as e:  # no network, full disk: say so in one line
-            raise UserError(f"could not get {data} into {root} ({e}); pass --data path/to/images instead")
-        keep = slice(None) if pick is None else pick(len(ds.data))
-        images = torch.as_tensor(ds.data)[keep]  # CIFAR-10: (N, 32, 32, 3); MNIST: (N, 28, 28), grey
-        images = images[:, None] if images.dim() == 3 else images.permute(0, 3, 1, 2).contiguous()
-        if image_size != images.shape[-1]:
-            images = TF.resize(images, [image_size, image_size], antialias=True)
-        # Names to type after --class: "7 - seven" → "7", "T-shirt/top" → "t-shirt", "Ankle boot" → "ankle-boot"
-        classes = [c.split(" - ")[0].split("/")[0].lower().replace(" ", "-") for c in ds.classes]
-        return images, torch.as_tensor(ds.targets)[keep], classes
+        return torchvision_images(data, sets[data], root, image_size, pick)
     if not os.path.isdir(data):
         raise UserError(f"{flag} {data}: no such folder (use {', '.join(sets)} or a folder <folder>/<class>/*.png)")
     classes = sorted(d for d in os.listdir(data) if os.path.isdir(os.path.join(data, d)) and not d.startswith("."))
@@ -421,35 +409,71 @@ def load_images(data, root="./data", image_size=32, workers=4, pick=None, flag="
     if image_size is None:
         with Image.open(files[0][0]) as im:
             image_size = min(im.size)
-    labels, path = torch.tensor([y for _, y in files]), None
+    paths, labels = [f for f, _ in files], torch.tensor([y for _, y in files])
     if cache and pick is None:
-        import hashlib, numpy as np
-        made_of = [(os.path.relpath(f, data), s.st_size, s.st_mtime_ns) for f, s in ((f, os.stat(f)) for f, _ in files)]
-        key = hashlib.sha256(repr((os.path.abspath(data), image_size, made_of)).encode()).hexdigest()[:20]
-        path = os.path.join(root, "cache", f"images-{key}.npy")
-        try:  # mapped, not read: pages come from disk as batches touch them (copy-on-write, so torch may index it)
-            images = torch.from_numpy(np.load(path, mmap_mode="c"))
-            if images.shape[0] == len(files) and images.shape[1] in (1, 3) and images.shape[2:] == (image_size,) * 2:
-                return images, labels, classes
-        except Exception:  # none yet, or truncated or damaged: it is only a cache, decoded anew
-            pass
+        return cached_images(data, paths, image_size, root, workers), labels, classes
+    return decode_images(paths, image_size, workers), labels, classes
+
+
+def torchvision_images(data, name, root, image_size, pick=None):
+    """load_images of torchvision's data set `name` (its training split), downloaded into root."""
+    import torchvision
+    import torchvision.transforms.functional as TF
+    try:
+        ds = getattr(torchvision.datasets, name)(root, train=True, download=True)
+    except Exception as e:  # no network, full disk: say so in one line
+        raise UserError(f"could not get {data} into {root} ({e}); pass --data path/to/images instead")
+    keep = slice(None) if pick is None else pick(len(ds.data))
+    images = torch.as_tensor(ds.data)[keep]  # CIFAR-10: (N, 32, 32, 3); MNIST: (N, 28, 28), grey
+    images = images[:, None] if images.dim() == 3 else images.permute(0, 3, 1, 2).contiguous()
+    if image_size != images.shape[-1]:
+        images = TF.resize(images, [image_size, image_size], antialias=True)
+    # Names to type after --class: "7 - seven" → "7", "T-shirt/top" → "t-shirt", "Ankle boot" → "ankle-boot"
+    classes = [c.split(" - ")[0].split("/")[0].lower().replace(" ", "-") for c in ds.classes]
+    return images, torch.as_tensor(ds.targets)[keep], classes
+
+
+def decode_images(paths, image_size, workers=4):
+    """Image files → uint8 (N, C, S, S), each resized on its short side to S and centre-cropped, decoded in threads
+    (PIL releases the GIL); C = 1 if every image is grey, else 3, grey images repeated into R, G and B."""
+    import torchvision.transforms.functional as TF
 
     def decode(path):
         try:
             with Image.open(path) as im:
                 im = im.convert("L" if im.mode in ("1", "L", "LA", "I", "I;16") else "RGB")
-                im = TF.center_crop(TF.resize(im, image_size), image_size)
+                return TF.pil_to_tensor(TF.center_crop(TF.resize(im, image_size), image_size))
         except Exception as e:
             raise UserError(f"cannot read image {path} ({type(e).__name__}); fix or remove it")
-        return TF.pil_to_tensor(im)
-    with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
-        images = list(tqdm(pool.map(decode, [f for f, _ in files]), "loading", len(files), leave=False, disable=None))
-    channels = max(len(x) for x in images)  # all grey: one channel; else grey images are repeated into RGB
-    images = torch.stack([x.expand(channels, -1, -1) for x in images])
-    if path is not None:
+    with ThreadPoolExecutor(workers) as pool:
+        images = list(tqdm(pool.map(decode, paths), "loading", len(paths), leave=False, disable=None))
+    channels = max(len(x) for x in images)
+    return torch.stack([x.expand(channels, -1, -1) for x in images])
+
+
+def cached_images(data, paths, image_size, root, workers=4):
+    """decode_images of the folder data, kept in root/cache/images-<hash>.npy and mapped from there on later calls.
+    The hash covers the folder, every file's name, size and modification time and the image size, so a changed
+    folder is decoded anew and two folders never share a file. A damaged cache is decoded anew, and one that cannot
+    be written (a full disk) is skipped with a note: a cache is never a reason to stop."""
+    import hashlib, numpy as np
+    made_of = [(os.path.relpath(f, data), s.st_size, s.st_mtime_ns) for f, s in ((f, os.stat(f)) for f in paths)]
+    key = hashlib.sha256(repr((os.path.abspath(data), image_size, made_of)).encode()).hexdigest()[:20]
+    path = os.path.join(root, "cache", f"images-{key}.npy")
+    try:  # mapped, not read: pages come from disk as batches touch them (copy-on-write, so torch may index it)
+        images = torch.from_numpy(np.load(path, mmap_mode="c"))
+        if images.shape[0] == len(paths) and images.shape[1] in (1, 3) and images.shape[2:] == (image_size,) * 2:
+            return images
+    except Exception:  # none yet, or truncated or damaged: decoded anew
+        pass
+    images = decode_images(paths, image_size, workers)
+    try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_atomic(path, lambda f: np.save(f, images.numpy()))  # whole or not at all
-    return images, labels, classes
+    except Exception as e:
+        print(f"note: the decoded images are not cached in {os.path.dirname(path)} "
+              f"({getattr(e, 'strerror', None) or e}); they are decoded again next time", file=sys.stderr)
+    return images
 
 
 NATIVE_SIZE = {"cifar10": 32, "mnist": 28, "fashion-mnist": 28}  # torchvision's data sets, in pixels
@@ -467,96 +491,25 @@ def batch_indices(n, batch_size, seed, step):
     return torch.cat(out)
 
 
-# ======== 5. FID: the Fréchet distance of Inception features, as the papers measure it (Heusel et al. 2017) =========
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """FID = ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁ Σ₂)^½), in float64.
-    Tr((Σ₁ Σ₂)^½) = Σᵢ sqrt(λᵢ), λ the eigenvalues of sqrt(Σ₁) Σ₂ sqrt(Σ₁): symmetric PSD,
-    so eigvalsh is stable, also for a rank-deficient Σ (fewer samples than features)."""
-    mu1, sigma1, mu2, sigma2 = (torch.as_tensor(v, dtype=torch.float64) for v in (mu1, sigma1, mu2, sigma2))
-    w, v = torch.linalg.eigh(sigma1)
-    root1 = (v * w.clamp(min=0).sqrt()) @ v.T                                                          # sqrt(Σ₁)
-    m = root1 @ sigma2 @ root1
-    lam = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0)  # rounding makes tiny negative eigenvalues: clip them
-    return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * lam.sqrt().sum())
+def fid_reference(fid, net, ref, root="./data", image_size=32, n=None, workers=4, channels=None):
+    """fid.reference_stats of --ref: an .npz with mu and sigma, or cifar10, mnist, an image folder decoded as training
+    decodes it at image_size (all its images or a fixed random n), their statistics cached in root/fid/."""
+    decode = lambda ref: load_images(ref, root, image_size, workers, random_subset(n), flag="--ref")[0]
+    return fid.reference_stats(net, ref, decode, os.path.join(root, "fid"), channels)
 
 
-def load_inception(path=None, device=torch.device("cpu")):
-    """TensorFlow's Inception of 2015-12-05 (pool3, 2048 features), the network FID is defined with, as torch-fidelity
-    ports it: uint8 RGB in, resized to 299 px inside with TF1's bilinear resize. path: a local copy of its weights
-    (offline); None: torch-fidelity downloads them once. torchvision's ImageNet Inception gives other numbers."""
+def inception(path, device):
+    """fid.py and its Inception network (weights from path, else $DDPM_INCEPTION, else downloaded), or UserError."""
+    fid = need("fid", "FID")
     try:
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    except ImportError:
-        raise UserError("FID needs torch-fidelity: pip install torch-fidelity") from None
-    if path is not None and not os.path.isfile(path):
-        raise UserError(f"--inception {path}: no such file")
-    try:
-        if path is not None:  # torch-fidelity loads with weights_only=False: only a file of plain tensors gets there
-            torch.load(path, map_location="cpu", weights_only=True)
-        with torch.random.fork_rng(devices=[]):  # building its layers draws initial weights: not from training's RNG
-            net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=path)
-    except Exception as e:
-        raise UserError(f"cannot load the Inception weights {path or '(download)'} ({type(e).__name__}); offline, "
-                        "pass --inception PATH to a local copy (or set DDPM_INCEPTION)") from None
-    return net.to(device, memory_format=torch.channels_last)  # in eval mode already, as FID needs it
+        return fid, fid.load_inception(path or os.environ.get("DDPM_INCEPTION"), device)
+    except ImportError as e:
+        raise UserError(missing(e, "FID")) from None
+    except fid.FIDError as e:
+        raise UserError(f"{e}; offline, pass --inception PATH to a local copy (or set DDPM_INCEPTION)") from None
 
 
-@torch.inference_mode()
-def inception_stats(net, batches):
-    """μ, Σ (float64) and n of the Inception features of uint8 image batches (B, C, H, W); grey images (C = 1) enter
-    as R = G = B, as PIL's convert("RGB") makes them. Σ is the unbiased covariance, from sums: no (n, 2048) array."""
-    device, n, total, outer = next(net.parameters()).device, 0, 0, 0
-    for x in batches:
-        with torch.autocast(device.type, enabled=False):  # fp32 even inside a sampler's bf16 autocast
-            f = net(x.expand(-1, 3, -1, -1).to(device))[0].double().cpu()
-        n, total, outer = n + len(f), total + f.sum(0), outer + f.T @ f
-    if n < 2:
-        raise UserError(f"FID needs a covariance, so at least 2 images; got {n}")
-    mu = total / n
-    return mu, (outer - n * torch.outer(mu, mu)) / (n - 1), n
-
-
-def cached_stats(net, images, cache_dir, batch_size=50):
-    """inception_stats of uint8 images (N, C, H, W), kept in cache_dir/inception-<hash>.npz. The hash covers what
-    produced them: the pixels themselves, the network's weights and the torch-fidelity version, so a changed data set
-    or network is computed anew, and two sets never share a file (the key stored inside is checked on loading)."""
-    import hashlib, numpy as np, torch_fidelity
-    key = hashlib.sha256(f"{tuple(images.shape)} {torch_fidelity.__version__}".encode())
-    for value in [*net.state_dict().values(), images]:
-        key.update(value.cpu().contiguous().numpy().tobytes())
-    key, path = key.hexdigest(), os.path.join(cache_dir, f"inception-{key.hexdigest()[:20]}.npz")
-    try:
-        with np.load(path) as f:
-            if str(f["key"]) == key:
-                return torch.from_numpy(f["mu"]), torch.from_numpy(f["sigma"]), int(f["n"])
-    except Exception:  # none yet, or truncated or corrupt: it is only a cache, computed anew
-        pass
-    mu, sigma, n = inception_stats(net, tqdm(images.split(batch_size), "reference", leave=False, disable=None))
-    os.makedirs(cache_dir, exist_ok=True)
-    save_atomic(path, lambda f: np.savez(f, mu=mu.numpy(), sigma=sigma.numpy(), n=n, key=key))
-    return mu, sigma, n
-
-
-def reference_stats(net, ref, root="./data", image_size=32, n=None, workers=4, channels=None):
-    """(μ, Σ, n) of the reference `ref`: an .npz with mu and sigma (pytorch-fid's and EDM's format; n None if it has
-    none), or cifar10, mnist, an image folder, decoded as training decodes it, at image_size, all images or a fixed
-    random n of them, refused unless they have `channels` (if given); their statistics are cached in root/fid/."""
-    if ref.endswith(".npz"):
-        import numpy as np
-        try:
-            with np.load(ref) as f:
-                return torch.from_numpy(f["mu"]), torch.from_numpy(f["sigma"]), int(f["n"]) if "n" in f else None
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"--ref {ref}: not an .npz with arrays mu and sigma ({type(e).__name__}: {e})") from None
-    images = load_images(ref, root, image_size, workers, random_subset(n), flag="--ref")[0]
-    if channels is not None and images.shape[1] != channels:
-        kind = lambda c: "grey" if c == 1 else "RGB"
-        raise UserError(f"--ref {ref} is {kind(images.shape[1])}, the samples are {kind(channels)}: FID would score "
-                        "the colour (grey enters Inception as R = G = B); compare grey with grey")
-    return cached_stats(net, images, os.path.join(root, "fid"))
-
-
-# ======== 6. Training: Algorithm 1 with Adam, warm-up, clipping, EMA, atomic checkpoints and exact resume ===========
+# ======== 5. Training: Algorithm 1 with Adam, warm-up, clipping, EMA, atomic checkpoints and exact resume ===========
 TRAIN_DEFAULTS = dict(  # Ho et al.'s CIFAR-10 run; every value is a `train` flag (ch_mult → --ch-mult)
     data="cifar10", data_root="./data", image_size=None, flip=None, unconditional=False, out=None, steps=800_000,
     batch_size=128, lr=2e-4, warmup=5000, grad_clip=1.0, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
@@ -629,10 +582,10 @@ def load_checkpoint(path, mmap=False):
     return ckpt
 
 
-def to_image(x, nrow, padding=1):
+def to_image(x, nrow):
     """Images (B, C, H, W) in [-1, 1] → one PIL grid, grey ("L") for one channel, quantised as torchvision does."""
     from torchvision.utils import make_grid
-    grid = make_grid(to_uint8(x), nrow=nrow, padding=padding)[:x.shape[1]]  # make_grid makes grey RGB
+    grid = make_grid(to_uint8(x), nrow=nrow, padding=1)[:x.shape[1]]  # make_grid makes grey RGB
     return Image.fromarray(grid.permute(1, 2, 0).squeeze(2).numpy())
 
 
@@ -640,58 +593,6 @@ def class_rows(num_classes, n):
     """Labels for a grid with one row per class, about n images in all → (labels, images per row)."""
     per = max(1, math.ceil(n / num_classes))
     return torch.arange(num_classes).repeat_interleave(per), per
-
-
-def line_chart(curves, x_max, ticks, texts, size=(640, 320)):
-    """A line chart drawn with Pillow (no plotting library to install) → PIL image. curves: [(points [(x, f)], colour,
-    line width (0: dots only), dots)], x in [0, x_max], f in [0, 1] the height in the frame; ticks: [(side "l" or "r",
-    f, text, colour)] beside the frame; texts: [((x, y), text, colour)]. x is labelled at 0, x_max / 2 and x_max."""
-    from PIL import ImageDraw
-    (W, H), (left, right, top, bottom) = size, (40, 48, 16, 30)
-    at = lambda x, f: (left + (W - left - right) * x / max(x_max, 1), H - bottom - (H - top - bottom) * f)
-    image = Image.new("RGB", size)
-    draw = ImageDraw.Draw(image)
-    for points, colour, width, dots in curves:
-        if width:
-            draw.line([at(*p) for p in points], fill=colour, width=width)
-        for px, py in [at(*p) for p in points] if dots else []:
-            draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=colour)
-    for side, f, text, colour in ticks:
-        draw.text((4 if side == "l" else W - right + 4, at(0, f)[1] - 6), text, fill=colour)
-    draw.rectangle((left, top, W - right, H - bottom), outline=(160, 160, 160))
-    for s in (0, x_max // 2, x_max):
-        draw.text((at(s, 0)[0] - 3 * len(str(s)), H - bottom + 3), str(s), fill="white")
-    for xy, text, colour in texts:
-        draw.text(xy, text, fill=colour)
-    return image
-
-
-def plot_progress(log_path, png_path, size=(640, 320)):
-    """A picture of log.txt: the loss against the step on a log scale (grey: each log line; white: smoothed) and the
-    FID where measured (orange, its scale on the right)."""
-    with open(log_path) as f:
-        text = f.read()
-    # the last value of each step (a resumed run logs again the steps after its checkpoint), in order of the step
-    loss, fid = (sorted({int(s): float(v) for s, v in re.findall(rf"^step (\d+) {key} (\S+)", text, re.M)}.items())
-                 for key in ("loss", "fid"))
-    loss = [(s, math.log10(v)) for s, v in loss if v > 0]
-    if not loss:
-        return
-    lo, hi = math.floor(min(v for _, v in loss)), math.ceil(max(v for _, v in loss))
-    height = lambda v: (v - lo) / max(hi - lo, 1)  # 0 at the bottom, 1 at the top
-    smooth = [loss[0][1]]
-    for _, v in loss[1:]:
-        smooth.append(0.9 * smooth[-1] + 0.1 * v)  # an exponential moving average over log lines, in log space
-    scale = 1.1 * max([v for _, v in fid] or [1])
-    curves = [([(s, height(v)) for s, v in loss], (110, 110, 110), 1, False),
-              ([(s, height(v)) for (s, _), v in zip(loss, smooth)], "white", 2, False),
-              ([(s, v / scale) for s, v in fid], "orange", 2, True)]
-    ticks = [("l", height(d), f"1e{d}", "white") for d in range(lo, max(hi, lo + 1) + 1)]
-    ticks += [("r", f, f"{scale * f:.1f}", "orange") for f in (0, 0.5, 1)] if fid else []
-    texts = [((4, 2), "loss", "white"), ((size[0] // 2 - 30, size[1] - 13), "training step", "white"),
-             ((size[0] - 44, 2), "FID" if fid else "", "orange")]
-    image = line_chart(curves, max(s for s, _ in loss + fid), ticks, texts, size)
-    save_atomic(png_path, image.save)
 
 
 def init_processes(batch_size, device_name=None, micro_batch=None):
@@ -715,15 +616,14 @@ def init_processes(batch_size, device_name=None, micro_batch=None):
 class Trainer:
     """One run. __init__ builds its state (data, U-Net, EMA, Adam, the two random streams), new or resumed from
     `ckpt`; train_step is Algorithm 1 once; periodic does the bookkeeping after it: check, log_line, save, preview,
-    measure_fid; on_signal and agreed_signal stop it. A class, not closures: that state is what every piece shares,
-    and each piece has a name to look up."""
+    measure_fid; on_signal and agreed_signal stop it; run is the loop. A class, not closures: that state is what
+    every piece shares, and each piece has a name to look up."""
     def __init__(self, cfg, ckpt=None, device=torch.device("cpu"), rank=0, world=1, ctrl=None):
         self.device, self.rank, self.world, self.ctrl, self.ddp = device, rank, world, ctrl, ctrl is not None
         self.say = print if not rank else lambda *a, **k: None
         torch.manual_seed(cfg["seed"])  # the weights' initialisation
         images, labels, self.classes = self.load_data(cfg, ckpt)
         self.cfg = cfg = dict(cfg, channels=images.shape[1])  # the data decides: 1 (grey) or 3, saved with the config
-        cuda = device.type == "cuda"
         # NHWC: the layout of tensor-core convolutions, and the one oneDNN prefers on a CPU
         self.fmt = torch.contiguous_format if device.type == "mps" else torch.channels_last
         try:
@@ -739,7 +639,7 @@ class Trainer:
                      "~3.3 images/s); --preset small learns digits (--data mnist) on a CPU in 3-10 minutes",
                      file=sys.stderr)
         self.ema = EMA(self.model, cfg["ema_decay"])
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg["lr"], fused=cuda)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg["lr"], fused=device.type == "cuda")
         self.diffusion = Diffusion(cfg["timesteps"], cfg["schedule"], device=device)
         # Two random streams: `data` draws t, ε, flips and label drops for the whole global batch (the same in every
         # process), the global one dropout (its own in each process). Both are saved, so a resumed run is exact.
@@ -751,25 +651,11 @@ class Trainer:
         self.part = slice(rank * B // world, (rank + 1) * B // world)  # this process's share of every batch
         for stale in glob.glob(os.path.join(self.out, "*.tmp[0-9]*")) if not rank else []:  # left by a kill mid-save
             os.remove(stale)
-        # The images on the GPU if they fit comfortably (CIFAR-10: 150 MB, so batches are a gather), else in pinned
-        # memory if they fit there, else mapped from the decode cache; on a CPU they stay where load_images put them.
-        on_gpu = not cuda or images.numel() < torch.cuda.mem_get_info(device)[0] // 4
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-        images = images if on_gpu or images.numel() > ram // 2 else images.pin_memory()
-        self.images, self.labels = images.to(device) if on_gpu else images, labels.to(device)
-        self.compiled = cuda if cfg["compile"] is None else cfg["compile"]
-        # CUDA graphs (under DDP too): forward and backward replay as one launch each, not ~1,000 kernels a step.
-        # NHWC forced: inductor keeps NCHW if a conv takes 2x the channels it gives (up path), costing ~100 copies.
-        options = {"triton.cudagraphs": cuda, "force_layout_optimization": True}  # = mode "reduce-overhead" + NHWC
-        self.forward = torch.compile(self.model, options=options) if self.compiled else self.model
-        if self.ddp:
-            ids = [device.index] if cuda else None
-            self.forward = nn.parallel.DistributedDataParallel(self.forward, device_ids=ids)
-            self.forward.num_classes = self.model.num_classes
+        self.images, self.labels = self.place(images), labels.to(device)
+        self.forward = self.wrap(self.model)
         self.amp = autocast(device, cfg["precision"])
         self.pending, self.stats = [], []  # (loss, grad norm) per step: on the device until check(), then as floats
-        self.postfix, self.fid_ref, self.saved = {}, None, None if ckpt is None else ckpt["step"]  # the last save
-        self.signals = []
+        self.postfix, self.signals, self.saved = {}, [], None if ckpt is None else ckpt["step"]  # the last save
 
     def load_data(self, cfg, ckpt):
         if self.rank:
@@ -785,6 +671,27 @@ class Trainer:
         if ckpt is not None and ckpt["classes"] != classes:
             raise UserError(f"--data {cfg['data']} has classes {classes}, the run being resumed had {ckpt['classes']}")
         return images, labels, classes
+
+    def place(self, images):
+        """The images on the GPU if they fit comfortably (CIFAR-10: 150 MB, so a batch is a gather), else in pinned
+        memory if they fit there, else mapped from the decode cache; on a CPU they stay where load_images put them."""
+        if self.device.type != "cuda" or images.numel() < torch.cuda.mem_get_info(self.device)[0] // 4:
+            return images.to(self.device)
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+        return images if images.numel() > ram // 2 else images.pin_memory()
+
+    def wrap(self, model):
+        """The forward the steps call: compiled (on CUDA by default), under DDP in a process group."""
+        cuda = self.device.type == "cuda"
+        self.compiled = cuda if self.cfg["compile"] is None else self.cfg["compile"]
+        # CUDA graphs (under DDP too): forward and backward replay as one launch each, not ~1,000 kernels a step.
+        # NHWC forced: inductor keeps NCHW if a conv takes 2x the channels it gives (up path), costing ~100 copies.
+        options = {"triton.cudagraphs": cuda, "force_layout_optimization": True}  # = mode "reduce-overhead" + NHWC
+        forward = torch.compile(model, options=options) if self.compiled else model
+        if self.ddp:
+            forward = nn.parallel.DistributedDataParallel(forward, device_ids=[self.device.index] if cuda else None)
+            forward.num_classes = model.num_classes
+        return forward
 
     def init_from(self, path):
         """Fine-tuning: start from the EMA weights of `path`, a checkpoint or an exported model. Its class embedding is
@@ -853,7 +760,7 @@ class Trainer:
         return lr
 
     def periodic(self, lr):
-        """The bookkeeping after a step: the finite check and the log line, checkpoints, the EMA preview."""
+        """The bookkeeping after a step: the finite check and the log line, checkpoints, the EMA preview, FID."""
         cfg, step = self.cfg, self.step
         self.bar.update(1)
         log_now = step % cfg["log_every"] == 0 or step == cfg["steps"]
@@ -890,8 +797,9 @@ class Trainer:
         print(f"step {self.step} loss {loss_value:.5f} lr {lr:.3e} grad_norm {stats[-1][1]:.3f} "
               f"img/s {rate:.1f}", file=self.log, flush=True)
         stats.clear()
-        if not self.rank:
-            plot_progress(self.log.name, os.path.join(self.out, "progress.png"))
+        if self.pictures is not None:  # progress.png: the loss (and FID) against the step, redrawn from log.txt
+            fig = self.pictures.progress_chart(self.log.name)
+            save_atomic(os.path.join(self.out, "progress.png"), lambda f: fig.savefig(f, format="png"))
         self.t_log, self.step_log = time.time(), self.step
 
     def keep(self):  # also a ckpt_<step>.pt at this step?
@@ -932,20 +840,23 @@ class Trainer:
         x = torch.cat(list(self.ema_samples(n, n)))
         save_atomic(os.path.join(self.out, f"samples_{self.step:08d}.png"), to_image(x, nrow).save)
 
+    def setup_fid(self):
+        """Inception and the reference statistics, before the first step (cached in data_root/fid/): the training
+        images, or --fid-ref as `fid --ref` takes it."""
+        cfg = self.cfg
+        self.fid, self.inception = inception(cfg["inception"], self.device)
+        self.fid_ref = self.fid.cached_stats(self.inception, self.images, os.path.join(cfg["data_root"], "fid")) \
+            if cfg["fid_ref"] is None else fid_reference(self.fid, self.inception, cfg["fid_ref"], cfg["data_root"],
+                                                         cfg["image_size"], None, cfg["num_workers"], cfg["channels"])
+
     def measure_fid(self):
-        """FID of fid_n EMA samples against the training images (or --fid-ref), into log.txt and the progress bar."""
-        cfg, n = self.cfg, self.cfg["fid_n"]
-        if self.fid_ref is None:  # the first time: Inception, and the reference statistics (cached in data_root/fid/)
-            self.inception = load_inception(cfg["inception"] or os.environ.get("DDPM_INCEPTION"), self.device)
-            self.fid_ref = cached_stats(self.inception, self.images, os.path.join(cfg["data_root"], "fid")) \
-                if cfg["fid_ref"] is None else reference_stats(self.inception, cfg["fid_ref"], cfg["data_root"],
-                                                               cfg["image_size"], None, cfg["num_workers"],
-                                                               cfg["channels"])
+        """FID of fid_n EMA samples against the reference, into log.txt and the progress bar."""
+        cfg, n, fid = self.cfg, self.cfg["fid_n"], self.fid
         batches = map(to_uint8, self.ema_samples(n, cfg["batch_size"]))
-        fid = frechet_distance(*inception_stats(self.inception, batches)[:2], *self.fid_ref[:2])
-        self.postfix["fid"] = f"{fid:.2f}"
+        score = fid.frechet_distance(*fid.inception_stats(self.inception, batches)[:2], *self.fid_ref[:2])
+        self.postfix["fid"] = f"{score:.2f}"
         self.bar.set_postfix(self.postfix)
-        print(f"step {self.step} fid {fid:.4f} n {n} DDIM {min(100, cfg['timesteps'])} steps, eta {cfg['eta']}, "
+        print(f"step {self.step} fid {score:.4f} n {n} DDIM {min(100, cfg['timesteps'])} steps, eta {cfg['eta']}, "
               "guidance 2.0", file=self.log, flush=True)
 
     def on_signal(self, sig, frame):  # the first signal: save and stop after this step; a second: stop now
@@ -966,7 +877,13 @@ class Trainer:
         self.say(f"training {self.params / 1e6:.2f}M-parameter U-Net on {len(self.images)} images "
                  f"({len(self.classes)} classes) on {self.device} in {world} process{'es' * (world > 1)}, step "
                  f"{self.step} → {cfg['steps']}, run folder {out}", file=sys.stderr)
-        signum, log = 0, os.path.join(out, "log.txt") if not self.rank else os.devnull
+        signum, log, self.pictures = 0, os.path.join(out, "log.txt") if not self.rank else os.devnull, None
+        try:  # progress.png; without pictures.py (or matplotlib) the run goes on without it
+            self.pictures = None if self.rank else importlib.import_module("pictures")
+        except ImportError as e:
+            self.say(f"note: no progress.png: {missing(e, 'progress.png')}", file=sys.stderr)
+        if cfg["fid_every"] and not self.rank:
+            self.setup_fid()
         handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             with open(log, "a") as self.log, tqdm(total=cfg["steps"], initial=self.step, dynamic_ncols=True,
@@ -999,7 +916,7 @@ def train(cfg, ckpt=None):
     return Trainer(cfg, ckpt, device, rank, world, ctrl).run()
 
 
-# ======== 7. Sampling from a checkpoint =============================================================================
+# ======== 6. Sampling from a checkpoint =============================================================================
 def load_sampler(path, device):
     """Checkpoint → (EMA U-Net in eval mode on device, Diffusion, class names, config)."""
     ckpt = load_checkpoint(path)
@@ -1038,52 +955,17 @@ def reverse_process(model, diffusion, n, frames=10, **kwargs):
     return diffusion.sample(model, n, callback=record, **kwargs).float().cpu(), kept
 
 
-def forward_process(x0, noise, timesteps=1000, columns=10):
+def forward_process(x0, noise, diffusions, columns=10):
     """x_t ~ q(x_t | x_0) (Eq. 4) of images x0 (N, C, H, W) at `columns` evenly spaced t from 0 to T − 1 → (rows:
-    for each image the linear, then the cosine schedule, one ε = noise[i] along both; the t of the columns)."""
-    diffusions = [Diffusion(timesteps, "linear"), Diffusion(timesteps, "cosine")]  # once, not once an image
+    for each image one row for each of the Diffusions, one ε = noise[i] along them; the t of the columns)."""
     ts = torch.tensor(diffusions[0].sampling_steps(columns))  # the t a `columns`-step DDIM sampler visits
     rows = [list(d.q_sample(x.expand(columns, *x.shape), ts, eps.expand(columns, *eps.shape)))
             for x, eps in zip(x0, noise) for d in diffusions]
     return rows, ts.tolist()
 
 
-def schedule_chart(timesteps=1000, steps=10, spacing="quadratic", size=(640, 320)):
-    """The numbers behind the forward process: sqrt(ᾱ_t), the scale of the signal in x_t (Eq. 4), and
-    sqrt(1 − ᾱ_t), the scale of its noise, against t for the linear and cosine schedules; dots where a sampler
-    of `steps` steps with `spacing` evaluates the network, grey dots below where 25 uniform steps (DDIM's) would."""
-    curves, ticks = [], [("l", f, f"{f:.1f}", "white") for f in (0, 0.5, 1)]
-    for schedule, colours in (("linear", ("white", (90, 160, 255))), ("cosine", ("orange", (230, 80, 80)))):
-        d = Diffusion(timesteps, schedule)
-        for scale, colour in zip((d.alphas_cumprod.sqrt(), (1 - d.alphas_cumprod).sqrt()), colours):
-            curves.append(([(t, float(scale[t])) for t in range(timesteps)], colour, 2, False))
-            curves.append(([(t, float(scale[t])) for t in d.sampling_steps(steps, spacing)], colour, 0, True))
-    curves.append(([(t, 0.0) for t in d.sampling_steps(min(25, timesteps))], (150, 150, 150), 0, True))
-    texts = [((size[0] // 2 - 10, size[1] - 13), "t", "white"), ((48, 2), "linear: signal sqrt(abar_t)", "white"),
-             ((220, 2), "noise sqrt(1 - abar_t)", (90, 160, 255)), ((380, 2), "cosine: signal", "orange"),
-             ((480, 2), "noise", (230, 80, 80)), ((size[0] // 2 + 30, size[1] - 13), f"dots: the t of {steps} "
-             f"{spacing} steps, grey: 25 uniform", "white")]
-    return line_chart(curves, timesteps - 1, ticks, texts, size)
-
-
-def labelled_grid(rows, col_labels=(), row_labels=(), scale=2):
-    """Rows of equal-sized images (C, H, W), values in [-1, 1] (clipped), → one PIL image `scale` times as large,
-    white text on black under each column and left of each row."""
-    from PIL import ImageDraw, ImageOps
-    grid = to_image(torch.stack([x for row in rows for x in row]).clamp(-1, 1), len(rows[0]), padding=2)
-    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
-    left = 48 * bool(row_labels)
-    canvas = ImageOps.expand(grid, (left, 0, 0, 14 * bool(col_labels)))  # black margins for the labels
-    draw, (h, w) = ImageDraw.Draw(canvas), [(size + 2) * scale for size in rows[0][0].shape[-2:]]  # tile + gap
-    for j, text in enumerate(col_labels):
-        draw.text((left + j * w + 2 * scale, grid.height), text, fill="white")
-    for i, text in enumerate(row_labels):
-        draw.text((2, i * h + h // 2 - 5), text, fill="white")
-    return canvas
-
-
-# ======== 8. Command line ===========================================================================================
-SAMPLERS = {"ddim": (25, "uniform"), "dpm++": (10, "quadratic")}  # steps and spacing by default (measured: README)
+# ======== 7. Command line ===========================================================================================
+SAMPLERS = {"ddim": (25, "uniform"), "dpm++": (10, "quadratic")}  # steps and spacing by default (measured: docs/)
 CPU_SAMPLER = "dpm++"  # `sample`'s and `fid`'s default on a CPU for models of train --eta 0 (GPU: ancestral)
 
 
@@ -1118,6 +1000,8 @@ def cmd_train(args):
             raise UserError(f"--{key.replace('_', '-')} {value}: the run in {out} used {cfg[key]}; "
                             f"drop the flag to resume it, or train into another --out")
     cfg.update(given)
+    if cfg["fid_every"]:  # now, not at the first FID hours in
+        need("fid", "train --fid-every")
     try:
         return train(cfg, ckpt)
     finally:
@@ -1139,10 +1023,9 @@ def sampler_from_args(args, device, n, rows):
     T = diffusion.num_timesteps
     if args.steps is not None and args.steps > T:
         raise UserError(f"--steps {args.steps}: the model has only T = {T} steps")
-    # --steps N alone is DDIM, 'all' (0) ancestral, as ever; neither: the paper's ancestral sampler on a GPU, and on a
-    # CPU, where 1000 steps take an hour, the cheapest sampler as good as 25 DDIM steps (measured: README), unless the
-    # model was saved with train --eta > 0: then DDIM with that noise (a deterministic solver leaves speckle on the
-    # MNIST preset's digits)
+    # --steps N alone is DDIM, 'all' (0) ancestral; neither: ancestral on a GPU, and on a CPU, where 1000 steps take
+    # an hour, the cheapest sampler as good as 25 DDIM steps (measured: docs/), or for a model saved with train
+    # --eta > 0 DDIM with that noise (a deterministic solver leaves speckle on the MNIST preset's digits)
     sampler = args.sampler or ("ancestral" if args.steps == 0 or args.steps is None and device.type != "cpu" else
                                "ddim" if args.steps or cfg["eta"] else CPU_SAMPLER)
     if sampler == "ancestral" and (args.steps or args.spacing):
@@ -1163,13 +1046,16 @@ def sampler_from_args(args, device, n, rows):
     elif not cfg["unconditional"]:
         labels, nrow = class_rows(len(classes), n)
         labels = labels if rows else labels[:n]
-    n = n if labels is None else len(labels)
-    sample_steps = n * (steps or diffusion.num_timesteps)  # compiling takes ~30 s on an H100: for long runs only
-    compiled = device.type == "cuda" and sample_steps >= 200_000 if args.compile is None else args.compile
-    return argparse.Namespace(path=path, model=torch.compile(model) if compiled else model, diffusion=diffusion,
-                              cfg=cfg, options=dict(guidance=args.guidance, steps=steps, eta=eta, sampler=sampler,
-                                                    spacing=spacing), labels=labels, n=n,
-                              nrow=nrow, compiled=compiled, name=classes[idx] if idx is not None else "all")
+    n = n if labels is None else len(labels)  # compiling takes ~30 s on an H100: for long runs only
+    compiled = device.type == "cuda" and n * (steps or T) >= 200_000 if args.compile is None else args.compile
+    forward = torch.compile(model) if compiled else model
+    options = dict(guidance=args.guidance, steps=steps, eta=eta, sampler=sampler, spacing=spacing)
+    # CPU: batches of 16 keep tensors under glibc's 32 MB mmap threshold, so memory is reused, not faulted in anew
+    batch_size = args.batch_size or (1024 if device.type == "cuda" else 16)  # (64 ships, 2 cores: 45 s → 34 s)
+    draw = lambda **extra: sample_images(forward, diffusion, labels, n, batch_size, compiled, **options, **extra)
+    return argparse.Namespace(path=path, model=forward, diffusion=diffusion, cfg=cfg, options=options, labels=labels,
+                              n=n, nrow=nrow, batch_size=batch_size, draw=draw,
+                              name=classes[idx] if idx is not None else "all")
 
 
 def describe(options, timesteps):
@@ -1182,92 +1068,88 @@ def describe(options, timesteps):
 
 
 def cmd_sample(args):
+    pictures = need("pictures", "sample --process") if args.process else None
     device = get_device(args.device)
     run = sampler_from_args(args, device, args.n, rows=True)
-    path, forward, diffusion, options, labels, n, nrow, name = \
-        run.path, run.model, run.diffusion, run.options, run.labels, run.n, run.nrow, run.name
-    out = args.out or os.path.join("outputs", f"{name}.png")  # not samples/: the repo's own pictures stay as they are
+    out = args.out or os.path.join("outputs", f"{run.name}.png")  # not samples/: the repo's pictures stay as they are
     per_file = out.endswith(("/", os.sep)) or os.path.isdir(out)
     ensure_writable(out if per_file else os.path.dirname(out) or ".", "--out")
     torch.manual_seed(args.seed or 0)
-    # CPU: batches of 16 keep tensors under glibc's 32 MB mmap threshold, so memory is reused, not faulted in anew
-    batch_size = args.batch_size or (1024 if device.type == "cuda" else 16)  # (64 ships, 2 cores: 45 s → 34 s)
     with autocast(device, args.precision), ThreadPoolExecutor(8) as pool:  # PNGs are written while sampling goes on
         if args.process:
-            base = os.path.join(out, name) if per_file else os.path.splitext(out)[0]
-            return write_process(forward, diffusion, labels, n, nrow, base, **options)
-        x = sample_images(forward, diffusion, labels, n, batch_size, run.compiled, progress=n <= batch_size, **options)
+            return write_process(pictures, run, os.path.join(out, run.name) if per_file else os.path.splitext(out)[0])
+        x = run.draw(progress=run.n <= run.batch_size)
         if per_file:
             write = lambda image, i: save_atomic(os.path.join(out, f"{i:06d}.png"), to_image(image[None], 1).save)
-            list(pool.map(write, x, range(n)))
+            list(pool.map(write, x, range(run.n)))
         else:
-            save_atomic(out, to_image(torch.stack(list(x)), nrow).save)
-    print(f"wrote {n} samples ({describe(options, diffusion.num_timesteps)}, guidance {args.guidance}) from {path} "
-          f"to {out}", file=sys.stderr)
+            save_atomic(out, to_image(torch.stack(list(x)), run.nrow).save)
+    print(f"wrote {run.n} samples ({describe(run.options, run.diffusion.num_timesteps)}, guidance {args.guidance}) "
+          f"from {run.path} to {out}", file=sys.stderr)
+    return 0
+
+
+def write_process(pictures, run, base):
+    """The reverse process as base.gif (x_t beside x̂_0 at 10 steps, looping, the last frame held) and base.png (the
+    same 10 steps left to right, two rows for each of the first 8 samples: x_t above x̂_0). Autocast: the caller's."""
+    y = None if run.labels is None else run.labels.to(next(run.model.parameters()).device)
+    _, frames = reverse_process(run.model, run.diffusion, run.n, y=y, **run.options)
+    gif, strip = pictures.reverse_process([(t, to_uint8(x_t), to_uint8(x0)) for t, x_t, x0 in frames], run.nrow)
+    save_atomic(base + ".gif", lambda f: pictures.save_gif(gif, f))
+    save_atomic(base + ".png", strip.save)
+    print(f"wrote the reverse process of {run.n} samples ({len(frames)} steps of {run.options['steps'] or 'all'}) to "
+          f"{base}.gif and {base}.png", file=sys.stderr)
     return 0
 
 
 def cmd_fid(args):
     """FID of a checkpoint's samples, drawn as `sample` draws them, or of a folder of images, against --ref."""
     device = get_device(args.device)
-    net = load_inception(args.inception or os.environ.get("DDPM_INCEPTION"), device)
-    n = args.n or (50_000 if device.type == "cuda" else 1000)  # the papers' 50,000; a CPU: seconds a sample
+    fid, net = inception(args.inception, device)
     if args.samples:
         pick = random_subset(args.n, args.seed or 0)  # --n: a fixed random n of the folder's images
         images = load_images(args.samples, image_size=args.image_size, pick=pick, flag="--samples")[0]
-        size, channels, source, result = images.shape[-1], images.shape[1], args.samples, dict(samples=args.samples)
-    else:
-        run = sampler_from_args(args, device, n, rows=False)
-        size, channels, source, result = run.cfg["image_size"], run.cfg["channels"], run.path, dict(ckpt=run.path)
-        result.update(sampler=describe(run.options, run.diffusion.num_timesteps), guidance=args.guidance,
-                      seed=args.seed or 0)
-    ref = reference_stats(net, args.ref, args.data_root, size, args.ref_n, args.num_workers, channels)  # first
+        size, channels, result = images.shape[-1], images.shape[1], dict(samples=args.samples)
+    else:  # the papers' 50,000; a CPU: seconds a sample
+        run = sampler_from_args(args, device, args.n or (50_000 if device.type == "cuda" else 1000), rows=False)
+        size, channels = run.cfg["image_size"], run.cfg["channels"]
+        result = dict(ckpt=run.path, sampler=describe(run.options, run.diffusion.num_timesteps),
+                      guidance=args.guidance, seed=args.seed or 0)
+    ref = fid_reference(fid, net, args.ref, args.data_root, size, args.ref_n, args.num_workers, channels)  # first
     if args.samples:
-        mu, sigma, n = inception_stats(net, images.split(50))
+        mu, sigma, n = fid.inception_stats(net, images.split(50))
     else:
         torch.manual_seed(args.seed or 0)
-        batch_size = args.batch_size or (1024 if device.type == "cuda" else 16)
         with autocast(device, args.precision):  # Inception itself runs in fp32 (inception_stats)
-            x = sample_images(run.model, run.diffusion, run.labels, n, batch_size, run.compiled, **run.options)
+            x = run.draw()
             batches = (to_uint8(torch.stack(b)) for b in iter(lambda: list(islice(x, 50)), []))  # 50 at a time
-            mu, sigma, n = inception_stats(net, batches)
-    fid = frechet_distance(mu, sigma, *ref[:2])
-    result = dict(fid=round(fid, 4), n=n, **result, ref=args.ref, ref_n=ref[2])
+            mu, sigma, n = fid.inception_stats(net, batches)
+    score = fid.frechet_distance(mu, sigma, *ref[:2])
+    result = dict(fid=round(score, 4), n=n, **result, ref=args.ref, ref_n=ref[2])
     how = f" ({result['sampler']}, guidance {args.guidance}, seed {args.seed or 0})" if "ckpt" in result else ""
-    print(json.dumps(result) if args.json else f"FID {fid:.3f} of {n} images{how} from {source} against {args.ref} "
-          f"(n {ref[2]})")
-    return 0
-
-
-def write_process(model, diffusion, labels, n, nrow, base, **kwargs):
-    """The reverse process as base.gif (x_t beside x̂_0 at 10 steps, looping, the last frame held) and base.png (the
-    same 10 steps left to right, two rows for each of the first 8 samples: x_t above x̂_0). Autocast: the caller's."""
-    from torchvision.utils import make_grid
-    y = None if labels is None else labels.to(next(model.parameters()).device)
-    _, frames = reverse_process(model, diffusion, n, y=y, **kwargs)
-    tile = lambda x: make_grid(x.clamp(-1, 1), nrow, padding=1, pad_value=-1)[:x.shape[1]]  # grey stays 1 channel
-    gif = [labelled_grid([[tile(x_t), tile(x0)]], [f"x_t, t = {t}", "x_0 predicted from it"]) for t, x_t, x0 in frames]
-    save_atomic(base + ".gif", lambda f: gif[0].save(f, save_all=True, append_images=gif[1:], loop=0,
-                                                     duration=[400] * (len(gif) - 1) + [3000]))
-    rows = [[frame[k][i] for frame in frames] for i in range(min(n, 8)) for k in (1, 2)]
-    strip = labelled_grid(rows, [f"t={t}" for t, _, _ in frames], ["x_t", "x_0 pred"] * min(n, 8))
-    save_atomic(base + ".png", strip.save)
-    print(f"wrote the reverse process of {n} samples ({len(frames)} steps of {kwargs['steps'] or 'all'}) to "
-          f"{base}.gif and {base}.png", file=sys.stderr)
+    print(json.dumps(result) if args.json else f"FID {score:.3f} of {n} images{how} from "
+          f"{result.get('ckpt', args.samples)} against {args.ref} (n {ref[2]})")
     return 0
 
 
 def cmd_forward(args):
+    pictures = need("pictures", "forward")
     size = args.image_size or NATIVE_SIZE.get(args.data, 32)
     g = torch.Generator().manual_seed(args.seed)
     x0 = load_images(args.data, args.data_root, size, pick=lambda n: torch.randperm(n, generator=g)[:args.n])[0]
     x0 = x0.float() / 127.5 - 1  # decoded: just the n chosen images, not the whole folder
-    rows, ts = forward_process(x0, torch.randn(x0.shape, generator=g))
+    schedules = {s: Diffusion(1000, s) for s in ("linear", "cosine")}
+    rows, ts = forward_process(x0, torch.randn(x0.shape, generator=g), list(schedules.values()))
     out = args.out or os.path.join("outputs", f"forward_{os.path.basename(os.path.normpath(args.data))}.png")
     ensure_writable(os.path.dirname(out) or ".", "--out")
-    save_atomic(out, labelled_grid(rows, [f"t={t}" for t in ts], ["linear", "cosine"] * len(x0)).save)
-    chart = os.path.splitext(out)[0] + "_schedule.png"  # and the numbers behind it, with the CPU sampler's steps
-    save_atomic(chart, schedule_chart(1000, *SAMPLERS[CPU_SAMPLER]).save)
+    save_atomic(out, pictures.forward_strip([[to_uint8(x) for x in row] for row in rows], ts).save)
+    chart = os.path.splitext(out)[0] + "_schedule.png"  # and the numbers behind it, at the CPU sampler's steps
+    steps, spacing = SAMPLERS[CPU_SAMPLER]
+    fig = pictures.schedule_chart({s: d.alphas_cumprod for s, d in schedules.items()},
+                                  {s: d.sampling_steps(steps, spacing) for s, d in schedules.items()},
+                                  f"{steps} {spacing} steps (DPM-Solver++)", schedules["linear"].sampling_steps(25),
+                                  "25 uniform steps (DDIM)")
+    save_atomic(chart, lambda f: fig.savefig(f, format="png"))
     print(f"wrote q(x_t | x_0) of {len(x0)} images of {args.data} at t = {ts} to {out}, its schedules to {chart}",
           file=sys.stderr)
     return 0
@@ -1423,6 +1305,11 @@ def main(argv=None):
     except OSError as e:  # a full disk or a folder gone while writing: save_atomic has left no partial file
         print(f"ddpm.py: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
         return 1
+    except ValueError as e:  # fid.py's FIDError: a file or a count the user can fix, in one line
+        if not isinstance(e, getattr(sys.modules.get("fid"), "FIDError", ())):
+            raise
+        print(f"ddpm.py: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("ddpm.py: interrupted", file=sys.stderr)
         return 130

@@ -1,5 +1,5 @@
 """Tests for ddpm.py: formulas against closed forms or independent computations, the network, the samplers,
-the training loop (overfit, exact resume, interruption) and every user error. CPU only, about a minute."""
+the training loop (overfit, exact resume, interruption) and every user error. CPU only, under a minute."""
 import errno, glob, json, math, multiprocessing, os, re, shutil, signal, socket, struct, subprocess, sys, time
 
 import numpy as np
@@ -9,78 +9,20 @@ import torch
 from PIL import Image
 
 import ddpm
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-TINY = ["--image-size", "16", "--ch", "16", "--ch-mult", "1,2", "--num-res-blocks", "1", "--attn-res", "8",
-        "--timesteps", "50", "--batch-size", "4", "--sample-every", "0", "--num-workers", "1"]
+import fid
+from conftest import CIFAR10_CLASSES, HERE, TINY, FakeInception, Oracle, grey_run, randomize, run_main
 
 
-def run_main(argv, capsys):
-    """ddpm.main in-process → (exit code, stderr). argparse errors count as their SystemExit code."""
-    try:
-        code = ddpm.main(argv)
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
-def randomize(model, seed=0):
-    """Random weights everywhere: with the zero-initialised last layers ε̂ ≡ 0 and guidance checks would be vacuous."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model.eval()
 
 
-class Oracle(torch.nn.Module):
-    """The exact ε for a data distribution that is the single point x_star: ε = (x_t − sqrt(ᾱ_t) x*) / sqrt(1 − ᾱ_t).
-    Records every t it is called with."""
-
-    def __init__(self, diffusion, x_star):
-        super().__init__()
-        self.d, self.x_star, self.calls = diffusion, x_star, []
-        self.in_channels, self.image_size, self.num_classes = x_star.shape[1], x_star.shape[2], None
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self, x, t, y=None):
-        self.calls.append(t.clone())
-        a = self.d.alphas_cumprod[t].double().view(-1, 1, 1, 1)
-        return ((x.double() - a.sqrt() * self.x_star.double()) / (1 - a).sqrt()).float()
 
 
-@pytest.fixture(scope="session", autouse=True)
-def data_root(tmp_path_factory):
-    """train's --data-root (downloads, the decode cache) in a temporary folder, not ./data of wherever pytest runs."""
-    root, ddpm.TRAIN_DEFAULTS["data_root"] = ddpm.TRAIN_DEFAULTS["data_root"], str(tmp_path_factory.mktemp("data"))
-    yield ddpm.TRAIN_DEFAULTS["data_root"]
-    ddpm.TRAIN_DEFAULTS["data_root"] = root
 
 
-@pytest.fixture(scope="session")
-def folder(tmp_path_factory):
-    """Two classes of three 16×16 images each, saved as PNG and JPEG."""
-    root = tmp_path_factory.mktemp("images")
-    g = torch.Generator().manual_seed(0)
-    for c, name in enumerate(["cat", "ship"]):
-        os.makedirs(root / name)
-        for i in range(3):
-            pixels = (torch.rand(16, 16, 3, generator=g) * 255).to(torch.uint8).numpy()
-            Image.fromarray(pixels).save(root / name / f"{i}.{'png' if i else 'jpg'}")
-    return str(root)
 
 
-@pytest.fixture(scope="session")
-def ckpts(folder, tmp_path_factory):
-    """A conditional and an unconditional checkpoint, two training steps each."""
-    base = tmp_path_factory.mktemp("runs")
-    paths = {}
-    for kind, extra in [("cond", []), ("uncond", ["--unconditional"])]:
-        out = str(base / kind)
-        assert ddpm.main(["train", "--data", folder, "--out", out, "--steps", "2", *TINY, *extra]) == 0
-        paths[kind] = os.path.join(out, "ckpt.pt")
-    return paths
 
 
 # ---------------------------------------------------------------------------------------------- schedule, q, posterior
@@ -199,7 +141,8 @@ def test_larger_images_get_a_network_of_their_size_256_px_is_ho_et_als_114m(size
     assert tuple(cfg["ch_mult"]) == ch_mult and mine["ch_mult"] == (1, 2, 2, 2, 2, 2)  # given: kept as given
     if params:  # Ho et al. App. B: 114M parameters, and their run_celebahq.py's lr, batch and dropout
         assert (cfg["lr"], cfg["batch_size"], cfg["dropout"], cfg["attn_res"]) == (2e-5, 64, 0.0, (16,))
-        assert sum(p.numel() for p in ddpm.unet_from_config(dict(cfg, channels=3), None).parameters()) == params
+        with torch.device("meta"):  # counted, not allocated
+            assert sum(p.numel() for p in ddpm.unet_from_config(dict(cfg, channels=3), None).parameters()) == params
 
 
 def test_unet_rejects_indivisible_image_size():
@@ -508,10 +451,10 @@ def test_a_folder_of_grey_images_is_one_channel_and_a_mixed_one_rgb(tmp_path):
     assert mixed.shape == (3, 3, 8, 8) and (mixed[:2] == 200).all() and mixed[2, :, 0, 0].tolist() == [200, 10, 10]
 
 
-def test_the_paper_model_on_a_cpu_says_it_is_sized_for_a_gpu(folder, tmp_path, capsys):
-    code, err = run_main(["train", "--data", folder, "--image-size", "8", "--batch-size", "1", "--steps", "1",
-                          "--out", str(tmp_path / "run")], capsys)
-    assert code == 0 and err.count("note:") == 1 and "U-Net is sized for a GPU" in err and "--preset small" in err
+def test_the_paper_model_on_a_cpu_says_it_is_sized_for_a_gpu(folder, tmp_path, monkeypatch, capsys):
+    _, err = _trainer_of(["train", "--data", folder, "--image-size", "8", "--batch-size", "1", "--steps", "1",
+                          "--out", str(tmp_path / "run")], monkeypatch, capsys)
+    assert err.count("note:") == 1 and "U-Net is sized for a GPU" in err and "--preset small" in err
 
 
 # ---------------------------------------------------------------------------------------------- training loop
@@ -707,10 +650,13 @@ def test_sample_cli_writes_grids_and_per_image_files(ckpts, tmp_path, capsys):
     capsys.readouterr()
 
 
-def test_help_runs_as_a_script():
-    for args in ([], ["train"], ["sample"]):
-        r = subprocess.run([sys.executable, "ddpm.py", *args, "--help"], cwd=HERE, capture_output=True, text=True)
-        assert r.returncode == 0 and "usage: ddpm.py" in r.stdout
+def test_help_runs_as_a_script(capsys):
+    r = subprocess.run([sys.executable, "ddpm.py", "--help"], cwd=HERE, capture_output=True, text=True)
+    assert r.returncode == 0 and "usage: ddpm.py" in r.stdout and "{train,sample,fid,forward}" in r.stdout
+    for command in ("train", "sample", "fid", "forward"):  # each command's help, in-process
+        with pytest.raises(SystemExit) as exit:
+            ddpm.main([command, "--help"])
+        assert exit.value.code == 0 and f"usage: ddpm.py {command}" in capsys.readouterr().out
 
 
 def test_mixed_image_modes_are_converted(tmp_path):
@@ -850,16 +796,27 @@ def test_out_of_memory_suggests_a_smaller_batch(ckpts, tmp_path, monkeypatch, ca
 
 
 # ---------------------------------------------------------------------------------------------- signals (subprocesses)
+def _main_in_child(argv, err):
+    with open(err, "w", buffering=1) as f:  # stderr into a file the test reads
+        sys.stderr = f
+        os.dup2(f.fileno(), 2)
+        torch.set_num_threads(1)  # OpenMP's threads do not survive a fork
+        sys.exit(ddpm.main(argv))
+
+
 def _start_training(folder, out, *extra):
-    cmd = [sys.executable, os.path.join(HERE, "ddpm.py"), "train", "--data", folder, "--out", out, "--steps", "100000",
-           "--log-every", "1", *TINY, *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """`train` in a process of its own, forked from this one (no new interpreter to start): signals from outside, as
+    a user's kill sends them, reach it while it trains; its stderr goes to out + ".err"."""
+    argv = ["train", "--data", folder, "--out", out, "--steps", "100000", "--log-every", "1", *TINY, *extra]
+    proc = multiprocessing.get_context("fork").Process(target=_main_in_child, args=(argv, out + ".err"))
+    proc.start()
+    return proc
 
 
-def _wait_for(path, proc, timeout=60):
+def _wait_for(path, alive, timeout=60):
     end = time.time() + timeout
     while not (os.path.exists(path) and os.path.getsize(path) > 0):
-        assert proc.poll() is None and time.time() < end, proc.stderr.read() if proc.poll() is not None else "timeout"
+        assert alive() and time.time() < end, "exited" if not alive() else "timeout"
         time.sleep(0.05)
 
 
@@ -867,10 +824,11 @@ def _wait_for(path, proc, timeout=60):
 def test_signal_saves_a_checkpoint_and_says_how_to_resume(folder, tmp_path, sig):
     out = str(tmp_path / "run")
     proc = _start_training(folder, out, "--save-every", "100000")
-    _wait_for(os.path.join(out, "log.txt"), proc)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + sig, err
+    _wait_for(os.path.join(out, "log.txt"), proc.is_alive)
+    os.kill(proc.pid, sig)
+    proc.join(60)
+    err = open(out + ".err").read()
+    assert proc.exitcode == 128 + sig, err
     assert "Resume with: python ddpm.py train --resume --out" in err and "Traceback" not in err
     step = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"]
     assert f"interrupted at step {step};" in err and step >= 1
@@ -879,10 +837,10 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(folder, tmp_path, sig)
 def test_sigkill_mid_run_leaves_a_loadable_checkpoint(folder, tmp_path):
     out = str(tmp_path / "run")
     proc = _start_training(folder, out, "--save-every", "1")
-    _wait_for(os.path.join(out, "ckpt.pt"), proc)
+    _wait_for(os.path.join(out, "ckpt.pt"), proc.is_alive)
     time.sleep(1.0)                                                 # several more saves, one likely in flight
     proc.kill()
-    proc.communicate()
+    proc.join(60)
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] >= 1 and all(v.isfinite().all() for v in ckpt["model"].values())
 
@@ -980,7 +938,7 @@ def test_sigterm_to_torchrun_stops_every_process_after_the_same_step(folder, tmp
     proc = subprocess.Popen([*torchrun, os.path.join(HERE, "ddpm.py"), "train", "--data", folder, "--out", out,
                              "--steps", "100000", "--log-every", "1", *TINY],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(os.path.join(out, "log.txt"), proc)
+    _wait_for(os.path.join(out, "log.txt"), lambda: proc.poll() is None)
     workers = _children(proc.pid)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -1020,16 +978,10 @@ def test_reverse_process_frames_run_from_the_start_noise_to_the_returned_sample(
         assert torch.allclose(x0, x_star.expand_as(x0), atol=1e-3), t
 
 
-def _grey_run(tmp_path):
-    for i in range(3):
-        (tmp_path / "grey" / "c").mkdir(parents=True, exist_ok=True)
-        Image.fromarray((torch.rand(16, 16) * 255).to(torch.uint8).numpy(), "L").save(tmp_path / "grey" / "c" / f"{i}.png")
-    assert ddpm.main(["train", "--data", str(tmp_path / "grey"), "--out", str(tmp_path / "run"), "--steps", "1", *TINY]) == 0
-    return str(tmp_path / "run" / "ckpt.pt")
 
 
 def test_sample_process_writes_a_looping_gif_and_a_strip_grey_for_grey_data(tmp_path, capsys):
-    ckpt = _grey_run(tmp_path)
+    ckpt = grey_run(tmp_path)
     for steps, frames in [("all", 10), ("5", 5)]:  # T = 50 ancestral steps: 10 frames; 5 DDIM steps: all 5
         out = tmp_path / f"p{steps}.png"
         code, err = run_main(["sample", "--ckpt", ckpt, "--n", "3", "--steps", steps, "--process", "--out", str(out)],
@@ -1053,7 +1005,7 @@ def test_sample_process_writes_a_looping_gif_and_a_strip_grey_for_grey_data(tmp_
 def test_forward_process_rows_follow_eq_4_with_one_eps_a_row():
     x0 = torch.linspace(-1, 1, 2 * 3 * 16 * 16).view(2, 3, 16, 16)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
-    rows, ts = ddpm.forward_process(x0, noise, 1000)
+    rows, ts = ddpm.forward_process(x0, noise, [ddpm.Diffusion(1000, "linear"), ddpm.Diffusion(1000, "cosine")])
     assert ts == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999] and len(rows) == 4 and len(rows[0]) == 10
     betas = {"linear": torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)}
     for i, (x, eps) in enumerate(zip(x0, noise)):
@@ -1071,27 +1023,12 @@ def test_forward_cli_writes_a_labelled_strip_of_both_schedules(folder, tmp_path,
                           str(tmp_path / "f.png")], capsys)
     strip = Image.open(tmp_path / "f.png")  # 2 images × 2 schedules = 4 rows, 10 columns; 2-px gaps, doubled; labels
     assert code == 0 and strip.mode == "RGB" and strip.size == (48 + 2 * (10 * 18 + 2), 2 * (4 * 18 + 2) + 14)
-    _grey_run(tmp_path)
+    grey_run(tmp_path)
     code, err = run_main(["forward", "--data", str(tmp_path / "grey"), "--n", "1", "--out", str(tmp_path / "g.png")], capsys)
     assert code == 0 and Image.open(tmp_path / "g.png").mode == "L" and "t = [0, 111" in err
     assert Image.open(tmp_path / "g_schedule.png").size == (640, 320)  # the numbers behind it, beside it
 
 
-def test_schedule_chart_draws_both_scales_of_both_schedules_with_the_samplers_steps_on_them():
-    image = ddpm.schedule_chart(1000, 10, "logsnr")
-    W, H = image.size
-    at = lambda t, f: (round(40 + (W - 88) * t / 999), round(H - 30 - (H - 46) * float(f)))  # line_chart's frame
-    near = lambda xy, colour: any(image.getpixel((xy[0] + i, xy[1] + j)) == colour for i in (-1, 0, 1) for j in (-1, 0, 1))
-    colours = {"linear": ((255, 255, 255), (90, 160, 255)), "cosine": ((255, 165, 0), (230, 80, 80))}
-    for schedule, (signal, noise) in colours.items():
-        a = torch.cumprod(1 - ddpm.make_betas(schedule, 1000), 0)  # ᾱ from β, independently of Diffusion
-        for t in (300, 700):  # the curves: sqrt(ᾱ_t) and sqrt(1 − ᾱ_t) (Eq. 4's scales)
-            assert near(at(t, a[t].sqrt()), signal) and near(at(t, (1 - a[t]).sqrt()), noise), (schedule, t)
-    ts = ddpm.Diffusion(1000).sampling_steps(10, "logsnr")  # a dot where the sampler evaluates the network (not
-    for t in [t for t in ts if 50 < t < 950]:               # in the corners, where the cosine curves' dots lie too)
-        a = ddpm.Diffusion(1000).alphas_cumprod[t]
-        x, y = at(t, a.sqrt())
-        assert sum(image.getpixel((x + i, y)) == (255, 255, 255) for i in (-2, 2)) == 2, t  # wider than the line
 
 
 def test_sample_writes_into_outputs_not_into_the_repos_samples(ckpts, tmp_path, monkeypatch, capsys):
@@ -1143,51 +1080,12 @@ def test_mnist_defaults_to_its_own_28_px_and_no_flips_where_the_unet_allows(tmp_
 
 
 # ---------------------------------------------------------------------------------------------- FID
-class FakeInception(torch.nn.Module):
-    """Stands in for Inception where a test is about the plumbing: uint8 (B, 3, H, W) → (features (B, 6),)."""
-    def __init__(self, seed=0):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 6, 3)              # its initialisation draws from the global RNG, as Inception's
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in self.conv.parameters():
-                p.copy_(torch.randn(p.shape, generator=g))
-
-    def forward(self, x):
-        assert x.dtype == torch.uint8 and x.shape[1] == 3
-        return (self.conv((x.float() - 128) / 128).relu().mean((2, 3)),)
 
 
-@pytest.fixture
-def fake_inception(monkeypatch):
-    """torch-fidelity's class replaced: ddpm.load_inception runs as it is, around the stand-in."""
-    import torch_fidelity.feature_extractor_inceptionv3 as tfi
-    monkeypatch.delenv("DDPM_INCEPTION", raising=False)
-    monkeypatch.setattr(tfi, "FeatureExtractorInceptionV3", lambda *a, **k: FakeInception().eval())
 
 
-def test_frechet_distance_against_closed_form_and_an_independent_computation():
-    from torch_fidelity.metric_fid import fid_statistics_to_metric
-    g = torch.Generator().manual_seed(0)
-    q = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))[0]      # Σ = Q diag Qᵀ: they commute
-    a, b = torch.rand(5, generator=g, dtype=torch.float64) + 0.1, torch.rand(5, generator=g, dtype=torch.float64)
-    mu1, mu2 = torch.randn(5, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
-    exact = (mu1 - mu2).square().sum() + (a.sqrt() - b.sqrt()).square().sum()      # ‖Δμ‖² + Σ (√a − √b)²
-    assert ddpm.frechet_distance(mu1, q @ a.diag() @ q.T, mu2, q @ b.diag() @ q.T) == pytest.approx(float(exact), 1e-10)
-    for n in (200, 20):   # 20 samples of 64 features: Σ of rank 19, as with a small n against 2048 features
-        f1, f2 = torch.randn(n, 64, generator=g, dtype=torch.float64), torch.randn(n, 64, generator=g, dtype=torch.float64) + 0.3
-        s1, s2 = [dict(mu=f.mean(0).numpy(), sigma=torch.cov(f.T).numpy()) for f in (f1, f2)]
-        theirs = fid_statistics_to_metric(s1, s2, False)["frechet_inception_distance"]   # numpy, non-symmetric eig
-        assert ddpm.frechet_distance(s1["mu"], s1["sigma"], s2["mu"], s2["sigma"]) == pytest.approx(theirs, rel=1e-6)
-        # itself: 0, to rounding (zero eigenvalues come out ~1e-16 and their square roots ~1e-8: measured 2e-6)
-        assert abs(ddpm.frechet_distance(s1["mu"], s1["sigma"], s1["mu"], s1["sigma"])) < 1e-7 * s1["sigma"].trace()
 
 
-def test_inception_stats_are_the_mean_and_unbiased_covariance_of_the_features():
-    net, images = FakeInception(), (torch.rand(13, 1, 9, 9) * 255).to(torch.uint8)
-    mu, sigma, n = ddpm.inception_stats(net, images.split(5))                 # grey: repeated into R, G, B
-    features = net(images.expand(-1, 3, -1, -1))[0].double()
-    assert n == 13 and torch.allclose(mu, features.mean(0)) and torch.allclose(sigma, torch.cov(features.T), atol=1e-12)
 
 
 def test_fid_of_a_checkpoint_equals_fid_of_its_samples_written_as_pngs(ckpts, folder, tmp_path, capsys, fake_inception):
@@ -1204,32 +1102,40 @@ def test_fid_of_a_checkpoint_equals_fid_of_its_samples_written_as_pngs(ckpts, fo
     assert abs(json.loads(capsys.readouterr().out)["fid"]) < 1e-6
 
 
-def test_reference_statistics_are_cached_by_what_made_them(folder, tmp_path, monkeypatch):
+
+
+def test_reference_statistics_of_a_folder_are_cached_by_what_made_them(folder, tmp_path, monkeypatch):
     shutil.copytree(folder, tmp_path / "d")
-    computed, real = [], ddpm.inception_stats
-    monkeypatch.setattr(ddpm, "inception_stats", lambda *a: computed.append(1) or real(*a))
+    computed, real = [], fid.inception_stats
+    monkeypatch.setattr(fid, "inception_stats", lambda *a: computed.append(1) or real(*a))
     net, root = FakeInception(), str(tmp_path / "root")
-    first = ddpm.reference_stats(net, str(tmp_path / "d"), root, 16)
-    again = ddpm.reference_stats(net, str(tmp_path / "d"), root, 16)
+    stats = lambda size=16, network=net, **k: ddpm.fid_reference(fid, network, str(tmp_path / "d"), root, size, **k)
+    first, again = stats(), stats()
     assert len(computed) == 1 and all(torch.equal(x, y) for x, y in zip(first[:2], again[:2])) and first[2] == 6
-    with pytest.raises(ddpm.UserError, match="R = G = B"):                     # RGB images for grey samples
-        ddpm.reference_stats(net, str(tmp_path / "d"), root, 16, channels=1)
+    with pytest.raises(fid.FIDError, match="R = G = B"):                       # RGB images for grey samples
+        stats(channels=1)
     Image.new("RGB", (16, 16), "red").save(tmp_path / "d" / "cat" / "1.png")     # the folder changed: computed anew
-    changed = ddpm.reference_stats(net, str(tmp_path / "d"), root, 16)
+    changed = stats()
     assert len(computed) == 2 and not torch.equal(changed[0], first[0])
-    ddpm.reference_stats(net, str(tmp_path / "d"), root, 8)                     # another size, another network
-    ddpm.reference_stats(FakeInception(seed=1), str(tmp_path / "d"), root, 16)
+    stats(8)                                                                     # another size, another network
+    stats(network=FakeInception(seed=1))
     assert len(computed) == 4 and len(os.listdir(tmp_path / "root" / "fid")) == 4
     for path in glob.glob(str(tmp_path / "root" / "fid" / "*.npz")):           # a file whose key is not ours: never used
         with np.load(path) as f:
             np.savez(path, **{**f, "key": "someone else's"})
-    ddpm.reference_stats(net, str(tmp_path / "d"), root, 16)
+    stats()
     assert len(computed) == 5
     for path in glob.glob(str(tmp_path / "root" / "fid" / "*.npz")):           # a truncated file: computed anew
         with open(path, "r+b") as f:
             f.truncate(100)
-    again = ddpm.reference_stats(net, str(tmp_path / "d"), root, 16)
+    again = stats()
     assert len(computed) == 6 and torch.equal(again[0], changed[0])
+
+
+def test_missing_inception_weights_name_the_flag(tmp_path, monkeypatch):
+    monkeypatch.delenv("DDPM_INCEPTION", raising=False)
+    with pytest.raises(ddpm.UserError, match=r"no such file; offline, pass --inception PATH .*DDPM_INCEPTION"):
+        ddpm.inception(str(tmp_path / "none.pth"), torch.device("cpu"))
 
 
 def test_fid_bad_inputs_are_one_line(ckpts, folder, tmp_path, capsys, monkeypatch, fake_inception):
@@ -1238,7 +1144,7 @@ def test_fid_bad_inputs_are_one_line(ckpts, folder, tmp_path, capsys, monkeypatc
     Image.new("RGB", (16, 16)).save(tmp_path / "one" / "c" / "0.png")
     np.savez(tmp_path / "nomu.npz", sigma=np.eye(3))
     (tmp_path / "junk.npz").write_bytes(b"not an npz")
-    _grey_run(tmp_path)
+    grey_run(tmp_path)
     capsys.readouterr()
     cases = {
         "no --ref": (["fid", "--ckpt", ckpts["cond"]], "--ref", 2),
@@ -1255,33 +1161,17 @@ def test_fid_bad_inputs_are_one_line(ckpts, folder, tmp_path, capsys, monkeypatc
         assert code == want and needle in err and err.count("\n") == 1 and "Traceback" not in err, (name, err)
 
 
-def test_missing_inception_weights_offline_name_the_flag(tmp_path, monkeypatch):
-    import torch_fidelity.feature_extractor_inceptionv3 as tfi
-
-    def offline(*a, **k):
-        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
-    monkeypatch.setattr(tfi, "load_state_dict_from_url", offline)
-    marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-    torch.save({"w": Evil()}, tmp_path / "evil.pth")
-    for path in (None, str(tmp_path / "none.pth"), str(tmp_path / "evil.pth")):
-        with pytest.raises(ddpm.UserError, match="--inception"):
-            ddpm.load_inception(path)
-    assert not marker.exists()
 
 
 def test_fid_while_training_leaves_the_training_bitwise_as_it_was_and_resumes_exactly(folder, tmp_path, capsys,
                                                                                       fake_inception):
     args = ["train", "--data", folder, "--steps", "4", "--dropout", "0.3", "--log-every", "1", "--data-root",
-            str(tmp_path / "root"), *TINY]
-    fid = ["--fid-every", "2", "--fid-n", "5"]
+            str(tmp_path / "root"), *TINY, "--timesteps", "10"]
+    fid_flags = ["--fid-every", "2", "--fid-n", "5"]
     assert ddpm.main(args + ["--out", str(tmp_path / "plain")]) == 0
-    assert ddpm.main(args + fid + ["--out", str(tmp_path / "fid")]) == 0
+    assert ddpm.main(args + fid_flags + ["--out", str(tmp_path / "fid")]) == 0
     half = [*args[:args.index("--steps") + 1], "3", *args[args.index("--steps") + 2:]]
-    assert ddpm.main(half + fid + ["--out", str(tmp_path / "resumed")]) == 0
+    assert ddpm.main(half + fid_flags + ["--out", str(tmp_path / "resumed")]) == 0
     assert ddpm.main(["train", "--resume", "--out", str(tmp_path / "resumed"), "--steps", "4"]) == 0
     plain, *others = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("plain", "fid", "resumed"))
     for other in others:
@@ -1289,26 +1179,16 @@ def test_fid_while_training_leaves_the_training_bitwise_as_it_was_and_resumes_ex
             flat_a, flat_b = (torch.utils._pytree.tree_flatten(c[part])[0] for c in (plain, other))
             assert all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(flat_a, flat_b)), part
     log = open(tmp_path / "fid" / "log.txt").read()
-    fids = re.findall(r"^step (\d+) fid (\S+) n 5 DDIM 50 steps, eta 0.0, guidance 2.0$", log, re.M)
+    fids = re.findall(r"^step (\d+) fid (\S+) n 5 DDIM 10 steps, eta 0.0, guidance 2.0$", log, re.M)
     assert [s for s, _ in fids] == ["2", "4"] and all(float(v) > 0 for _, v in fids)
     resumed = open(tmp_path / "resumed" / "log.txt").read()
     assert re.findall(r"^step (\d+) fid (\S+)", resumed, re.M) == fids          # the same samples, the same FID
     picture = Image.open(tmp_path / "fid" / "progress.png").convert("RGB")
     colours = {colour for _, colour in picture.getcolors(1 << 20)}
-    assert picture.size == (640, 320) and (255, 165, 0) in colours and (255, 255, 255) in colours   # FID, loss
+    assert picture.size == (640, 320) and (255, 165, 0) in colours and (0, 0, 0) in colours   # FID, smoothed loss
     capsys.readouterr()
 
 
-def test_progress_picture_plots_loss_and_fid_against_the_step(tmp_path):
-    lines = [f"step {s} loss {1 / s:.5f} lr 1e-4 grad_norm 1.0 img/s 10.0" for s in range(10, 1001, 10)]
-    (tmp_path / "log.txt").write_text("\n".join(lines + ["step 500 fid 80.0 n 9 x", "step 1000 fid 40.0 n 9 x"]) + "\n")
-    ddpm.plot_progress(str(tmp_path / "log.txt"), str(tmp_path / "p.png"))
-    image = Image.open(tmp_path / "p.png").convert("RGB")
-    orange = [(x, y) for x in range(image.width) for y in range(image.height) if image.getpixel((x, y)) == (255, 165, 0)]
-    # FID 80 at step 500 sits higher and further left than FID 40 at step 1000 (dots of radius 3 around each)
-    left, right = [p for p in orange if p[0] < 320], [p for p in orange if p[0] > 560]
-    assert left and right and min(y for _, y in left) < min(y for _, y in right)
-    assert sorted(os.listdir(tmp_path)) == ["log.txt", "p.png"]
 
 
 def test_a_full_disk_while_training_is_one_line_naming_the_checkpoint_that_is_whole(folder, tmp_path, monkeypatch, capsys):

@@ -1,0 +1,114 @@
+"""What the test files share: a tiny network's flags, ddpm.main in-process, exact-ε oracles, a folder of images, two
+trained checkpoints and a stand-in for Inception. Every test runs on the CPU and downloads nothing."""
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import ddpm
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+TINY = ["--image-size", "16", "--ch", "16", "--ch-mult", "1,2", "--num-res-blocks", "1", "--attn-res", "8",
+        "--timesteps", "50", "--batch-size", "4", "--sample-every", "0", "--num-workers", "1"]
+
+
+def run_main(argv, capsys):
+    """ddpm.main in-process → (exit code, stderr). argparse errors count as their SystemExit code."""
+    try:
+        code = ddpm.main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def randomize(model, seed=0):
+    """Random weights everywhere: with the zero-initialised last layers ε̂ ≡ 0 and guidance checks would be vacuous."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+class Oracle(torch.nn.Module):
+    """The exact ε for a data distribution that is the single point x_star: ε = (x_t − sqrt(ᾱ_t) x*) / sqrt(1 − ᾱ_t).
+    Records every t it is called with."""
+
+    def __init__(self, diffusion, x_star):
+        super().__init__()
+        self.d, self.x_star, self.calls = diffusion, x_star, []
+        self.in_channels, self.image_size, self.num_classes = x_star.shape[1], x_star.shape[2], None
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, t, y=None):
+        self.calls.append(t.clone())
+        a = self.d.alphas_cumprod[t].double().view(-1, 1, 1, 1)
+        return ((x.double() - a.sqrt() * self.x_star.double()) / (1 - a).sqrt()).float()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_root(tmp_path_factory):
+    """train's --data-root (downloads, the decode cache) in a temporary folder, not ./data of wherever pytest runs."""
+    root, ddpm.TRAIN_DEFAULTS["data_root"] = ddpm.TRAIN_DEFAULTS["data_root"], str(tmp_path_factory.mktemp("data"))
+    yield ddpm.TRAIN_DEFAULTS["data_root"]
+    ddpm.TRAIN_DEFAULTS["data_root"] = root
+
+
+@pytest.fixture(scope="session")
+def folder(tmp_path_factory):
+    """Two classes of three 16×16 images each, saved as PNG and JPEG."""
+    root = tmp_path_factory.mktemp("images")
+    g = torch.Generator().manual_seed(0)
+    for c, name in enumerate(["cat", "ship"]):
+        os.makedirs(root / name)
+        for i in range(3):
+            pixels = (torch.rand(16, 16, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / name / f"{i}.{'png' if i else 'jpg'}")
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def ckpts(folder, tmp_path_factory):
+    """A conditional and an unconditional checkpoint, two training steps each."""
+    base = tmp_path_factory.mktemp("runs")
+    paths = {}
+    for kind, extra in [("cond", []), ("uncond", ["--unconditional"])]:
+        out = str(base / kind)
+        assert ddpm.main(["train", "--data", folder, "--out", out, "--steps", "2", *TINY, *extra]) == 0
+        paths[kind] = os.path.join(out, "ckpt.pt")
+    return paths
+
+
+class FakeInception(torch.nn.Module):
+    """Stands in for Inception where a test is about the plumbing: uint8 (B, 3, H, W) → (features (B, 6),)."""
+    def __init__(self, seed=0):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3)              # its initialisation draws from the global RNG, as Inception's
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.conv.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+
+    def forward(self, x):
+        assert x.dtype == torch.uint8 and x.shape[1] == 3
+        return (self.conv((x.float() - 128) / 128).relu().mean((2, 3)),)
+
+
+@pytest.fixture
+def fake_inception(monkeypatch):
+    """torch-fidelity's class replaced: fid.load_inception runs as it is, around the stand-in."""
+    import torch_fidelity.feature_extractor_inceptionv3 as tfi
+    monkeypatch.delenv("DDPM_INCEPTION", raising=False)
+    monkeypatch.setattr(tfi, "FeatureExtractorInceptionV3", lambda *a, **k: FakeInception().eval())
+
+
+def grey_run(tmp_path):
+    """A checkpoint of one step on three grey 16×16 images (tmp_path/grey) → its path."""
+    for i in range(3):
+        (tmp_path / "grey" / "c").mkdir(parents=True, exist_ok=True)
+        Image.fromarray((torch.rand(16, 16) * 255).to(torch.uint8).numpy(), "L").save(tmp_path / "grey" / "c" / f"{i}.png")
+    assert ddpm.main(["train", "--data", str(tmp_path / "grey"), "--out", str(tmp_path / "run"), "--steps", "1", *TINY]) == 0
+    return str(tmp_path / "run" / "ckpt.pt")
+
