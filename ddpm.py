@@ -655,7 +655,8 @@ class Trainer:
         self.forward = self.wrap(self.model)
         self.amp = autocast(device, cfg["precision"])
         self.pending, self.stats = [], []  # (loss, grad norm) per step: on the device until check(), then as floats
-        self.postfix, self.signals, self.saved = {}, [], None if ckpt is None else ckpt["step"]  # the last save
+        self.postfix, self.signals, self.pictures = {}, [], None  # pictures.py: imported at the first log line
+        self.saved = None if ckpt is None else ckpt["step"]  # the step of the last save
 
     def load_data(self, cfg, ckpt):
         if self.rank:
@@ -797,10 +798,22 @@ class Trainer:
         print(f"step {self.step} loss {loss_value:.5f} lr {lr:.3e} grad_norm {stats[-1][1]:.3f} "
               f"img/s {rate:.1f}", file=self.log, flush=True)
         stats.clear()
-        if self.pictures is not None:  # progress.png: the loss (and FID) against the step, redrawn from log.txt
+        if not self.rank:
+            self.draw_progress()
+        self.t_log, self.step_log = time.time(), self.step
+
+    def draw_progress(self):
+        """progress.png: the loss (and FID) against the step, redrawn from log.txt; without pictures.py (or matplotlib)
+        the run goes on without it, after a note."""
+        if self.pictures is None:
+            try:
+                self.pictures = importlib.import_module("pictures")
+            except ImportError as e:
+                self.pictures = False
+                print(f"note: no progress.png: {missing(e, 'progress.png')}", file=sys.stderr)
+        if self.pictures:
             fig = self.pictures.progress_chart(self.log.name)
             save_atomic(os.path.join(self.out, "progress.png"), lambda f: fig.savefig(f, format="png"))
-        self.t_log, self.step_log = time.time(), self.step
 
     def keep(self):  # also a ckpt_<step>.pt at this step?
         return bool(self.cfg["keep_every"] and self.step % self.cfg["keep_every"] == 0)
@@ -877,11 +890,7 @@ class Trainer:
         self.say(f"training {self.params / 1e6:.2f}M-parameter U-Net on {len(self.images)} images "
                  f"({len(self.classes)} classes) on {self.device} in {world} process{'es' * (world > 1)}, step "
                  f"{self.step} → {cfg['steps']}, run folder {out}", file=sys.stderr)
-        signum, log, self.pictures = 0, os.path.join(out, "log.txt") if not self.rank else os.devnull, None
-        try:  # progress.png; without pictures.py (or matplotlib) the run goes on without it
-            self.pictures = None if self.rank else importlib.import_module("pictures")
-        except ImportError as e:
-            self.say(f"note: no progress.png: {missing(e, 'progress.png')}", file=sys.stderr)
+        signum, log = 0, os.path.join(out, "log.txt") if not self.rank else os.devnull
         if cfg["fid_every"] and not self.rank:
             self.setup_fid()
         handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}

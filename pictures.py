@@ -10,6 +10,7 @@ import re
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter, NullLocator
 from PIL import Image, ImageDraw, ImageOps
 from torchvision.utils import make_grid
 
@@ -80,17 +81,20 @@ def progress_chart(log_path, size=(640, 320)):
     for _, v in loss[1:]:
         smooth.append(smooth[-1] ** 0.9 * v ** 0.1)  # an exponential moving average over log lines, in log space
     fig = figure(size)
+    fig.subplots_adjust(left=0.12, right=0.88, bottom=0.15, top=0.95)  # fixed margins, plain labels and no minor
+    # ticks: drawn at every log line, so a cheap chart (0.1 s, not 0.25 s)
     ax = fig.add_subplot()
     ax.plot([s for s, _ in loss], [v for _, v in loss], color="0.6", lw=1, label="loss")
     ax.plot([s for s, _ in loss], smooth, color="black", lw=2, label="smoothed")
     ax.set(xlabel="training step", ylabel="loss", yscale="log")
+    ax.yaxis.set_major_formatter(LogFormatter())
+    ax.yaxis.set_minor_locator(NullLocator())
     ax.legend(loc="upper left", fontsize=8)
     if fid:
         right = ax.twinx()
         right.plot(*zip(*fid), "o-", color="orange", lw=2, ms=6)
         right.set_ylim(0, 1.1 * max(v for _, v in fid))
         right.set_ylabel("FID", color="orange")
-    fig.tight_layout()
     return fig
 
 
@@ -99,6 +103,7 @@ def schedule_chart(alphas_cumprod, steps, label, grey=(), grey_label="", size=(6
     sqrt(1 − ᾱ_t), for each schedule of alphas_cumprod {name: ᾱ (T,)}; dots where a sampler evaluates the network
     (steps {name: [t]}, named by label), grey dots on the t axis at `grey` (another sampler's t) → a Figure."""
     fig = figure(size)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.15, top=0.9)
     ax = fig.add_subplot()
     colours = [("black", "tab:blue"), ("orange", "tab:red"), ("tab:green", "tab:purple")]
     for (name, abar), pair in zip(alphas_cumprod.items(), colours):
@@ -110,5 +115,4 @@ def schedule_chart(alphas_cumprod, steps, label, grey=(), grey_label="", size=(6
         ax.plot(grey, [0] * len(grey), "o", color="0.6", ms=4, clip_on=False, label=grey_label)
     ax.set(xlabel="t", ylim=(0, 1.02), title=f"dots: the t of {label}")
     ax.legend(fontsize=7, loc="center right")
-    fig.tight_layout()
     return fig
