@@ -19,7 +19,7 @@ Sections 1-7 (schedule and diffusion math, U-Net, EMA, data, training, sampling,
 ones above and no module globals, so any of them can be copied out alone. FID (fid.py) and the pictures
 (pictures.py) are modules of their own, imported only by the commands that use them.
 """
-import argparse, copy, glob, importlib, json, math, os, re, signal, sys, tempfile, time
+import argparse, copy, errno, glob, importlib, json, math, os, re, shutil, signal, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from itertools import islice
@@ -366,6 +366,12 @@ def save_atomic(path, write, durable=False):
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (RuntimeError, OSError) as e:  # torch.save reports a short write as RuntimeError ("unexpected pos"),
+        if isinstance(e, OSError) and e.errno is not None:  # numpy as an OSError without errno: say what it is
+            raise
+        full = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 1 << 20  # (the part written counts)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) if full else \
+            OSError(errno.EIO, f"the write failed ({type(e).__name__}: {str(e).strip()})", path) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -564,6 +570,33 @@ def ensure_writable(folder, flag):
         raise UserError(f"{flag} {folder}: cannot write there ({e.strerror})") from None
 
 
+def hold(folder):
+    """Lock folder/.lock for the life of this process, so that a second run cannot write into the same run folder:
+    flock, which the kernel drops when the process ends however it ends (SIGKILL, a power cut), so no stale lock is
+    left to block a resume. → the open lock file (keep it), or None where the platform cannot lock (with a note)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        print(f"note: no file locks on this platform: keep a second run out of {folder}", file=sys.stderr)
+        return None
+    f = open(os.path.join(folder, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise UserError(f"--out {folder} is in use by another train, process {holder}: wait for it to end, or "
+                            "train into another --out") from None
+        print(f"note: {folder} cannot be locked ({e.strerror}): keep a second run out of it", file=sys.stderr)
+        return None  # a file system without locks (some network ones)
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
 def load_checkpoint(path, mmap=False):
     """Load with weights_only=True (tensors and plain values only: a crafted file cannot run code), or UserError.
     mmap: the tensors are mapped from the file, not read, until used (for a look at the config only)."""
@@ -618,7 +651,7 @@ class Trainer:
     `ckpt`; train_step is Algorithm 1 once; periodic does the bookkeeping after it: check, log_line, save, preview,
     measure_fid; on_signal and agreed_signal stop it; run is the loop. A class, not closures: that state is what
     every piece shares, and each piece has a name to look up."""
-    def __init__(self, cfg, ckpt=None, device=torch.device("cpu"), rank=0, world=1, ctrl=None):
+    def __init__(self, cfg, ckpt=None, device=torch.device("cpu"), rank=0, world=1, ctrl=None, lock=None):
         self.device, self.rank, self.world, self.ctrl, self.ddp = device, rank, world, ctrl, ctrl is not None
         self.say = print if not rank else lambda *a, **k: None
         torch.manual_seed(cfg["seed"])  # the weights' initialisation
@@ -633,6 +666,7 @@ class Trainer:
         if ckpt is None and cfg["init"]:
             self.init_from(cfg["init"])
         ensure_writable(cfg["out"], "--out")  # only now: a run that cannot start leaves no empty folder behind
+        self.lock = lock or (None if rank else hold(cfg["out"]))  # before anything is written there; rank 0 holds it
         self.params = sum(p.numel() for p in self.model.parameters())
         if self.params > 20e6 and device.type == "cpu":
             self.say(f"note: this {self.params / 1e6:.1f}M-parameter U-Net is sized for a GPU (2 CPU cores train it at "
@@ -919,10 +953,16 @@ class Trainer:
         return 0
 
 
-def train(cfg, ckpt=None):
-    """Train with config `cfg` (TRAIN_DEFAULTS' keys) into cfg["out"] or continue `ckpt`; → 0, or 128 + signal."""
+def train(cfg, ckpt=None, lock=None):
+    """Train with config `cfg` (TRAIN_DEFAULTS' keys) into cfg["out"] or continue `ckpt`; → 0, or 128 + signal.
+    lock: cfg["out"] held already (hold), else it is taken once the folder exists."""
     device, rank, world, ctrl = init_processes(cfg["batch_size"], cfg["device"], cfg["micro_batch"])
-    return Trainer(cfg, ckpt, device, rank, world, ctrl).run()
+    trainer = Trainer(cfg, ckpt, device, rank, world, ctrl, lock)
+    try:
+        return trainer.run()
+    finally:
+        if trainer.lock:
+            trainer.lock.close()
 
 
 # ======== 6. Sampling from a checkpoint =============================================================================
@@ -982,11 +1022,27 @@ def cmd_train(args):
     given = {k: v for k, v in vars(args).items() if k in TRAIN_DEFAULTS and v is not None}
     name = os.path.basename(os.path.normpath(given.get("data", "cifar10")))
     out = given.setdefault("out", os.path.join("runs", name))
+    lock = hold(out) if os.path.isdir(out) and not int(os.environ.get("RANK", 0)) else None  # before it is read
+    try:
+        return train(*train_config(args, given, out), lock)
+    finally:
+        if lock:
+            lock.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train_config(args, given, out):
+    """The run's config and checkpoint (None for a new run): new from the flags given (over the preset and Ho et al.'s
+    defaults), or resumed from out/ckpt.pt, whose flags may change only where RESUMABLE."""
     path, ckpt = os.path.join(out, "ckpt.pt"), None
     if args.resume:
         if not os.path.exists(path):
             raise UserError(f"--resume: no checkpoint in {out}/ to resume (start without --resume)")
         ckpt = load_checkpoint(path)
+        if "optimizer" not in ckpt:  # export_model's file: EMA weights alone
+            raise UserError(f"{path} is an exported model (EMA weights only: no optimizer, no random states): it "
+                            f"cannot resume a run; fine-tune from it with train --init {path} --out NEW_FOLDER")
         cfg = {**TRAIN_DEFAULTS, **ckpt["config"]}  # flags added since that run began: off, as it ran
     elif os.path.exists(path):
         raise UserError(f"{path} exists: pass --resume to continue that run, or choose another --out")
@@ -1011,11 +1067,7 @@ def cmd_train(args):
     cfg.update(given)
     if cfg["fid_every"]:  # now, not at the first FID hours in
         need("fid", "train --fid-every")
-    try:
-        return train(cfg, ckpt)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return cfg, ckpt
 
 
 def sampler_from_args(args, device, n, rows):

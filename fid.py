@@ -80,7 +80,8 @@ def load_stats(path):
         raise FIDError(f"{path}: not an .npz with arrays mu and sigma ({type(e).__name__}: {e})") from None
     if mu.shape != (DIMS,) or sigma.shape != (DIMS, DIMS):  # pytorch-fid --dims 64, 192, 768 write others
         raise FIDError(f"{path} holds statistics of {'x'.join(map(str, mu.shape))}-dimensional features (mu "
-                       f"{tuple(mu.shape)}, sigma {tuple(sigma.shape)}); FID is on Inception's {DIMS} pool3 features")
+                       f"{tuple(mu.shape)}, sigma {tuple(sigma.shape)}); FID here needs Inception's {DIMS:,} pool3 "
+                       "features (pytorch-fid's default, --dims 2048)")
     return mu, sigma, n
 
 

@@ -134,7 +134,7 @@ def test_default_unet_is_the_papers_35_7m():
 @pytest.mark.parametrize("size,ch_mult,params", [(256, (1, 1, 2, 2, 4, 4), 113_673_219), (64, (1, 2, 3, 4), None)])
 def test_larger_images_get_a_network_of_their_size_256_px_is_ho_et_als_114m(size, ch_mult, params, monkeypatch):
     cfgs = []
-    monkeypatch.setattr(ddpm, "train", lambda cfg, ckpt=None: cfgs.append(cfg) or 0)
+    monkeypatch.setattr(ddpm, "train", lambda cfg, ckpt=None, lock=None: cfgs.append(cfg) or 0)
     assert ddpm.main(["train", "--data", "imgs", "--image-size", str(size), "--unconditional"]) == 0
     assert ddpm.main(["train", "--data", "imgs", "--image-size", str(size), "--ch-mult", "1,2,2,2,2,2"]) == 0
     cfg, mine = cfgs
@@ -732,8 +732,13 @@ def _bad_inputs(ckpts, folder, tmp):
     (tmp / "broken" / "cls" / "x.png").write_bytes(b"\x89PNG garbage")
     (tmp / "afile").write_text("")
     c, u = ckpts["cond"], ckpts["uncond"]
+    os.makedirs(tmp / "exported")
+    ddpm.export_model(c, str(tmp / "exported" / "ckpt.pt"))
     train = ["train", "--out", str(tmp / "run"), *TINY]
     return {
+        "resume of an exported model": (["train", "--resume", "--out", str(tmp / "exported")],
+                                        "is an exported model (EMA weights only: no optimizer, no random states): it "
+                                        "cannot resume a run; fine-tune from it with train --init"),
         "unknown class": (["sample", "--ckpt", c, "--class", "dog"], "choose from cat, ship"),
         "class index out of range": (["sample", "--ckpt", c, "--class", "2"], "choose from"),
         "class on unconditional": (["sample", "--ckpt", u, "--class", "cat"], "unconditional"),
@@ -836,15 +841,39 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(folder, tmp_path, sig)
     assert f"interrupted at step {step};" in err and step >= 1
 
 
-def test_sigkill_mid_run_leaves_a_loadable_checkpoint(folder, tmp_path):
+def _snapshot(folder):
+    return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))}
+
+
+def test_a_run_holds_its_folder_until_it_dies_even_by_sigkill_and_leaves_a_loadable_checkpoint(folder, tmp_path,
+                                                                                               capsys):
     out = str(tmp_path / "run")
     proc = _start_training(folder, out, "--save-every", "1")
     _wait_for(os.path.join(out, "ckpt.pt"), proc.is_alive)
     time.sleep(0.5)                                                 # several more saves, one likely in flight
+    os.kill(proc.pid, signal.SIGSTOP)  # frozen, perhaps mid-save: its folder must stay exactly as it is now
+    try:
+        before = _snapshot(out)
+        for extra in ([], ["--resume"], ["--resume", "--steps", "200000"], ["--seed", "1", "--steps", "3"]):
+            argv = ["train", "--out", out, *extra] if "--resume" in extra else \
+                ["train", "--data", folder, "--out", out, *TINY, *extra]
+            code, err = run_main(argv, capsys)
+            assert code == 2 and err.count("\n") == 1 and f"in use by another train, process {proc.pid}" in err, err
+        assert _snapshot(out) == before
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
     proc.kill()
     proc.join(60)
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] >= 1 and all(v.isfinite().all() for v in ckpt["model"].values())
+    code, err = run_main(["train", "--resume", "--out", out, "--steps", str(ckpt["step"] + 1)], capsys)  # no stale lock
+    assert code == 0 and not any(".tmp" in f for f in os.listdir(out)), err
+
+
+def test_where_files_cannot_be_locked_a_run_says_so_once_and_goes_on(folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # as on Windows
+    code, err = run_main(["train", "--data", folder, "--out", str(tmp_path / "run"), "--steps", "1", *TINY], capsys)
+    assert code == 0 and err.count("note: no file locks on this platform: keep a second run out of") == 1
 
 
 # ---------------------------------------------------------------------------------------------- several processes (DDP)
@@ -1147,6 +1176,7 @@ def test_fid_bad_inputs_are_one_line(ckpts, folder, tmp_path, capsys, monkeypatc
     os.makedirs(tmp_path / "one" / "c")
     Image.new("RGB", (16, 16)).save(tmp_path / "one" / "c" / "0.png")
     np.savez(tmp_path / "nomu.npz", sigma=np.eye(3))
+    np.savez(tmp_path / "d64.npz", mu=np.zeros(64), sigma=np.eye(64))
     (tmp_path / "junk.npz").write_bytes(b"not an npz")
     grey_run(tmp_path)
     capsys.readouterr()
@@ -1159,6 +1189,8 @@ def test_fid_bad_inputs_are_one_line(ckpts, folder, tmp_path, capsys, monkeypatc
         "grey against RGB": (["fid", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--ref", folder], "R = G = B", 2),
         "n = 1": (["fid", "--samples", folder, "--ref", folder, "--n", "1"], "--n", 2),
         "one image": (["fid", "--samples", str(tmp_path / "one"), "--ref", folder], "at least 2 images", 2),
+        "pytorch-fid --dims 64": (["fid", "--samples", folder, "--ref", str(tmp_path / "d64.npz")],
+                                  "holds statistics of 64-dimensional features", 2),
     }
     for name, (argv, needle, want) in cases.items():
         code, err = run_main([*argv, "--data-root", str(tmp_path / "root")], capsys)
@@ -1195,21 +1227,41 @@ def test_fid_while_training_leaves_the_training_bitwise_as_it_was_and_resumes_ex
 
 
 
-def test_a_full_disk_while_training_is_one_line_naming_the_checkpoint_that_is_whole(folder, tmp_path, monkeypatch, capsys):
+# torch.save's zip writer on a full disk (seen on a 3 MB tmpfs): a RuntimeError after part of the file, no OSError
+ZIP_WRITER_FULL = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2167104 vs 2166992")
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), ZIP_WRITER_FULL])
+def test_a_full_disk_while_training_is_one_line_naming_the_checkpoint_that_is_whole(folder, tmp_path, monkeypatch,
+                                                                                   capsys, error):
     out, real, calls = tmp_path / "run", torch.save, []
 
     def full_at_second(obj, f, *a, **k):
         calls.append(1)
         if len(calls) == 2:
             f.write(b"part of a checkpoint")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 ** 9, 10 ** 9, 4096))
+            raise error
         return real(obj, f, *a, **k)
     monkeypatch.setattr(torch, "save", full_at_second)
     code, err = run_main(["train", "--data", folder, "--out", str(out), "--steps", "5", "--save-every", "1", *TINY], capsys)
     assert code == 1 and err.count("\n") == 2 and "Traceback" not in err, err      # the start line, then the error
     assert "No space left on device" in err and f"{out}/ckpt.pt of step 1 is whole" in err
-    assert f"ddpm.py train --resume --out {out}" in err and sorted(os.listdir(out)) == ["ckpt.pt", "log.txt"]
+    assert f"ddpm.py train --resume --out {out}" in err and sorted(os.listdir(out)) == [".lock", "ckpt.pt", "log.txt"]
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 1
+
+
+def test_a_write_that_fails_otherwise_is_one_line_too(tmp_path):
+    def broken(f):
+        f.write(b"part")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4 vs 0\n")
+    with pytest.raises(OSError) as e:
+        ddpm.save_atomic(str(tmp_path / "x.pt"), broken)  # a disk with room: not called full
+    assert e.value.errno == errno.EIO and os.listdir(tmp_path) == []
+    assert e.value.strerror == "the write failed (RuntimeError: [enforce fail at inline_container.cc:672] . unexpected " \
+                               "pos 4 vs 0)"
+    with pytest.raises(TypeError):  # a bug is not a write error: it keeps its traceback
+        ddpm.save_atomic(str(tmp_path / "x.pt"), lambda f: f.write("text"))
 
 
 def test_a_run_folder_that_vanishes_and_a_full_disk_while_sampling_are_one_line(ckpts, folder, tmp_path, monkeypatch,
@@ -1224,12 +1276,35 @@ def test_a_run_folder_that_vanishes_and_a_full_disk_while_sampling_are_one_line(
     assert code == 1 and "No such file or directory" in err and "no checkpoint is left" in err and "Traceback" not in err
     monkeypatch.setattr(ddpm, "save_atomic", real)
 
-    def full(self, f, *a, **k):
+    saves, real_save = [], Image.Image.save
+
+    def full_after_two(self, f, *a, **k):  # the disk fills up at the third picture, halfway into it
+        saves.append(1)
+        if len(saves) <= 2:
+            return real_save(self, f, *a, **k)
+        f.write(b"\x89PNG half")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(Image.Image, "save", full)
-    code, err = run_main(["sample", "--ckpt", ckpts["cond"], "--n", "3", "--steps", "1", "--out",
+    monkeypatch.setattr(Image.Image, "save", full_after_two)
+    code, err = run_main(["sample", "--ckpt", ckpts["cond"], "--n", "5", "--steps", "1", "--batch-size", "8", "--out",
                           str(tmp_path / "each") + "/"], capsys)
-    assert code == 1 and err.count("\n") == 1 and "No space left on device" in err and os.listdir(tmp_path / "each") == []
+    assert code == 1 and err.count("\n") == 1 and "No space left on device" in err
+    written = sorted(os.listdir(tmp_path / "each"))  # two whole pictures, nothing half-written, no temporary file
+    assert len(written) == 2 and all(f.endswith(".png") and ".tmp" not in f for f in written)
+    assert all(Image.open(tmp_path / "each" / f).size == (16, 16) for f in written)
+
+
+def test_a_decode_cache_that_cannot_be_written_never_stops_a_run(folder, tmp_path, monkeypatch, capsys):
+    def full(f, array, *a, **k):  # what numpy raises when the disk fills: an OSError without errno, after part of it
+        f.write(b"\x93NUMPY part")
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 ** 9, 10 ** 9, 0))
+        raise OSError("12288 requested and 3968 written")
+    monkeypatch.setattr(np, "save", full)
+    root, out = tmp_path / "root", tmp_path / "run"
+    code, err = run_main(["train", "--data", folder, "--out", str(out), "--steps", "2", *TINY, "--data-root", str(root)],
+                         capsys)
+    assert code == 0 and err.count("note: the decoded images are not cached in") == 1, err
+    assert "(No space left on device); they are decoded again next time" in err and os.listdir(root / "cache") == []
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
 
 
 def test_a_resumed_run_whose_data_went_away_says_how_to_go_on(folder, tmp_path, capsys):
@@ -1254,7 +1329,7 @@ def test_ddpm_alone_trains_and_samples_and_names_the_file_each_other_command_nee
     run = tmp_path / "run"
     code, err = run_main(["train", "--data", folder, "--out", str(run), "--steps", "2", "--log-every", "1", *TINY], capsys)
     assert code == 0 and err.count("progress.png needs pictures.py, which comes with ddpm.py") == 1
-    assert sorted(os.listdir(run)) == ["ckpt.pt", "log.txt"]
+    assert sorted(os.listdir(run)) == [".lock", "ckpt.pt", "log.txt"]
     code, err = run_main(["sample", "--ckpt", str(run / "ckpt.pt"), "--n", "2", "--steps", "2", "--out",
                           str(tmp_path / "s.png")], capsys)
     assert code == 0 and Image.open(tmp_path / "s.png").size == (18, 35)  # a row per class, one sample each

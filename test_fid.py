@@ -48,8 +48,8 @@ def test_statistics_files_round_trip_and_other_dimensions_are_named(tmp_path):
     np.savez(tmp_path / "no_n.npz", mu=mu, sigma=sigma)  # EDM's files hold mu and sigma only
     assert fid.load_stats(str(tmp_path / "no_n.npz"))[2] is None
     np.savez(tmp_path / "d64.npz", mu=np.zeros(64), sigma=np.eye(64))  # pytorch-fid --dims 64
-    with pytest.raises(fid.FIDError, match=r"64-dimensional features \(mu \(64,\), sigma \(64, 64\)\); FID is on "
-                                           r"Inception's 2048 pool3 features"):
+    with pytest.raises(fid.FIDError, match=r"64-dimensional features \(mu \(64,\), sigma \(64, 64\)\); FID here needs "
+                                           r"Inception's 2,048 pool3 features \(pytorch-fid's default, --dims 2048\)"):
         fid.load_stats(str(tmp_path / "d64.npz"))
     for name, content in [("junk.npz", b"not an npz"), ("dir.npz", None)]:
         (tmp_path / name).mkdir() if content is None else (tmp_path / name).write_bytes(content)
