@@ -111,17 +111,17 @@ class Diffusion:
         pred_x0 = self.predict_x0(model, x_t, t, y, guidance)  # Eq. 11, the mean written through x̂_0:
         return self.q_posterior_mean_variance(pred_x0, x_t, t)[0], _extract(self.model_variance, t, x_t), pred_x0
 
-    def training_loss(self, model, x0, y=None, p_uncond=0.0, generator=None, part=slice(None)):
-        """Algorithm 1: t ~ U{0, …, T−1}, ε ~ N(0, I), loss = ‖ε − ε_θ(x_t, t)‖², pixel mean (Eq. 14).
-        Labels become the null label with probability p_uncond: one network learns ε_c and the ε_u guidance needs.
-        t, ε, drops: drawn for the whole batch, loss over x0[part] (processes splitting a batch draw as one)."""
+    def training_loss(self, model, x0, y=None, p_uncond=0.0, generator=None, part=slice(None), loss="l2"):
+        """Algorithm 1: t ~ U{0, …, T−1}, ε ~ N(0, I), loss ‖ε − ε_θ(x_t, t)‖², pixel mean (Eq. 14; "l1": |ε − ε̂|,
+        "huber": smooth L1, β = 1). Labels become the null label with probability p_uncond: one network learns ε_c and
+        the ε_u guidance needs. t, ε, drops: drawn for the whole batch, loss over x0[part] (processes share draws)."""
         t = torch.randint(0, self.num_timesteps, x0.shape[:1], generator=generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device)
         if y is not None and p_uncond > 0:
             drop = torch.rand(y.shape, generator=generator, device=y.device) < p_uncond
             y = torch.where(drop, torch.full_like(y, model.num_classes), y)
         eps = model(self.q_sample(x0[part], t[part], noise[part]), t[part], None if y is None else y[part])
-        return F.mse_loss(eps.float(), noise[part])  # in float32 even when the network ran in bf16
+        return {"l2": F.mse_loss, "l1": F.l1_loss, "huber": F.smooth_l1_loss}[loss](eps.float(), noise[part])  # fp32
 
     def sampling_steps(self, steps=None, spacing="uniform"):
         """The t a sampler visits, ascending, from 0 to T − 1: all T (steps=None), or `steps` of them spaced
@@ -522,7 +522,7 @@ TRAIN_DEFAULTS = dict(  # Ho et al.'s CIFAR-10 run; every value is a `train` fla
     attn_res=(16,), dropout=0.1, timesteps=1000, schedule="linear", ema_decay=0.9999, p_uncond=0.1, eta=0.0,
     save_every=5000, keep_every=0, sample_every=10000, log_every=100, seed=0, device=None, num_workers=4,
     precision="auto", compile=None, fid_every=0, fid_n=1000, fid_ref=None, inception=None, init=None,
-    micro_batch=None)
+    micro_batch=None, loss="l2", report_to=())
 PRESETS = {"paper": {}, "small": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(), dropout=0.0, lr=1e-3,
                                       batch_size=32, warmup=200, steps=1150, ema_decay=0.999, eta=1.0, log_every=50)}
 # The network for larger images when --ch-mult is not given: at 256 px Ho et al.'s LSUN and CelebA-HQ one (114M
@@ -534,7 +534,8 @@ INIT_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_res", "timesteps", "schedu
 # What a resumed run may change; everything else must match the checkpoint, or the run would silently differ.
 RESUMABLE = {"steps", "save_every", "keep_every", "sample_every", "log_every", "device", "num_workers", "eta",
              "precision", "compile", "data", "data_root", "out", "fid_every", "fid_n", "fid_ref", "inception",
-             "micro_batch"}
+             "micro_batch", "report_to"}
+TRACKERS = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}  # --report-to: the module each needs
 
 
 def get_device(name=None):
@@ -644,6 +645,42 @@ def init_processes(batch_size, device_name=None, micro_batch=None):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device, rank, world, dist.new_group(backend="gloo")
+
+
+class Trackers:
+    """log.txt's scalars and each preview grid, also in TensorBoard (<out>/tensorboard/) and W&B (project $WANDB_PROJECT
+    or "ddpm", the run named after its folder, its files in <out>/wandb/; WANDB_MODE=offline needs no network). A
+    resumed run continues them: the same TensorBoard folder, purged after the checkpoint's step (log.txt repeats the
+    steps after it), and the W&B run whose id the config keeps."""
+    def __init__(self, cfg, step):
+        self.tensorboard = self.wandb = None
+        if "tensorboard" in cfg["report_to"]:
+            from torch.utils.tensorboard import SummaryWriter
+            purge = step + 1 if step else None  # hide what the last run logged after its checkpoint
+            self.tensorboard = SummaryWriter(os.path.join(cfg["out"], "tensorboard"), purge_step=purge)
+        if "wandb" in cfg["report_to"]:
+            import wandb
+            cfg["wandb_id"] = cfg.get("wandb_id") or os.urandom(4).hex()  # saved with the config
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "ddpm"), id=cfg["wandb_id"], dir=cfg["out"],
+                                    name=os.path.basename(os.path.normpath(cfg["out"])), resume="allow", config=cfg)
+            self.wandb.define_metric("*", step_metric="step")  # our step, not W&B's count of log calls
+
+    def log(self, step, scalars=None, images=None):
+        """scalars {name: number}, images {name: PIL image} at the training step `step`."""
+        import numpy as np
+        for name, value in (scalars or {}).items() if self.tensorboard else ():
+            self.tensorboard.add_scalar(name, value, step)
+        for name, image in (images or {}).items() if self.tensorboard else ():
+            self.tensorboard.add_image(name, np.asarray(image), step, dataformats="HW" if image.mode == "L" else "HWC")
+        if self.wandb:
+            import wandb
+            self.wandb.log({"step": step, **(scalars or {}), **{k: wandb.Image(v) for k, v in (images or {}).items()}})
+
+    def close(self):
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()
 
 
 class Trainer:
@@ -784,7 +821,7 @@ class Trainer:
             with self.forward.no_sync() if self.ddp and start + M < end else nullcontext():  # all-reduce once
                 with self.amp:
                     part = self.diffusion.training_loss(self.forward, x0, y, cfg["p_uncond"], data,
-                                                        slice(start, start + M)) * (M / (end - first))
+                                                        slice(start, start + M), cfg["loss"]) * (M / (end - first))
                 part.backward()
             loss = loss + part.detach()
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg["grad_clip"])
@@ -831,6 +868,8 @@ class Trainer:
         self.bar.set_postfix(self.postfix)
         print(f"step {self.step} loss {loss_value:.5f} lr {lr:.3e} grad_norm {stats[-1][1]:.3f} "
               f"img/s {rate:.1f}", file=self.log, flush=True)
+        if self.trackers:
+            self.trackers.log(self.step, dict(loss=loss_value, lr=lr, grad_norm=stats[-1][1], img_s=rate))
         stats.clear()
         if not self.rank:
             self.draw_progress()
@@ -884,8 +923,10 @@ class Trainer:
     def preview(self):  # a grid of EMA samples in the run folder, a row per class
         labels, nrow = (None, 8) if self.cfg["unconditional"] else class_rows(len(self.classes), 64)
         n = 64 if labels is None else len(labels)
-        x = torch.cat(list(self.ema_samples(n, n)))
-        save_atomic(os.path.join(self.out, f"samples_{self.step:08d}.png"), to_image(x, nrow).save)
+        image = to_image(torch.cat(list(self.ema_samples(n, n))), nrow)
+        save_atomic(os.path.join(self.out, f"samples_{self.step:08d}.png"), image.save)
+        if self.trackers:
+            self.trackers.log(self.step, images=dict(samples=image))
 
     def setup_fid(self):
         """Inception and the reference statistics, before the first step (cached in data_root/fid/): the training
@@ -905,6 +946,8 @@ class Trainer:
         self.bar.set_postfix(self.postfix)
         print(f"step {self.step} fid {score:.4f} n {n} DDIM {min(100, cfg['timesteps'])} steps, eta {cfg['eta']}, "
               "guidance 2.0", file=self.log, flush=True)
+        if self.trackers:
+            self.trackers.log(self.step, dict(fid=score))
 
     def on_signal(self, sig, frame):  # the first signal: save and stop after this step; a second: stop now
         self.signals.append(sig)
@@ -927,6 +970,7 @@ class Trainer:
         signum, log = 0, os.path.join(out, "log.txt") if not self.rank else os.devnull
         if cfg["fid_every"] and not self.rank:
             self.setup_fid()
+        self.trackers = Trackers(cfg, self.step) if cfg["report_to"] and not self.rank else None
         handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             with open(log, "a") as self.log, tqdm(total=cfg["steps"], initial=self.step, dynamic_ncols=True,
@@ -961,6 +1005,8 @@ def train(cfg, ckpt=None, lock=None):
     try:
         return trainer.run()
     finally:
+        if getattr(trainer, "trackers", None):
+            trainer.trackers.close()
         if trainer.lock:
             trainer.lock.close()
 
@@ -1067,6 +1113,11 @@ def train_config(args, given, out):
     cfg.update(given)
     if cfg["fid_every"]:  # now, not at the first FID hours in
         need("fid", "train --fid-every")
+    for name in cfg["report_to"]:  # and before any data is decoded
+        try:
+            importlib.import_module(TRACKERS[name])
+        except ImportError:
+            raise UserError(f"--report-to {name} needs the {name} package: pip install {name}") from None
     return cfg, ckpt
 
 
@@ -1239,6 +1290,13 @@ def _int_tuple(text):  # "1,2,2" → (1, 2, 2); "" → ()
     return tuple(_num(int, 1, 4096)(v) for v in text.split(",") if v.strip())
 
 
+def _trackers(text):  # "tensorboard,wandb" → ("tensorboard", "wandb"); "none" → ()
+    names = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip() not in ("", "none")))
+    if set(names) - set(TRACKERS):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(TRACKERS)} (comma-separated) or none")
+    return names
+
+
 def _add_options(parser, rows):
     """rows of (flag, type, default, help); the help ends with the default where it has one; default ...: required."""
     for flag, kind, default, text in rows:
@@ -1339,11 +1397,14 @@ def add_train_parser(sub, common):
             ("--micro-batch", _num(int, 1, 65536), "images through the network at a time, gradients accumulated "
              "over the batch: less memory, the same step (default: the whole batch)"),
             ("--init", str, "fine-tune: start from this checkpoint's or exported model's EMA weights and "
-             "network, with a new optimizer, step and random streams")]:
+             "network, with a new optimizer, step and random streams"),
+            ("--loss", str, "the loss on ε̂: l2 (Ho et al.'s Eq. 14), l1, or huber (smooth L1, β = 1)"),
+            ("--report-to", _trackers, "also log to tensorboard (<out>/tensorboard/), wandb ($WANDB_PROJECT, "
+             "WANDB_MODE=offline), or both: tensorboard,wandb")]:
         key = flag[2:].replace("-", "_")
-        default = "" if TRAIN_DEFAULTS[key] is None else f" (default: {TRAIN_DEFAULTS[key]})"
+        default = "" if TRAIN_DEFAULTS[key] in (None, ()) else f" (default: {TRAIN_DEFAULTS[key]})"
         tr.add_argument(flag, type=kind, help=text + default,
-                        choices=("linear", "cosine") if key == "schedule" else None)
+                        choices={"schedule": ("linear", "cosine"), "loss": ("l2", "l1", "huber")}.get(key))
     tr.add_argument("--preset", choices=PRESETS, default="paper", help="paper: Ho et al.'s setup (the defaults "
                     "shown); small: " + ", ".join(f"{k} {v}" for k, v in PRESETS["small"].items()) + "; flags override")
     tr.add_argument("--unconditional", action="store_true", default=None, help="ignore the classes (default: no)")

@@ -1,6 +1,6 @@
 """Tests for ddpm.py: formulas against closed forms or independent computations, the network, the samplers,
 the training loop (overfit, exact resume, interruption) and every user error. CPU only, under a minute."""
-import errno, glob, json, math, multiprocessing, os, re, shutil, signal, socket, struct, subprocess, sys, time
+import errno, glob, importlib, json, math, multiprocessing, os, re, shutil, signal, socket, struct, subprocess, sys, time
 
 import numpy as np
 
@@ -166,6 +166,26 @@ def test_training_loss_draws_all_t_and_drops_labels_per_sample():
     dropped = spy.y == 10
     assert 0.27 < dropped.float().mean() < 0.33                   # per sample, not all-or-nothing per batch
     assert torch.equal(spy.y[~dropped], y[~dropped])
+
+
+def test_each_loss_matches_its_closed_form_on_a_fixed_prediction():
+    d, eps_hat = ddpm.Diffusion(50), torch.linspace(-3, 3, 96).view(2, 3, 4, 4)  # errors both sides of Huber's β = 1
+
+    class Fixed(torch.nn.Module):
+        num_classes = None
+
+        def forward(self, x, t, y=None):
+            return eps_hat
+    x0 = torch.rand(2, 3, 4, 4) * 2 - 1
+    closed = {"l2": lambda e: (e ** 2).mean(), "l1": lambda e: e.abs().mean(),
+              "huber": lambda e: torch.where(e.abs() < 1, e ** 2 / 2, e.abs() - 0.5).mean()}
+    for name, form in closed.items():
+        got = d.training_loss(Fixed(), x0, generator=torch.Generator().manual_seed(0), loss=name)
+        g = torch.Generator().manual_seed(0)  # the same draws again: t, then ε
+        torch.randint(0, 50, (2,), generator=g)
+        assert got.item() == pytest.approx(form(torch.randn(x0.shape, generator=g) - eps_hat).item(), rel=1e-6), name
+    with pytest.raises(KeyError):
+        d.training_loss(Fixed(), x0, loss="l3")
 
 
 def test_guidance():
@@ -460,13 +480,13 @@ def test_the_paper_model_on_a_cpu_says_it_is_sized_for_a_gpu(folder, tmp_path, m
 # ---------------------------------------------------------------------------------------------- training loop
 def test_exact_resume_is_bitwise_identical(folder, tmp_path, capsys):
     args = ["train", "--data", folder, "--steps", "6", "--dropout", "0.3", "--p-uncond", "0.5", "--keep-every", "2",
-            *TINY, "--batch-size", "5"]            # batches of 5 over 6 images straddle epochs
+            *TINY, "--batch-size", "5", "--loss", "huber"]            # batches of 5 over 6 images straddle epochs
     assert ddpm.main(args + ["--out", str(tmp_path / "straight")]) == 0
     half = args + ["--out", str(tmp_path / "resumed")]
     assert ddpm.main([*half[:half.index("--steps") + 1], "3", *half[half.index("--steps") + 2:]]) == 0
     assert ddpm.main(["train", "--resume", "--out", str(tmp_path / "resumed"), "--steps", "6"]) == 0
     a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("straight", "resumed"))
-    assert a["step"] == b["step"] == 6 and b["ema"]["num_updates"] == 6
+    assert a["step"] == b["step"] == 6 and b["ema"]["num_updates"] == 6 and a["config"]["loss"] == "huber"
     for part in ("model", "optimizer"):
         flat_a, flat_b = torch.utils._pytree.tree_flatten(a[part])[0], torch.utils._pytree.tree_flatten(b[part])[0]
         assert all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(flat_a, flat_b))
@@ -770,6 +790,10 @@ def _bad_inputs(ckpts, folder, tmp):
         "bad ch-mult": ([*train, "--ch-mult", "1,x"], "--ch-mult"),
         "zero ch-mult": ([*train, "--ch-mult", "1,0"], "--ch-mult"),
         "changed architecture on resume": (["train", "--resume", "--out", os.path.dirname(c), "--ch", "32"], "--ch 32"),
+        "changed loss on resume": (["train", "--resume", "--out", os.path.dirname(c), "--loss", "l1"],
+                                   "--loss l1: the run in"),
+        "unknown loss": ([*train, "--data", folder, "--loss", "l3"], "--loss"),
+        "unknown tracker": ([*train, "--data", folder, "--report-to", "tensorboard,mlflow"], "choose from tensorboard"),
         "micro-batch not dividing the batch": ([*train, "--data", folder, "--micro-batch", "3"], "micro-batches of 3"),
         "missing --init": ([*train, "--data", folder, "--init", str(tmp / "nope.pt")], "not found"),
         "--init and another network": ([*train, "--data", folder, "--init", c, "--ch", "32"], "comes from --init"),
@@ -905,7 +929,9 @@ def run_ddp(argv, world=2):
 def test_two_processes_take_the_same_step_as_one(folder, tmp_path, capsys):
     args = ["train", "--data", folder, "--steps", "1", "--dropout", "0", "--warmup", "0", "--p-uncond", "0.5", *TINY]
     assert ddpm.main(args + ["--out", str(tmp_path / "one")]) == 0
-    assert run_ddp(args + ["--out", str(tmp_path / "two")]) == [0, 0]
+    report = ["--report-to", "tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    assert run_ddp(args + ["--out", str(tmp_path / "two"), *report]) == [0, 0]
+    assert len(glob.glob(str(tmp_path / "two" / "tensorboard" / "*"))) == len(report) // 2  # rank 0's events only
     a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("one", "two"))
     for key, value in a["model"].items():
         assert torch.allclose(b["model"][key], value, rtol=1e-5, atol=1e-8), key
@@ -969,9 +995,9 @@ def test_sigterm_to_torchrun_stops_every_process_after_the_same_step(folder, tmp
     ddpm.load_images(folder, root, 16, cache=True)  # decoded once here: the workers map it (no torchvision import)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     proc = subprocess.Popen([*torchrun, os.path.join(HERE, "ddpm.py"), "train", "--data", folder, "--out", out,
-                             "--steps", "100000", "--log-every", "1", "--data-root", root, *TINY],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(os.path.join(out, "log.txt"), lambda: proc.poll() is None)
+                             "--steps", "100000", "--save-every", "1", "--log-every", "100000", "--data-root", root,
+                             *TINY], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(os.path.join(out, "ckpt.pt"), lambda: proc.poll() is None)  # training: its first step is saved
     workers = _children(proc.pid)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -1197,36 +1223,6 @@ def test_fid_bad_inputs_are_one_line(ckpts, folder, tmp_path, capsys, monkeypatc
         assert code == want and needle in err and err.count("\n") == 1 and "Traceback" not in err, (name, err)
 
 
-
-
-def test_fid_while_training_leaves_the_training_bitwise_as_it_was_and_resumes_exactly(folder, tmp_path, capsys,
-                                                                                      fake_inception):
-    args = ["train", "--data", folder, "--steps", "4", "--dropout", "0.3", "--log-every", "2", "--data-root",
-            str(tmp_path / "root"), *TINY, "--timesteps", "10"]
-    fid_flags = ["--fid-every", "2", "--fid-n", "5"]
-    assert ddpm.main(args + ["--out", str(tmp_path / "plain")]) == 0
-    assert ddpm.main(args + fid_flags + ["--out", str(tmp_path / "fid")]) == 0
-    half = [*args[:args.index("--steps") + 1], "3", *args[args.index("--steps") + 2:]]
-    assert ddpm.main(half + fid_flags + ["--out", str(tmp_path / "resumed")]) == 0
-    assert ddpm.main(["train", "--resume", "--out", str(tmp_path / "resumed"), "--steps", "4"]) == 0
-    plain, *others = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("plain", "fid", "resumed"))
-    for other in others:
-        for part in ("model", "optimizer", "ema"):
-            flat_a, flat_b = (torch.utils._pytree.tree_flatten(c[part])[0] for c in (plain, other))
-            assert all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(flat_a, flat_b)), part
-    log = open(tmp_path / "fid" / "log.txt").read()
-    fids = re.findall(r"^step (\d+) fid (\S+) n 5 DDIM 10 steps, eta 0.0, guidance 2.0$", log, re.M)
-    assert [s for s, _ in fids] == ["2", "4"] and all(float(v) > 0 for _, v in fids)
-    resumed = open(tmp_path / "resumed" / "log.txt").read()
-    assert re.findall(r"^step (\d+) fid (\S+)", resumed, re.M) == fids          # the same samples, the same FID
-    picture = Image.open(tmp_path / "fid" / "progress.png").convert("RGB")
-    colours = {colour for _, colour in picture.getcolors(1 << 20)}
-    assert picture.size == (640, 320) and (255, 165, 0) in colours and (0, 0, 0) in colours   # FID, smoothed loss
-    capsys.readouterr()
-
-
-
-
 # torch.save's zip writer on a full disk (seen on a 3 MB tmpfs): a RuntimeError after part of the file, no OSError
 ZIP_WRITER_FULL = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2167104 vs 2166992")
 
@@ -1305,6 +1301,99 @@ def test_a_decode_cache_that_cannot_be_written_never_stops_a_run(folder, tmp_pat
     assert code == 0 and err.count("note: the decoded images are not cached in") == 1, err
     assert "(No space left on device); they are decoded again next time" in err and os.listdir(root / "cache") == []
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+def _tracker(name):
+    """The tracker's module, or a skip where it is not installed; never a skip in CI (.ci/run sets DDPM_CI)."""
+    return importlib.import_module(name) if os.environ.get("DDPM_CI") else pytest.importorskip(name)
+
+
+def _wandb_history(path):
+    """The history rows of a W&B .wandb file: a 7-byte header, then LevelDB-style records (crc32, length, type: 1 whole,
+    2 first, 3 middle, 4 last part) in 32 KiB blocks, each record a protobuf wandb_internal_pb2.Record."""
+    from wandb.proto import wandb_internal_pb2
+    data, pos, pending, rows = open(path, "rb").read(), 7, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # no room for a record header: the block's tail is padding
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+        pending, pos = pending + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
+
+
+def test_fid_and_trackers_leave_the_training_bitwise_as_it_was_and_a_resume_continues_them(folder, tmp_path,
+                                                                                         monkeypatch, capsys,
+                                                                                         fake_inception):
+    _tracker("tensorboard"), _tracker("wandb")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no network needed, none used
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out, plain = tmp_path / "run", tmp_path / "plain"
+    args = ["train", "--data", folder, "--steps", "4", "--dropout", "0.3", "--log-every", "1", "--data-root",
+            str(tmp_path / "root"), *TINY, "--timesteps", "5"]
+    assert ddpm.main([*args, "--out", str(plain)]) == 0
+    assert ddpm.main([*args, "--out", str(out), "--fid-every", "2", "--fid-n", "5", "--keep-every", "2",
+                      "--sample-every", "4", "--report-to", "tensorboard,wandb"]) == 0
+    shutil.copy(out / "ckpt.pt", tmp_path / "first.pt")
+    shutil.copy(out / "ckpt_00000002.pt", out / "ckpt.pt")  # as if it had died at step 4, its last checkpoint step 2
+    assert ddpm.main(["train", "--resume", "--out", str(out)]) == 0
+    ckpts = [torch.load(path, weights_only=True) for path in (plain / "ckpt.pt", tmp_path / "first.pt", out / "ckpt.pt")]
+    for other in ckpts[1:]:  # FID, previews and trackers draw nothing from training's random streams
+        for part in ("model", "optimizer", "ema"):
+            flat_a, flat_b = (torch.utils._pytree.tree_flatten(c[part])[0] for c in (ckpts[0], other))
+            assert all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(flat_a, flat_b)), part
+    cfg, log = ckpts[2]["config"], (out / "log.txt").read_text()
+    assert cfg["report_to"] == ("tensorboard", "wandb") and len(cfg["wandb_id"]) == 8
+    fids = re.findall(r"^step (\d+) fid (\S+) n 5 DDIM 5 steps, eta 0.0, guidance 2.0$", log, re.M)
+    assert [s for s, _ in fids] == ["2", "4", "4"] and fids[1] == fids[2] and all(float(v) > 0 for _, v in fids)
+    lines = re.findall(r"^step (\d+) loss (\S+) lr (\S+) grad_norm (\S+) img/s (\S+)$", log, re.M)
+    assert [int(s) for s, *_ in lines] == [1, 2, 3, 4, 3, 4]  # the resumed run logs steps 3 and 4 again
+    picture = Image.open(out / "progress.png").convert("RGB")
+    colours = {colour for _, colour in picture.getcolors(1 << 20)}
+    assert picture.size == (640, 320) and (255, 165, 0) in colours and (0, 0, 0) in colours   # FID, smoothed loss
+
+    def same(row, line):  # equal to log.txt's figures, to the digits it prints
+        return int(line[0]) == row["step"] and all(abs(row[k] - float(v)) <= 0.51 * float(f"1e{e}")
+                                                    for k, v, e in zip(("loss", "lr", "grad_norm", "img_s"), line[1:],
+                                                                       (-5, int(line[2][-3:]) - 3, -3, -1)))
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()  # tensorboard's own reader: one folder, the steps after the checkpoint purged and written anew
+    assert len(os.listdir(out / "tensorboard")) == 2 and sorted(events.Tags()["scalars"]) == ["fid", "grad_norm",
+                                                                                             "img_s", "loss", "lr"]
+    rows = [dict(step=e.step, **{k: events.Scalars(k)[i].value for k in ("loss", "lr", "grad_norm", "img_s")})
+            for i, e in enumerate(events.Scalars("loss"))]
+    assert len(rows) == 4 and all(same(row, line) for row, line in zip(rows, lines[:2] + lines[4:])), (rows, lines)
+    assert [(e.step, round(e.value, 4)) for e in events.Scalars("fid")] == [(int(s), float(v)) for s, v in fids[::2]]
+    assert [(e.step, e.width, e.height) for e in events.Images("samples")] == [(4, 545, 35)]  # the resumed run's
+    runs = sorted(glob.glob(str(out / "wandb" / "offline-run-*")))  # W&B: one run, continued by the resume
+    assert len(runs) == 2 and all(r.endswith("-" + cfg["wandb_id"]) for r in runs)
+    for run, expected, fid_steps in zip(runs, (lines[:4], lines[4:]), ([2, 4], [4])):
+        history = _wandb_history(glob.glob(os.path.join(run, "run-*.wandb"))[0])
+        scalars = [row for row in history if "loss" in row]
+        assert len(scalars) == len(expected) and all(same(row, line) for row, line in zip(scalars, expected)), scalars
+        assert [(row["step"], round(row["fid"], 4)) for row in history if "fid" in row] == \
+            [(int(s), float(v)) for s, v in fids if int(s) in fid_steps][:len(fid_steps)]
+        assert [row["step"] for row in history if "samples/_type" in row] == [4]
+    capsys.readouterr()
+
+
+def test_a_tracker_that_is_not_installed_is_one_line_before_any_data_is_read(tmp_path, monkeypatch, capsys):
+    for module, name in [("torch.utils.tensorboard", "tensorboard"), ("wandb", "wandb")]:
+        monkeypatch.setitem(sys.modules, module, None)
+        code, err = run_main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"),
+                              "--report-to", f"{name},{name}"], capsys)
+        assert code == 2 and err.count("\n") == 1 and f"--report-to {name} needs the {name} package: pip install " \
+            f"{name}" in err, err
+    assert not os.path.exists(tmp_path / "r")
 
 
 def test_a_resumed_run_whose_data_went_away_says_how_to_go_on(folder, tmp_path, capsys):
