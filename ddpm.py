@@ -552,11 +552,9 @@ def get_device(name=None):
 
 
 def resolve_precision(precision, device, task, cpu=None):
-    """--precision for `task` ("train" or "sample") → "bf16" or "fp32". bf16 and fp32 force it. auto: bf16 on CUDA
-    (fp16's speed, not its NaNs); on a CPU bf16 only for sampling, and only where the CPU computes bf16 natively:
-    ATen's AVX-512 kernels (torch.backends.cpu.get_cpu_capability()) with the flag amx_bf16 or avx512_bf16 (Intel
-    since Sapphire Rapids, AMD since Zen 4): there sampling is 2.0× as fast, while training the small preset gains
-    1.1× and bf16 emulated on AVX2 is 7× slower (docs/measurements.md). cpu: (capability, {flags}) in tests."""
+    """--precision for `task` ("train", "sample") → "bf16" or "fp32": bf16 and fp32 force it; auto is bf16 on CUDA
+    (fp16's speed, not its NaNs) and on a CPU only to sample, where it computes bf16 natively: ATen at AVX-512 with
+    amx_bf16 or avx512_bf16 (2.0× as fast there; training 1.1×; emulated: 7× slower). cpu: (capability, {flag: on})."""
     if precision != "auto" or device.type != "cpu":
         return precision if precision != "auto" else "bf16" if device.type == "cuda" else "fp32"
     capability, flags = cpu or (torch.backends.cpu.get_cpu_capability(), {
@@ -566,8 +564,7 @@ def resolve_precision(precision, device, task, cpu=None):
 
 
 def autocast(device, precision):
-    """bf16 autocast for precision "bf16" (resolve_precision): the network's matrix work in bf16; the schedule, the
-    loss, GroupNorm's statistics, x̂_0, its clip and the sampler's steps stay fp32."""
+    """bf16 autocast for "bf16": the network's matrix work; schedule, loss, GroupNorm, x̂_0 and steps stay fp32."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
@@ -679,16 +676,18 @@ class Trackers:
                                     name=os.path.basename(os.path.normpath(cfg["out"])), resume="allow", config=cfg)
             self.wandb.define_metric("*", step_metric="step")  # our step, not W&B's count of log calls
 
-    def log(self, step, scalars=None, images=None):
-        """scalars {name: number}, images {name: PIL image} at the training step `step`."""
+    def log(self, step, **values):
+        """Numbers as scalars, PIL images as images, at the training step `step`."""
         import numpy as np
-        for name, value in (scalars or {}).items() if self.tensorboard else ():
-            self.tensorboard.add_scalar(name, value, step)
-        for name, image in (images or {}).items() if self.tensorboard else ():
-            self.tensorboard.add_image(name, np.asarray(image), step, dataformats="HW" if image.mode == "L" else "HWC")
+        for name, v in values.items() if self.tensorboard else ():
+            if isinstance(v, Image.Image):
+                self.tensorboard.add_image(name, np.asarray(v), step, dataformats="HW" if v.mode == "L" else "HWC")
+            else:
+                self.tensorboard.add_scalar(name, v, step)
         if self.wandb:
             import wandb
-            self.wandb.log({"step": step, **(scalars or {}), **{k: wandb.Image(v) for k, v in (images or {}).items()}})
+            self.wandb.log({"step": step, **{k: wandb.Image(v) if isinstance(v, Image.Image) else v
+                                             for k, v in values.items()}})
 
     def close(self):
         if self.tensorboard:
@@ -698,10 +697,8 @@ class Trackers:
 
 
 class Trainer:
-    """One run. __init__ builds its state (data, U-Net, EMA, Adam, the two random streams), new or resumed from
-    `ckpt`; train_step is Algorithm 1 once; periodic does the bookkeeping after it: check, log_line, save, preview,
-    measure_fid; on_signal and agreed_signal stop it; run is the loop. A class, not closures: that state is what
-    every piece shares, and each piece has a name to look up."""
+    """One run: __init__ builds its state (data, U-Net, EMA, Adam, the two random streams), new or resumed; train_step
+    is Algorithm 1 once; periodic the bookkeeping after it; on_signal and agreed_signal stop it; run is the loop."""
     def __init__(self, cfg, ckpt=None, device=torch.device("cpu"), rank=0, world=1, ctrl=None, lock=None):
         self.device, self.rank, self.world, self.ctrl, self.ddp = device, rank, world, ctrl, ctrl is not None
         self.say = print if not rank else lambda *a, **k: None
@@ -883,7 +880,7 @@ class Trainer:
         print(f"step {self.step} loss {loss_value:.5f} lr {lr:.3e} grad_norm {stats[-1][1]:.3f} "
               f"img/s {rate:.1f}", file=self.log, flush=True)
         if self.trackers:
-            self.trackers.log(self.step, dict(loss=loss_value, lr=lr, grad_norm=stats[-1][1], img_s=rate))
+            self.trackers.log(self.step, loss=loss_value, lr=lr, grad_norm=stats[-1][1], img_s=rate)
         stats.clear()
         if not self.rank:
             self.draw_progress()
@@ -940,7 +937,7 @@ class Trainer:
         image = to_image(torch.cat(list(self.ema_samples(n, n))), nrow)
         save_atomic(os.path.join(self.out, f"samples_{self.step:08d}.png"), image.save)
         if self.trackers:
-            self.trackers.log(self.step, images=dict(samples=image))
+            self.trackers.log(self.step, samples=image)
 
     def setup_fid(self):
         """Inception and the reference statistics, before the first step (cached in data_root/fid/): the training
@@ -961,7 +958,7 @@ class Trainer:
         print(f"step {self.step} fid {score:.4f} n {n} DDIM {min(100, cfg['timesteps'])} steps, eta {cfg['eta']}, "
               "guidance 2.0", file=self.log, flush=True)
         if self.trackers:
-            self.trackers.log(self.step, dict(fid=score))
+            self.trackers.log(self.step, fid=score)
 
     def on_signal(self, sig, frame):  # the first signal: save and stop after this step; a second: stop now
         self.signals.append(sig)
@@ -1312,25 +1309,28 @@ def _trackers(text):  # "tensorboard,wandb" → ("tensorboard", "wandb"); "none"
     return names
 
 
-def _add_options(parser, rows):
-    """rows of (flag, type, default, help); the help ends with the default where it has one; default ...: required."""
+def _add_options(parser, rows, shown=None):
+    """rows of (flag, kind, default, help): kind a type, a tuple of choices, "switch" or "on/off" (--x and --no-x);
+    default ...: required; the help ends with the default (or with shown[name], where argparse's default is None)."""
     for flag, kind, default, text in rows:
-        parser.add_argument(flag, type=kind, default=default, required=default is ...,
-                            help=text + ("" if default in (None, ...) else f" (default: {default})"))
+        value = default if shown is None else shown[flag[2:].replace("-", "_")]
+        kw = dict(action="store_true") if kind == "switch" else dict(action=argparse.BooleanOptionalAction) if \
+            kind == "on/off" else dict(choices=kind) if isinstance(kind, tuple) else dict(type=kind)
+        parser.add_argument(flag, default=default, required=default is ..., **kw,
+                            help=text + ("" if value in (None, ..., ()) else f" (default: {value})"))
 
 
 def build_parser():
     parser = _Parser(prog="ddpm.py", description="DDPM (Ho et al. 2020): train on images, sample with guidance.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    common = _Parser(add_help=False)
-    common.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the best found)")
-    common.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on CUDA, and for "
-                        "sampling on a CPU with native bf16 (AMX or AVX512-BF16); else fp32")
-    common.add_argument("--seed", type=_num(int, 0, 2 ** 62), help="random seed (default: 0)")
-    common.add_argument("--batch-size", type=_num(int, 1, 65536), help="images a step (train, default 128) or a batch")
-    common.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on CUDA)")
+    sub, common = parser.add_subparsers(dest="command", required=True), _Parser(add_help=False)
+    _add_options(common, [
+        ("--device", str, None, "cuda, cuda:N, mps or cpu (default: the best found)"),
+        ("--precision", ("auto", "fp32", "bf16"), None, "auto: bf16 autocast on CUDA, and for sampling on a CPU with "
+         "native bf16 (AMX or AVX512-BF16); else fp32"),
+        ("--seed", _num(int, 0, 2 ** 62), None, "random seed (default: 0)"),
+        ("--batch-size", _num(int, 1, 65536), None, "images a step (train, default 128) or a batch"),
+        ("--compile", "on/off", None, "torch.compile (default: on CUDA)")])
     add_train_parser(sub, common)
-
     sampling = _Parser(add_help=False)  # the sampler's flags: `sample` and `fid` draw samples alike
     _add_options(sampling, [
         ("--ckpt", str, None, "checkpoint (default: the newest runs/*/ckpt.pt, else samples/cifar10_small.pt)"),
@@ -1339,20 +1339,19 @@ def build_parser():
         ("--steps", lambda v: 0 if v == "all" else _num(int, 1, 10 ** 5)(v), None, "steps of the sampler, or 'all' T; "
          "--steps N alone samples with DDIM, 'all' ancestrally (default: all; on a CPU the --sampler's)"),
         ("--eta", _num(float, 0, 1), None, "DDIM noise: 0 deterministic, 1 DDPM-like (default: the model's train "
-         "--eta: 0, for --preset small 1)")])
-    sampling.add_argument("--sampler", choices=("ancestral", "ddim", "dpm++"), help="ancestral (Algorithm 2), DDIM, or "
-                          f"DPM-Solver++(2M) (default: ancestral; on a CPU {CPU_SAMPLER} with "
-                          f"{SAMPLERS[CPU_SAMPLER][0]} steps, or for a model of train --eta > 0 ddim with 25)")
-    sampling.add_argument("--spacing", choices=("uniform", "quadratic", "logsnr"), help="the steps' spacing: uniform "
-                          "or quadratic in t, uniform in log-SNR (default: " +
-                          ", ".join(f"{k} {v[1]}" for k, v in SAMPLERS.items()) + ")")
+         "--eta: 0, for --preset small 1)"),
+        ("--sampler", ("ancestral", "ddim", "dpm++"), None, "ancestral (Algorithm 2), DDIM, or DPM-Solver++(2M) "
+         f"(default: ancestral; on a CPU {CPU_SAMPLER} with {SAMPLERS[CPU_SAMPLER][0]} steps, or for a model of "
+         "train --eta > 0 ddim with 25)"),
+        ("--spacing", ("uniform", "quadratic", "logsnr"), None, "the steps' spacing: uniform or quadratic in t, "
+         "uniform in log-SNR (default: " + ", ".join(f"{k} {v[1]}" for k, v in SAMPLERS.items()) + ")")])
     sa = sub.add_parser("sample", parents=[common, sampling], help="sample a PNG grid (or a PNG per image)")
     sa.set_defaults(func=cmd_sample, precision="auto")
-    _add_options(sa, [("--n", _num(int, 1, 10 ** 7), 64, "number of samples"),
-                      ("--out", str, None, "a PNG grid, or a folder/ for a PNG each (default: outputs/<class>.png)")])
-    sa.add_argument("--process", action="store_true", help="write the reverse process instead: NAME.gif (x_t beside "
-                    "its predicted x_0, 10 steps) and NAME.png (those steps, up to 8 samples) for --out NAME.png")
-
+    _add_options(sa, [
+        ("--n", _num(int, 1, 10 ** 7), 64, "number of samples"),
+        ("--out", str, None, "a PNG grid, or a folder/ for a PNG each (default: outputs/<class>.png)"),
+        ("--process", "switch", None, "write the reverse process instead: NAME.gif (x_t beside its predicted x_0, 10 "
+         "steps) and NAME.png (those steps, up to 8 samples) for --out NAME.png")])
     fi = sub.add_parser("fid", parents=[common, sampling], help="FID of a checkpoint's samples (or of --samples DIR) "
                         "against --ref, with TensorFlow's Inception as torch-fidelity ports it")
     fi.set_defaults(func=cmd_fid, precision="auto")
@@ -1367,9 +1366,8 @@ def build_parser():
         ("--inception", str, None, "local copy of torch-fidelity's Inception weights, for offline use (default: "
          "$DDPM_INCEPTION, else downloaded once)"),
         ("--data-root", str, "./data", "download folder for --ref cifar10/mnist, and the cache"),
-        ("--num-workers", _num(int, 1, 256), 4, "decoding threads")])
-    fi.add_argument("--json", action="store_true", help="print the result as one JSON object")
-
+        ("--num-workers", _num(int, 1, 256), 4, "decoding threads"),
+        ("--json", "switch", None, "print the result as one JSON object")])
     fw = sub.add_parser("forward", help="picture the forward process q(x_t | x_0): training images turning into noise")
     fw.set_defaults(func=cmd_forward)
     _add_options(fw, [
@@ -1386,46 +1384,42 @@ def add_train_parser(sub, common):
     tr = sub.add_parser("train", parents=[common], help="train a model (default: Ho et al.'s CIFAR-10 setup)")
     tr.set_defaults(func=cmd_train)
     big = 10 ** 9
-    for flag, kind, text in [
-            ("--data", str, "cifar10, mnist, fashion-mnist, or an image folder <folder>/<class>/*.png|jpg"),
-            ("--data-root", str, "download folder"),
-            ("--image-size", _num(int, 4, 4096), "side in pixels (default: the data's own, 28 for MNIST, if the U-Net "
-             "can take it, else 32)"),
-            ("--out", str, "run folder: ckpt.pt, log.txt, progress.png, samples_*.png (default: runs/<data name>)"),
-            ("--steps", _num(int, 1, big), "training steps"), ("--lr", _num(float, 0, 1, True), "Adam learning rate"),
-            ("--warmup", _num(int, 0, big), "warm-up steps"), ("--grad-clip", _num(float, 0, 1e6, True), "norm clip"),
-            ("--ch", _num(int, 8, 4096), "base channels"), ("--ch-mult", _int_tuple, "channels per level, e.g. 1,2,2"),
-            ("--num-res-blocks", _num(int, 1, 64), "residual blocks per level"),
-            ("--attn-res", _int_tuple, "resolutions with self-attention, e.g. 16 or 16,8 ('' for none)"),
-            ("--dropout", _num(float, 0, 0.99), "dropout"), ("--ema-decay", _num(float, 0, 1), "EMA decay"),
-            ("--timesteps", _num(int, 2, 100_000), "diffusion steps T"), ("--schedule", str, "linear or cosine"),
-            ("--p-uncond", _num(float, 0, 1), "probability of the null label in training (for guidance)"),
-            ("--eta", _num(float, 0, 1), "DDIM noise for this model's samples (previews, `sample`'s default); 1 "
-             "cleans up an undertrained model's samples"),
-            ("--save-every", _num(int, 1, big), "checkpoint interval in steps"),
-            ("--keep-every", _num(int, 0, big), "also keep ckpt_<step>.pt every N steps (0: only the last)"),
-            ("--sample-every", _num(int, 0, big), "EMA sample grid interval (0: never)"),
-            ("--log-every", _num(int, 1, big), "log line interval"), ("--num-workers", _num(int, 1, 256), "threads"),
-            ("--fid-every", _num(int, 0, big), "FID of the EMA model into log.txt and progress.png every N steps (0: "
-             "never)"), ("--fid-n", _num(int, 2, 10 ** 6), "samples for that FID (DDIM as the previews)"),
-            ("--fid-ref", str, "FID reference as `fid --ref` takes it (default: the training images)"),
-            ("--inception", str, "local Inception weights for FID, as `fid --inception`"),
-            ("--micro-batch", _num(int, 1, 65536), "images through the network at a time, gradients accumulated "
-             "over the batch: less memory, the same step (default: the whole batch)"),
-            ("--init", str, "fine-tune: start from this checkpoint's or exported model's EMA weights and "
-             "network, with a new optimizer, step and random streams"),
-            ("--loss", str, "the loss on ε̂: l2 (Ho et al.'s Eq. 14), l1, or huber (smooth L1, β = 1)"),
-            ("--report-to", _trackers, "also log to tensorboard (<out>/tensorboard/), wandb ($WANDB_PROJECT, "
-             "WANDB_MODE=offline), or both: tensorboard,wandb")]:
-        key = flag[2:].replace("-", "_")
-        default = "" if TRAIN_DEFAULTS[key] in (None, ()) else f" (default: {TRAIN_DEFAULTS[key]})"
-        tr.add_argument(flag, type=kind, help=text + default,
-                        choices={"schedule": ("linear", "cosine"), "loss": ("l2", "l1", "huber")}.get(key))
+    _add_options(tr, [(flag, kind, None, text) for flag, kind, text in [  # argparse's default None: given or not
+        ("--data", str, "cifar10, mnist, fashion-mnist, or an image folder <folder>/<class>/*.png|jpg"),
+        ("--data-root", str, "download folder"),
+        ("--image-size", _num(int, 4, 4096), "side in pixels (default: the data's own, 28 for MNIST, if the U-Net "
+         "can take it, else 32)"),
+        ("--out", str, "run folder: ckpt.pt, log.txt, progress.png, samples_*.png (default: runs/<data name>)"),
+        ("--steps", _num(int, 1, big), "training steps"), ("--lr", _num(float, 0, 1, True), "Adam learning rate"),
+        ("--warmup", _num(int, 0, big), "warm-up steps"), ("--grad-clip", _num(float, 0, 1e6, True), "norm clip"),
+        ("--ch", _num(int, 8, 4096), "base channels"), ("--ch-mult", _int_tuple, "channels per level, e.g. 1,2,2"),
+        ("--num-res-blocks", _num(int, 1, 64), "residual blocks per level"),
+        ("--attn-res", _int_tuple, "resolutions with self-attention, e.g. 16 or 16,8 ('' for none)"),
+        ("--dropout", _num(float, 0, 0.99), "dropout"), ("--ema-decay", _num(float, 0, 1), "EMA decay"),
+        ("--timesteps", _num(int, 2, 100_000), "diffusion steps T"), ("--schedule", ("linear", "cosine"), "schedule"),
+        ("--p-uncond", _num(float, 0, 1), "probability of the null label in training (for guidance)"),
+        ("--eta", _num(float, 0, 1), "DDIM noise for this model's samples (previews, `sample`'s default); 1 "
+         "cleans up an undertrained model's samples"),
+        ("--save-every", _num(int, 1, big), "checkpoint interval in steps"),
+        ("--keep-every", _num(int, 0, big), "also keep ckpt_<step>.pt every N steps (0: only the last)"),
+        ("--sample-every", _num(int, 0, big), "EMA sample grid interval (0: never)"),
+        ("--log-every", _num(int, 1, big), "log line interval"), ("--num-workers", _num(int, 1, 256), "threads"),
+        ("--fid-every", _num(int, 0, big), "FID of the EMA model into log.txt and progress.png every N steps (0: "
+         "never)"), ("--fid-n", _num(int, 2, 10 ** 6), "samples for that FID (DDIM as the previews)"),
+        ("--fid-ref", str, "FID reference as `fid --ref` takes it (default: the training images)"),
+        ("--inception", str, "local Inception weights for FID, as `fid --inception`"),
+        ("--micro-batch", _num(int, 1, 65536), "images through the network at a time, gradients accumulated "
+         "over the batch: less memory, the same step (default: the whole batch)"),
+        ("--init", str, "fine-tune: start from this checkpoint's or exported model's EMA weights and "
+         "network, with a new optimizer, step and random streams"),
+        ("--loss", ("l2", "l1", "huber"), "the loss on ε̂: l2 (Ho et al.'s Eq. 14), l1, huber (smooth L1, β = 1)"),
+        ("--report-to", _trackers, "also log to tensorboard (<out>/tensorboard/), wandb ($WANDB_PROJECT, "
+         "WANDB_MODE=offline), or both: tensorboard,wandb"),
+        ("--unconditional", "switch", "ignore the classes"),
+        ("--flip", "on/off", "random horizontal flips (default: on, but off for --data mnist: turn them off for any "
+         "digits, letters or text)")]], shown=dict(TRAIN_DEFAULTS, flip=None))
     tr.add_argument("--preset", choices=PRESETS, default="paper", help="paper: Ho et al.'s setup (the defaults "
                     "shown); small: " + ", ".join(f"{k} {v}" for k, v in PRESETS["small"].items()) + "; flags override")
-    tr.add_argument("--unconditional", action="store_true", default=None, help="ignore the classes (default: no)")
-    tr.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips (default: on, "
-                    "but off for --data mnist: turn them off for any digits, letters or text)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
 
 
