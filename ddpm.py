@@ -929,7 +929,6 @@ class Trainer:
                 x = self.diffusion.sample(self.ema.model, len(c), None if y is None else y[c], 2.0,
                                           min(100, cfg["timesteps"]), cfg["eta"], generator=g)
             yield x
-        self.t_log, self.step_log = time.time(), self.step  # images/s counts training only
 
     def preview(self):  # a grid of EMA samples in the run folder, a row per class
         labels, nrow = (None, 8) if self.cfg["unconditional"] else class_rows(len(self.classes), 64)
@@ -938,6 +937,7 @@ class Trainer:
         save_atomic(os.path.join(self.out, f"samples_{self.step:08d}.png"), image.save)
         if self.trackers:
             self.trackers.log(self.step, samples=image)
+        self.t_log, self.step_log = time.time(), self.step  # images/s counts training only
 
     def setup_fid(self):
         """Inception and the reference statistics, before the first step (cached in data_root/fid/): the training
@@ -959,6 +959,7 @@ class Trainer:
               "guidance 2.0", file=self.log, flush=True)
         if self.trackers:
             self.trackers.log(self.step, fid=score)
+        self.t_log, self.step_log = time.time(), self.step
 
     def on_signal(self, sig, frame):  # the first signal: save and stop after this step; a second: stop now
         self.signals.append(sig)
