@@ -104,8 +104,8 @@ def reference_stats(net, ref, decode, cache_dir, channels=None):
     images = decode(ref)
     if channels is not None and images.shape[1] != channels:
         kind = lambda c: "grey" if c == 1 else "RGB"
-        raise FIDError(f"{ref} is {kind(images.shape[1])}, the samples are {kind(channels)}: FID would score the colour "
-                       "(grey enters Inception as R = G = B); compare grey with grey")
+        raise FIDError(f"{ref} is {kind(images.shape[1])}, the samples are {kind(channels)}: FID would score the "
+                       "colour (grey enters Inception as R = G = B); compare grey with grey")
     return cached_stats(net, images, cache_dir)
 
 

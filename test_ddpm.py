@@ -1028,7 +1028,8 @@ def test_sigterm_to_torchrun_stops_every_process_after_the_same_step(folder, tmp
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     proc = subprocess.Popen([*torchrun, os.path.join(HERE, "ddpm.py"), "train", "--data", folder, "--out", out,
                              "--steps", "100000", "--save-every", "1", "--log-every", "100000", "--data-root", root,
-                             *TINY], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             *TINY], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, TMPDIR=str(tmp_path)))  # torchrun's own folder, which a signal leaves
     _wait_for(os.path.join(out, "ckpt.pt"), lambda: proc.poll() is None)  # training: its first step is saved
     workers = _children(proc.pid)
     proc.send_signal(signal.SIGTERM)
