@@ -108,7 +108,9 @@ def grey_run(tmp_path):
     """A checkpoint of one step on three grey 16×16 images (tmp_path/grey) → its path."""
     for i in range(3):
         (tmp_path / "grey" / "c").mkdir(parents=True, exist_ok=True)
-        Image.fromarray((torch.rand(16, 16) * 255).to(torch.uint8).numpy(), "L").save(tmp_path / "grey" / "c" / f"{i}.png")
-    assert ddpm.main(["train", "--data", str(tmp_path / "grey"), "--out", str(tmp_path / "run"), "--steps", "1", *TINY]) == 0
+        grey = (torch.rand(16, 16) * 255).to(torch.uint8).numpy()
+        Image.fromarray(grey, "L").save(tmp_path / "grey" / "c" / f"{i}.png")
+    assert ddpm.main(["train", "--data", str(tmp_path / "grey"), "--out", str(tmp_path / "run"), "--steps", "1",
+                      *TINY]) == 0
     return str(tmp_path / "run" / "ckpt.pt")
 

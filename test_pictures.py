@@ -25,7 +25,8 @@ def test_labelled_grid_and_strips_have_a_tile_per_image_and_margins_for_the_labe
     assert plain.mode == "L" and plain.size == (2 * (3 * 8 + 2), 2 * (2 * 10 + 2))  # 2-px gaps, doubled
     assert labelled.size == (plain.width + 48, plain.height + 14)
     assert np.array(plain)[2 * 2 + 1, 2 * (2 + 8) + 2 + 1] == 40  # tile (0, 1), drawn twice as large
-    frames = [(t, torch.zeros(3, 3, 4, 4, dtype=torch.uint8), torch.ones(3, 3, 4, 4, dtype=torch.uint8)) for t in (9, 0)]
+    zeros, ones = torch.zeros(3, 3, 4, 4, dtype=torch.uint8), torch.ones(3, 3, 4, 4, dtype=torch.uint8)
+    frames = [(t, zeros, ones) for t in (9, 0)]
     gif, strip = pictures.reverse_process(frames, nrow=3, samples=2)
     assert len(gif) == 2 and gif[0].mode == "RGB" and strip.size == (48 + 2 * (2 * 6 + 2), 2 * (4 * 6 + 2) + 14)
 
