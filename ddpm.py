@@ -559,7 +559,7 @@ def resolve_precision(precision, device, task, cpu=None):
         return precision if precision != "auto" else "bf16" if device.type == "cuda" else "fp32"
     capability, flags = cpu or (torch.backends.cpu.get_cpu_capability(), {
         "amx_bf16": torch.cpu._is_amx_tile_supported(), "avx512_bf16": torch.cpu._is_avx512_bf16_supported()})
-    native = capability.startswith("AVX512") and any(flags[f] for f in ("amx_bf16", "avx512_bf16") if f in flags)
+    native = capability.startswith("AVX512") and any(flags.get(f) for f in ("amx_bf16", "avx512_bf16"))
     return "bf16" if task == "sample" and native else "fp32"
 
 
@@ -879,8 +879,7 @@ class Trainer:
         self.bar.set_postfix(self.postfix)
         print(f"step {self.step} loss {loss_value:.5f} lr {lr:.3e} grad_norm {stats[-1][1]:.3f} "
               f"img/s {rate:.1f}", file=self.log, flush=True)
-        if self.trackers:
-            self.trackers.log(self.step, loss=loss_value, lr=lr, grad_norm=stats[-1][1], img_s=rate)
+        self.trackers.log(self.step, loss=loss_value, lr=lr, grad_norm=stats[-1][1], img_s=rate)
         stats.clear()
         if not self.rank:
             self.draw_progress()
@@ -891,10 +890,10 @@ class Trainer:
         the run goes on without it, after a note."""
         if self.pictures is None:
             try:
-                self.pictures = importlib.import_module("pictures")
-            except ImportError as e:
+                self.pictures = need("pictures", "progress.png")
+            except UserError as e:
                 self.pictures = False
-                print(f"note: no progress.png: {missing(e, 'progress.png')}", file=sys.stderr)
+                print(f"note: no progress.png: {e}", file=sys.stderr)
         if self.pictures:
             fig = self.pictures.progress_chart(self.log.name)
             save_atomic(os.path.join(self.out, "progress.png"), lambda f: fig.savefig(f, format="png"))
@@ -935,8 +934,7 @@ class Trainer:
         n = 64 if labels is None else len(labels)
         image = to_image(torch.cat(list(self.ema_samples(n, n))), nrow)
         save_atomic(os.path.join(self.out, f"samples_{self.step:08d}.png"), image.save)
-        if self.trackers:
-            self.trackers.log(self.step, samples=image)
+        self.trackers.log(self.step, samples=image)
         self.t_log, self.step_log = time.time(), self.step  # images/s counts training only
 
     def setup_fid(self):
@@ -957,8 +955,7 @@ class Trainer:
         self.bar.set_postfix(self.postfix)
         print(f"step {self.step} fid {score:.4f} n {n} DDIM {min(100, cfg['timesteps'])} steps, eta {cfg['eta']}, "
               "guidance 2.0", file=self.log, flush=True)
-        if self.trackers:
-            self.trackers.log(self.step, fid=score)
+        self.trackers.log(self.step, fid=score)
         self.t_log, self.step_log = time.time(), self.step
 
     def on_signal(self, sig, frame):  # the first signal: save and stop after this step; a second: stop now
@@ -982,7 +979,7 @@ class Trainer:
         signum, log = 0, os.path.join(out, "log.txt") if not self.rank else os.devnull
         if cfg["fid_every"] and not self.rank:
             self.setup_fid()
-        self.trackers = Trackers(cfg, self.step) if cfg["report_to"] and not self.rank else None
+        self.trackers = Trackers(dict(cfg, report_to=()) if self.rank else cfg, self.step)  # rank 0 alone reports
         handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             with open(log, "a") as self.log, tqdm(total=cfg["steps"], initial=self.step, dynamic_ncols=True,
