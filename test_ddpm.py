@@ -14,18 +14,6 @@ import fid
 from conftest import CIFAR10_CLASSES, HERE, TINY, FakeInception, Oracle, grey_run, randomize, run_main
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 # ---------------------------------------------------------------------------------------------- schedule, q, posterior
 def test_linear_schedule_matches_closed_form():
     d = ddpm.Diffusion(1000, "linear")
@@ -1087,8 +1075,6 @@ def test_reverse_process_frames_run_from_the_start_noise_to_the_returned_sample(
         assert torch.allclose(x0, x_star.expand_as(x0), atol=1e-3), t
 
 
-
-
 def test_sample_process_writes_a_looping_gif_and_a_strip_grey_for_grey_data(tmp_path, capsys):
     ckpt = grey_run(tmp_path)
     for steps, frames in [("all", 10), ("5", 5)]:  # T = 50 ancestral steps: 10 frames; 5 DDIM steps: all 5
@@ -1139,8 +1125,6 @@ def test_forward_cli_writes_a_labelled_strip_of_both_schedules(folder, tmp_path,
                          capsys)
     assert code == 0 and Image.open(tmp_path / "g.png").mode == "L" and "t = [0, 111" in err
     assert Image.open(tmp_path / "g_schedule.png").size == (640, 320)  # the numbers behind it, beside it
-
-
 
 
 def test_sample_names_the_precision_it_used_and_auto_follows_what_pytorch_reports(ckpts, tmp_path, monkeypatch,
@@ -1212,12 +1196,6 @@ def test_mnist_defaults_to_its_own_28_px_and_no_flips_where_the_unet_allows(tmp_
 # ---------------------------------------------------------------------------------------------- FID
 
 
-
-
-
-
-
-
 def test_fid_of_a_checkpoint_equals_fid_of_its_samples_written_as_pngs(ckpts, folder, tmp_path, capsys, fake_inception):
     args = ["--ref", folder, "--data-root", str(tmp_path / "root"), "--json"]
     assert ddpm.main(["sample", "--ckpt", ckpts["cond"], "--n", "6", "--steps", "3",
@@ -1231,8 +1209,6 @@ def test_fid_of_a_checkpoint_equals_fid_of_its_samples_written_as_pngs(ckpts, fo
     assert sampled["sampler"] == "DDIM 3 steps, eta 0.0" and sampled["guidance"] == 2.0 and sampled["seed"] == 0
     assert ddpm.main(["fid", "--samples", folder, *args]) == 0                   # a set against itself
     assert abs(json.loads(capsys.readouterr().out)["fid"]) < 1e-6
-
-
 
 
 def test_reference_statistics_of_a_folder_are_cached_by_what_made_them(folder, tmp_path, monkeypatch):
