@@ -1,132 +1,156 @@
 """
-ddpm.py: Denoising Diffusion Probabilistic Models in one file, read top to bottom.
+ddpm.py: Denoising Diffusion Probabilistic Models in one file. The method first, the tool after.
 
-    DDPM   Ho, Jain & Abbeel 2020, https://arxiv.org/abs/2006.11239  (Eq. and Algorithm numbers below are its)
-    DDIM   Song, Meng & Ermon 2020, https://arxiv.org/abs/2010.02502  (fast sampling with fewer steps)
-    DPM++  Lu et al. 2022, https://arxiv.org/abs/2211.01095           (DPM-Solver++: second order, fewer steps still)
-    CFG    Ho & Salimans 2022, https://arxiv.org/abs/2207.12598       (classifier-free guidance)
-    cosine Nichol & Dhariwal 2021, https://arxiv.org/abs/2102.09672   (cosine noise schedule)
+    DDPM    Ho, Jain & Abbeel 2020, https://arxiv.org/abs/2006.11239  (Eq. and Algorithm numbers)
+    DDIM    Song, Meng & Ermon 2020, https://arxiv.org/abs/2010.02502  (fewer sampling steps)
+    DPM++   Lu et al. 2022, https://arxiv.org/abs/2211.01095  (DPM-Solver++: second order)
+    CFG     Ho & Salimans 2022, https://arxiv.org/abs/2207.12598  (classifier-free guidance)
+    cosine  Nichol & Dhariwal 2021, https://arxiv.org/abs/2102.09672  (cosine noise schedule)
 
-Usage: python ddpm.py train --help (default: the paper's CIFAR-10 setup; on a CPU: --preset small --data mnist),
-python ddpm.py sample --help (e.g. --class ship: guided samples; --sampler: ancestral, ddim, dpm++; --process: a GIF),
-python ddpm.py forward --help (the forward process: training images turning into noise),
-python ddpm.py fid --help (FID of a checkpoint's samples or an image folder, e.g. --ref cifar10).
+The method, read top to bottom: the schedule and the diffusion math (Diffusion), the three samplers
+behind Diffusion.sample, the U-Net, EMA, and Algorithm 1's optimisation step (train_step). It needs
+only torch and tqdm: copied alone into a file, it trains and samples. Below the divider is the tool
+that runs it: data, run files, processes, the Trainer and the command line.
 
-Notation: T steps, 0-based in code, t ∈ {0, …, T−1}: code t is the paper's t + 1 (t = 0: last denoising
-step). β_t is the noise variance of step t, α_t = 1 − β_t, ᾱ_t = ∏_{s≤t} α_s. Data x_0 is in [-1, 1];
+Usage: python ddpm.py train|sample|fid|forward --help (train's default: the paper's CIFAR-10 run)
+
+Notation: T steps, 0-based in code: code t is the paper's t + 1 (t = 0: the last denoising step).
+β_t is the noise variance of step t, α_t = 1 − β_t, ᾱ_t = ∏_{s≤t} α_s. Data x_0 is in [-1, 1];
 x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε, ε ~ N(0, I); the network predicts ε: ε̂ = ε_θ(x_t, t, y).
-Sections 1-7 (schedule and diffusion math, U-Net, EMA, data, training, sampling, command line) each use only the
-ones above and no module globals, so any of them can be copied out alone. FID (fid.py) and the pictures
-(pictures.py) are modules of their own, imported only by the commands that use them.
 """
-import argparse, copy, errno, glob, importlib, json, math, os, re, shutil, signal, sys, tempfile, time
-from concurrent.futures import ThreadPoolExecutor
+import copy
+import math
 from contextlib import nullcontext
-from itertools import islice
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 
-# ======== 1. Noise schedule and diffusion math ======================================================================
+# ======== 1. Noise schedule and diffusion math ====================================================
 def make_betas(schedule, timesteps):
-    """β_0 … β_{T−1} as a (T,) float64 tensor; float64 because ᾱ is a product of 1000 numbers near 1."""
+    """β_0 … β_{T−1}, a (T,) float64 tensor: ᾱ is a product of 1000 numbers near 1."""
     if schedule == "linear":
-        # Ho et al.: 1e-4 → 0.02 for T = 1000; × 1000/T, so any T ends at ᾱ_{T−1} ≈ 0 (x_{T−1} is noise)
-        betas = torch.linspace(1000 / timesteps * 1e-4, 1000 / timesteps * 0.02, timesteps, dtype=torch.float64)
+        # Ho et al.: 1e-4 → 0.02 for T = 1000; × 1000/T, so any T ends at ᾱ_{T−1} ≈ 0 (pure noise)
+        scale = 1000 / timesteps
+        betas = torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
     elif schedule == "cosine":
-        # Nichol & Dhariwal Eq. 17: ᾱ(t) = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s) · π/2), s = 0.008
-        f = torch.cos((torch.arange(timesteps + 1, dtype=torch.float64) / timesteps + 0.008) / 1.008 * math.pi / 2) ** 2
+        # Nichol & Dhariwal Eq. 17: ᾱ(t) = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s) · π/2)
+        steps = torch.arange(timesteps + 1, dtype=torch.float64)
+        f = torch.cos((steps / timesteps + 0.008) / 1.008 * math.pi / 2) ** 2  # s = 0.008
         betas = 1 - f[1:] / f[:-1]                                  # β_t = 1 − ᾱ_t / ᾱ_{t−1}
     else:
         raise ValueError(f"unknown schedule {schedule!r}: use 'linear' or 'cosine'")
-    return betas.clamp(max=0.999)  # β = 1 would make ᾱ = 0 and x̂_0 undefined (cosine's last steps, tiny T)
+    # β = 1 would make ᾱ = 0 and x̂_0 undefined (cosine's last steps, tiny T)
+    return betas.clamp(max=0.999)
 
 
-def _extract(a, t, x):  # a[t] for a (T,) schedule and t (B,), shaped (B, 1, …, 1) to broadcast against x
+def _extract(a, t, x):
+    """a[t] for a (T,) schedule and steps t (B,), shaped (B, 1, …, 1) to broadcast against x."""
     return a.to(t.device)[t].view(-1, *([1] * (x.dim() - 1)))
 
 
 class Diffusion:
-    """Forward process q, reverse process p_θ, loss and samplers. Schedules: (T,) float32 computed in float64;
-    t: LongTensor (B,) of 0-based steps; x: (B, C, H, W) in [-1, 1]; `model(x_t, t, y)` returns ε̂ shaped as x_t."""
+    """Forward process q, reverse process p_θ, the loss, and the samplers.
+    Schedules: (T,) float32, computed in float64. t: LongTensor (B,) of 0-based steps.
+    x: (B, C, H, W) in [-1, 1]. `model(x_t, t, y)` returns ε̂ shaped as x_t."""
+
     def __init__(self, timesteps=1000, schedule="linear", variance="fixedlarge", device=None):
-        self.num_timesteps, betas = timesteps, make_betas(schedule, timesteps)
-        alphas_cumprod = torch.cumprod(1 - betas, dim=0)                                           # ᾱ_t
-        alphas_cumprod_prev = F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)                # ᾱ_{t−1}, 1 at t = 0
-        # Eq. 7: β̃_t = (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · β_t; it is 0 at t = 0, where x_1 determines x_0.
+        self.num_timesteps = timesteps
+        betas = make_betas(schedule, timesteps)
+        alphas_cumprod = torch.cumprod(1 - betas, dim=0)                             # ᾱ_t
+        alphas_cumprod_prev = F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)  # ᾱ_{t−1}, 1 at t = 0
+        # Eq. 7: β̃_t = (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · β_t; 0 at t = 0, where x_1 determines x_0.
         posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)
-        # σ²_t of p_θ (Sec. 3.2): β_t ("fixedlarge", what Ho et al. used on CIFAR-10) or β̃_t ("fixedsmall").
-        # fixedlarge puts β̃ of code t = 1 at t = 0, as their code does, so log σ² stays finite there.
+        # σ²_t of p_θ (Sec. 3.2): β_t ("fixedlarge", Ho et al.'s CIFAR-10) or β̃_t ("fixedsmall").
+        # fixedlarge puts β̃ of code t = 1 at t = 0, as their code does: log σ² stays finite there.
         fixedlarge = torch.cat([posterior_variance[1:2], betas[1:]])
-        model_variance = {"fixedlarge": fixedlarge, "fixedsmall": posterior_variance}[variance]  # KeyError if neither
-        tensors = dict(betas=betas, alphas_cumprod=alphas_cumprod, alphas_cumprod_prev=alphas_cumprod_prev,
-            sqrt_alphas_cumprod=alphas_cumprod.sqrt(), sqrt_one_minus_alphas_cumprod=(1 - alphas_cumprod).sqrt(),
+        variances = {"fixedlarge": fixedlarge, "fixedsmall": posterior_variance}
+        tensors = dict(
+            betas=betas,
+            alphas_cumprod=alphas_cumprod,
+            alphas_cumprod_prev=alphas_cumprod_prev,
+            sqrt_alphas_cumprod=alphas_cumprod.sqrt(),
+            sqrt_one_minus_alphas_cumprod=(1 - alphas_cumprod).sqrt(),
             sqrt_recip_alphas_cumprod=alphas_cumprod.rsqrt(),
             sqrt_recipm1_alphas_cumprod=(1 / alphas_cumprod - 1).sqrt(),
-            posterior_variance=posterior_variance, model_variance=model_variance,
-            # Eq. 7: μ̃_t(x_t, x_0) = coef1 · x_0 + coef2 · x_t, with coef1 = sqrt(ᾱ_{t−1}) β_t / (1 − ᾱ_t)
-            # and coef2 = sqrt(α_t) (1 − ᾱ_{t−1}) / (1 − ᾱ_t)
+            posterior_variance=posterior_variance,
+            model_variance=variances[variance],  # KeyError for any other name
+            # Eq. 7: μ̃_t(x_t, x_0) = coef1 · x_0 + coef2 · x_t, with
+            # coef1 = sqrt(ᾱ_{t−1}) β_t / (1 − ᾱ_t) and coef2 = sqrt(α_t) (1 − ᾱ_{t−1}) / (1 − ᾱ_t)
             posterior_mean_coef1=alphas_cumprod_prev.sqrt() * betas / (1 - alphas_cumprod),
-            posterior_mean_coef2=(1 - betas).sqrt() * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod))
-        for name, value in tensors.items():  # on the device of the data: indexing them then needs no host sync
+            posterior_mean_coef2=(1 - betas).sqrt() * (1 - alphas_cumprod_prev)
+            / (1 - alphas_cumprod),
+        )
+        # On the data's device: indexing them then needs no host sync.
+        for name, value in tensors.items():
             setattr(self, name, value.to(device, torch.float32))
 
     def q_sample(self, x0, t, noise):
-        """x_t ~ q(x_t | x_0) for the given ε = noise. Eq. 4: x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε"""
-        return _extract(self.sqrt_alphas_cumprod, t, x0) * x0 + \
-            _extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        """x_t ~ q(x_t | x_0) for the given ε = noise."""
+        signal = _extract(self.sqrt_alphas_cumprod, t, x0) * x0
+        # Eq. 4: x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε
+        return signal + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
 
     def predict_x0_from_eps(self, x_t, t, eps):
-        # Eq. 4 solved for x_0: x_0 = sqrt(1/ᾱ_t) x_t − sqrt(1/ᾱ_t − 1) ε
-        return _extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - \
-            _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        """Eq. 4 solved for x_0: x_0 = sqrt(1/ᾱ_t) x_t − sqrt(1/ᾱ_t − 1) ε."""
+        scaled = _extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+        return scaled - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
 
     def q_posterior_mean_variance(self, x0, x_t, t):
         """Mean and variance of q(x_{t−1} | x_t, x_0) (Eqs. 6-7); the variance is (B, 1, 1, 1)."""
-        mean = _extract(self.posterior_mean_coef1, t, x_t) * x0 + _extract(self.posterior_mean_coef2, t, x_t) * x_t
+        from_x0 = _extract(self.posterior_mean_coef1, t, x_t) * x0
+        mean = from_x0 + _extract(self.posterior_mean_coef2, t, x_t) * x_t
         return mean, _extract(self.posterior_variance, t, x_t)
 
     def predict_eps(self, model, x_t, t, y=None, guidance=1.0):
-        """ε̂, guided if y is given and guidance ≠ 1: ε̃ = ε_u + s (ε_c − ε_u), ε_u for the null label (index
-        model.num_classes), s = guidance: 1 conditional, 0 unconditional (Ho & Salimans' w = s − 1)."""
+        """ε̂, guided if y is given and guidance s ≠ 1: ε̃ = ε_u + s (ε_c − ε_u), ε_u for the null
+        label (index model.num_classes). s = 1: conditional, 0: unconditional (Ho & Salimans'
+        w = s − 1)."""
         if y is None or guidance == 1.0:
             return model(x_t, t, y).float()
         null = torch.full_like(y, model.num_classes)
-        # Both halves in one batched forward (as DiT's sample.py): one pass over the weights instead of two.
-        eps_c, eps_u = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
+        # Both halves in one batched forward (as DiT's sample.py): one pass over the weights.
+        eps = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).float()
+        eps_c, eps_u = eps.chunk(2)
         return eps_u + guidance * (eps_c - eps_u)
 
     def predict_x0(self, model, x_t, t, y=None, guidance=1.0):
         """x̂_0 from the (guided) ε̂, clipped: what every sampler steps with."""
-        # Clip x̂_0, not x_t: data lies in [-1, 1], and an out-of-range x̂_0 pulls the mean off it (colour shift).
-        return self.predict_x0_from_eps(x_t, t, self.predict_eps(model, x_t, t, y, guidance)).clamp(-1, 1)
+        eps = self.predict_eps(model, x_t, t, y, guidance)
+        # Clip x̂_0, not x_t: data lies in [-1, 1], and an x̂_0 out of range pulls the mean off it.
+        return self.predict_x0_from_eps(x_t, t, eps).clamp(-1, 1)
 
     def p_mean_variance(self, model, x_t, t, y=None, guidance=1.0):
-        """Mean and variance of p_θ(x_{t−1} | x_t), and the clipped x̂_0 the mean was formed from."""
-        pred_x0 = self.predict_x0(model, x_t, t, y, guidance)  # Eq. 11, the mean written through x̂_0:
-        return self.q_posterior_mean_variance(pred_x0, x_t, t)[0], _extract(self.model_variance, t, x_t), pred_x0
+        """Mean and variance of p_θ(x_{t−1} | x_t), and the clipped x̂_0 of the mean."""
+        pred_x0 = self.predict_x0(model, x_t, t, y, guidance)
+        mean, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)  # Eq. 11, written through x̂_0
+        return mean, _extract(self.model_variance, t, x_t), pred_x0
 
-    def training_loss(self, model, x0, y=None, p_uncond=0.0, generator=None, part=slice(None), loss="l2"):
-        """Algorithm 1: t ~ U{0, …, T−1}, ε ~ N(0, I), loss ‖ε − ε_θ(x_t, t)‖², pixel mean (Eq. 14; "l1": |ε − ε̂|,
-        "huber": smooth L1, β = 1). Labels become the null label with probability p_uncond: one network learns ε_c and
-        the ε_u guidance needs. t, ε, drops: drawn for the whole batch, loss over x0[part] (processes share draws)."""
-        t = torch.randint(0, self.num_timesteps, x0.shape[:1], generator=generator, device=x0.device)
+    def training_loss(self, model, x0, y=None, p_uncond=0.0, generator=None, part=slice(None),
+                      loss="l2"):
+        """Algorithm 1's loss: t ~ U{0, …, T−1}, ε ~ N(0, I), ‖ε − ε_θ(x_t, t)‖², the pixel mean
+        (Eq. 14; "l1": |ε − ε̂|; "huber": smooth L1, β = 1). A label becomes the null label with
+        probability p_uncond: one network learns both ε_c and the ε_u that guidance needs. t, ε
+        and the drops are drawn for the whole batch, the loss is over x0[part] (processes share
+        the draws)."""
+        batch = x0.shape[:1]
+        t = torch.randint(0, self.num_timesteps, batch, generator=generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device)
         if y is not None and p_uncond > 0:
             drop = torch.rand(y.shape, generator=generator, device=y.device) < p_uncond
             y = torch.where(drop, torch.full_like(y, model.num_classes), y)
-        eps = model(self.q_sample(x0[part], t[part], noise[part]), t[part], None if y is None else y[part])
-        return {"l2": F.mse_loss, "l1": F.l1_loss, "huber": F.smooth_l1_loss}[loss](eps.float(), noise[part])  # fp32
+        y_part = None if y is None else y[part]
+        eps = model(self.q_sample(x0[part], t[part], noise[part]), t[part], y_part)
+        losses = {"l2": F.mse_loss, "l1": F.l1_loss, "huber": F.smooth_l1_loss}
+        return losses[loss](eps.float(), noise[part])  # in fp32, also under autocast
 
     def sampling_steps(self, steps=None, spacing="uniform"):
-        """The t a sampler visits, ascending, from 0 to T − 1: all T (steps=None), or `steps` of them spaced
-        "uniform" in t, "quadratic" in t (DDIM's CIFAR-10 figures: dense near the data), or "logsnr": uniform in
-        λ_t = log(sqrt(ᾱ_t) / sqrt(1 − ᾱ_t)), what DPM-Solver's authors recommend for low resolutions."""
+        """The t a sampler visits, ascending from 0 to T − 1: all T (steps=None), or `steps` of
+        them spaced "uniform" in t, "quadratic" in t (DDIM's CIFAR-10 figures: dense near the
+        data), or "logsnr": uniform in λ_t = log(sqrt(ᾱ_t) / sqrt(1 − ᾱ_t)), which DPM-Solver's
+        authors recommend for low resolutions."""
         T = self.num_timesteps
         if steps is None:
             return list(range(T))
@@ -136,203 +160,367 @@ class Diffusion:
         elif spacing == "quadratic":
             ts = u ** 2 * (T - 1)
         elif spacing == "logsnr":  # the step whose λ is nearest to each of `steps` evenly spaced λ
-            lam = (self.alphas_cumprod.double() / (1 - self.alphas_cumprod.double())).log() / 2   # falls with t
-            ts = (lam[None] - (lam[0] + u * (lam[-1] - lam[0]))[:, None]).abs().argmin(1).double()
+            a = self.alphas_cumprod.double()
+            lam = (a / (1 - a)).log() / 2                                          # falls with t
+            targets = lam[0] + u * (lam[-1] - lam[0])
+            ts = (lam[None] - targets[:, None]).abs().argmin(1).double()
         else:
             raise ValueError(f"unknown spacing {spacing!r}: use 'uniform', 'quadratic' or 'logsnr'")
         ts = ts.round().long().tolist() + [T]
-        ts[steps - 1] = T - 1  # every sampler starts at the noise x_{T−1} (one step: from there straight to x̂_0)
-        for i in range(1, steps):  # where rounding crowds steps together (a few t apart), move them apart ...
+        # Every sampler starts at the noise x_{T−1} (one step: from there straight to x̂_0).
+        ts[steps - 1] = T - 1
+        for i in range(1, steps):  # where rounding crowds steps together, move them apart ...
             ts[i] = max(ts[i], ts[i - 1] + 1)
-        for i in reversed(range(steps)):  # ... and keep them below T: `steps` distinct t, never fewer
+        for i in reversed(range(steps)):  # ... and keep them below T: `steps` distinct t
             ts[i] = min(ts[i], ts[i + 1] - 1)
         return ts[:-1]
 
+    # ---- The samplers: one function each, one signature. From x = x_{ts[-1]} down the steps ts,
+    # ---- then x_0. callback(t, x_t, x̂_0) is called at every step; at t = 0, x̂_0 is the result.
     @torch.inference_mode()
-    def sample(self, model, n, y=None, guidance=1.0, steps=None, eta=0.0, generator=None, noise=None, progress=False,
-               callback=None, sampler=None, spacing="uniform"):
-        """n images (n, C, H, W) in [-1, 1] from x_{T−1} = noise ~ N(0, I) by "ancestral" (steps=None's default):
-        Algorithm 2 over all T steps; "ddim" (steps=S's default): DDIM over the S steps of sampling_steps(S, spacing),
-        eta 0 deterministic, 1 DDPM-like (σ²_t = β_t is very bad with few steps: DDIM, Table 1); "dpm++": DPM-Solver++
-        (2M) over them. callback(t, x_t, x̂_0) is called at every step; at t = 0, x̂_0 is the result."""
-        sampler = sampler or ("ancestral" if steps is None else "ddim")
-        if sampler not in ("ancestral", "ddim", "dpm++") or sampler == "ancestral" and steps is not None:
-            raise ValueError(f"sampler {sampler!r} with steps={steps}: ancestral takes all T steps, ddim, dpm++ any")
-        shape, device = (n, model.in_channels, model.image_size, model.image_size), next(model.parameters()).device
-        x = torch.randn(shape, generator=generator, device=device) if noise is None else noise.to(device)
-        ts, alphas_cumprod = self.sampling_steps(steps, spacing), self.alphas_cumprod.tolist()  # floats: no syncs
-        last_x0 = h_last = None  # DPM-Solver++'s memory: x̂_0 and the step h of the previous step
-        for i in tqdm(reversed(range(len(ts))), "sampling", len(ts), leave=False, disable=None if progress else True):
-            t = torch.full((n,), ts[i], device=x.device, dtype=torch.long)
-            noisy = i > 0 and (sampler == "ancestral" or sampler == "ddim" and eta)
-            z = torch.randn(shape, generator=generator, device=x.device) if noisy else 0
-            if sampler == "ancestral":
-                mean, var, pred_x0 = self.p_mean_variance(model, x, t, y, guidance)
-                x_prev = mean + var.sqrt() * z       # Algorithm 2: x_{t−1} = μ_θ(x_t, t) + σ_t z, z = 0 at the end
-            else:
-                pred_x0 = self.predict_x0(model, x, t, y, guidance)
-                a, a_prev = alphas_cumprod[ts[i]], (alphas_cumprod[ts[i - 1]] if i > 0 else 1.0)
-            if sampler == "ddim":
-                # Re-derive ε from the clipped x̂_0 so the step stays on the line between x̂_0 and x_t.
-                eps = (x - a ** 0.5 * pred_x0) / (1 - a) ** 0.5
-                # DDIM Eq. 16: σ = η sqrt((1 − ᾱ_prev) / (1 − ᾱ_t)) sqrt(1 − ᾱ_t / ᾱ_prev)
-                sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
-                # DDIM Eq. 12: x_prev = sqrt(ᾱ_prev) x̂_0 + sqrt(1 − ᾱ_prev − σ²) ε + σ z
-                x_prev = a_prev ** 0.5 * pred_x0 + max(1 - a_prev - sigma ** 2, 0.0) ** 0.5 * eps + sigma * z
-            elif sampler == "dpm++":  # first order on the first step, and below 15 steps on the one into t = 0 as
-                second = last_x0 is not None and not (i == 1 and len(ts) < 15)  # their code: r small over-extrapolates
-                x_prev, h_last = self.dpm_solver_step(x, pred_x0, a, a_prev, last_x0 if second else None, h_last)
-                last_x0 = pred_x0
+    def sample(self, model, n, y=None, guidance=1.0, steps=None, eta=0.0, generator=None,
+               noise=None, progress=False, callback=None, sampler=None, spacing="uniform"):
+        """n images (n, C, H, W) in [-1, 1] from x_{T−1} = noise ~ N(0, I). sampler: "ancestral"
+        (the default for steps=None: Algorithm 2 over all T steps), "ddim" (the default for steps=S:
+        the S steps of sampling_steps(S, spacing)) or "dpm++" (DPM-Solver++(2M) over them)."""
+        if sampler is None:
+            sampler = "ancestral" if steps is None else "ddim"
+        loops = {"ancestral": self.p_sample_loop, "ddim": self.ddim_sample_loop,
+                 "dpm++": self.dpm_solver_sample_loop}
+        if sampler not in loops or (sampler == "ancestral" and steps is not None):
+            raise ValueError(f"sampler {sampler!r} with steps={steps}: ancestral takes all T "
+                             "steps, ddim and dpm++ any")
+        shape = (n, model.in_channels, model.image_size, model.image_size)
+        device = next(model.parameters()).device
+        x = noise
+        if noise is None:
+            x = torch.randn(shape, generator=generator, device=device)
+        x = x.to(device)
+        ts = self.sampling_steps(steps, spacing)
+        options = {"eta": eta} if sampler == "ddim" else {}
+        return loops[sampler](model, x, ts, y, guidance, generator, callback, progress, **options)
+
+    def p_sample_loop(self, model, x, ts, y=None, guidance=1.0, generator=None, callback=None,
+                      progress=False):
+        """Algorithm 2: x_{t−1} = μ_θ(x_t, t) + σ_t z over all T steps (ts: every t)."""
+        for i in _countdown(ts, progress):
+            t = torch.full((len(x),), ts[i], device=x.device, dtype=torch.long)
+            # z ~ N(0, I), and no noise at the last step
+            z = torch.randn(x.shape, generator=generator, device=x.device) if i > 0 else 0
+            mean, var, pred_x0 = self.p_mean_variance(model, x, t, y, guidance)
+            x_prev = mean + var.sqrt() * z
             if callback is not None:
                 callback(ts[i], x, pred_x0)
             x = x_prev
         return x
 
-    @staticmethod
-    def dpm_solver_step(x, pred_x0, a, a_prev, last_x0=None, h_last=None):
-        """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) from ᾱ = a to a_prev → (x_prev, h): with α = sqrt(ᾱ), σ =
-        sqrt(1 − ᾱ), λ = log(α/σ), the probability-flow ODE solved exactly for x̂_0 linear in λ through this step's and
-        the last one's (last_x0, h_last before); without last_x0, x̂_0 constant: first order, DDIM with η = 0."""
-        if a_prev == 1.0:  # the last step, to σ = 0: h = ∞, e^{−h} = 0, and the update below is x̂_0 itself
-            return pred_x0, None
-        h = math.log(a_prev / (1 - a_prev)) / 2 - math.log(a / (1 - a)) / 2               # h_i = λ_i − λ_{i−1}
-        d = pred_x0
-        if last_x0 is not None:
-            r = h_last / h                                                                       # r_i = h_{i−1} / h_i
-            d = (1 + 1 / (2 * r)) * pred_x0 - 1 / (2 * r) * last_x0  # D_i = (1 + 1/2r_i) x̂_0 − (1/2r_i) x̂_0,prev
-        # x_i = (σ_i / σ_{i−1}) x_{i−1} − α_i (e^{−h_i} − 1) D_i
-        return ((1 - a_prev) / (1 - a)) ** 0.5 * x - a_prev ** 0.5 * math.expm1(-h) * d, h
+    def ddim_sample_loop(self, model, x, ts, y=None, guidance=1.0, generator=None, callback=None,
+                         progress=False, eta=0.0):
+        """DDIM (Song et al.) over the steps ts: eta 0 deterministic, 1 DDPM-like (σ²_t = β_t, the
+        ancestral sampler's, is very bad with few steps: their Table 1)."""
+        alphas_cumprod = self.alphas_cumprod.tolist()  # floats: no device syncs in the loop
+        for i in _countdown(ts, progress):
+            t = torch.full((len(x),), ts[i], device=x.device, dtype=torch.long)
+            noisy = i > 0 and eta > 0
+            z = torch.randn(x.shape, generator=generator, device=x.device) if noisy else 0
+            pred_x0 = self.predict_x0(model, x, t, y, guidance)
+            a = alphas_cumprod[ts[i]]
+            a_prev = alphas_cumprod[ts[i - 1]] if i > 0 else 1.0  # 1.0: x_0 itself
+            # Re-derive ε from the clipped x̂_0 so the step stays on the line between x̂_0 and x_t.
+            eps = (x - a ** 0.5 * pred_x0) / (1 - a) ** 0.5
+            # DDIM Eq. 16: σ = η sqrt((1 − ᾱ_prev) / (1 − ᾱ_t)) sqrt(1 − ᾱ_t / ᾱ_prev)
+            sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
+            # DDIM Eq. 12: x_prev = sqrt(ᾱ_prev) x̂_0 + sqrt(1 − ᾱ_prev − σ²) ε + σ z
+            direction = max(1 - a_prev - sigma ** 2, 0.0) ** 0.5 * eps
+            x_prev = a_prev ** 0.5 * pred_x0 + direction + sigma * z
+            if callback is not None:
+                callback(ts[i], x, pred_x0)
+            x = x_prev
+        return x
+
+    def dpm_solver_sample_loop(self, model, x, ts, y=None, guidance=1.0, generator=None,
+                               callback=None, progress=False):
+        """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) over the steps ts. With α = sqrt(ᾱ),
+        σ = sqrt(1 − ᾱ) and λ = log(α/σ), each step solves the probability-flow ODE exactly for
+        x̂_0 linear in λ through this step's x̂_0 and the last one's. The first step, and below 15
+        steps the one into t = 0, are first order, DDIM with η = 0 (their code: there a small
+        r over-extrapolates)."""
+        alphas_cumprod = self.alphas_cumprod.tolist()
+        last_x0 = None  # x̂_0 and h of the previous step
+        h_last = None
+        for i in _countdown(ts, progress):
+            t = torch.full((len(x),), ts[i], device=x.device, dtype=torch.long)
+            pred_x0 = self.predict_x0(model, x, t, y, guidance)
+            a = alphas_cumprod[ts[i]]
+            if i == 0:  # to σ = 0: h = ∞, e^{−h} = 0, and the update is x̂_0 itself
+                x_prev = pred_x0
+            else:
+                a_prev = alphas_cumprod[ts[i - 1]]
+                h = math.log(a_prev / (1 - a_prev)) / 2 - math.log(a / (1 - a)) / 2  # λ_i − λ_{i−1}
+                d = pred_x0
+                if last_x0 is not None and not (i == 1 and len(ts) < 15):
+                    r = h_last / h                                          # r_i = h_{i−1} / h_i
+                    # D_i = (1 + 1/2r_i) x̂_0 − (1/2r_i) x̂_0,prev
+                    d = (1 + 1 / (2 * r)) * pred_x0 - 1 / (2 * r) * last_x0
+                # x_i = (σ_i / σ_{i−1}) x_{i−1} − α_i (e^{−h_i} − 1) D_i
+                x_prev = ((1 - a_prev) / (1 - a)) ** 0.5 * x - a_prev ** 0.5 * math.expm1(-h) * d
+                h_last = h
+            last_x0 = pred_x0
+            if callback is not None:
+                callback(ts[i], x, pred_x0)
+            x = x_prev
+        return x
 
 
-# ======== 2. U-Net ε_θ(x_t, t, y): Ho et al.'s CIFAR-10 network (their diffusion_utils model, "ddpm_cifar10") =======
+def _countdown(ts, progress=False):
+    """The indices of ts from the last to 0, as a sampler visits them, with a progress bar."""
+    disable = None if progress else True  # None: a bar where the output is a terminal
+    return tqdm(reversed(range(len(ts))), "sampling", len(ts), leave=False, disable=disable)
+
+
+# ======== 2. U-Net ε_θ(x_t, t, y): Ho et al.'s CIFAR-10 network ("ddpm_cifar10") ===============
 def timestep_embedding(t, dim):
-    """Sinusoidal embedding (B,) → (B, dim) of the step, as in the Transformer: [sin(t·f_i), cos(t·f_i)]."""
+    """Sinusoidal embedding (B,) → (B, dim) of the steps, as in Transformers: [sin, cos](t·f)."""
     half = dim // 2
-    freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32) * (-math.log(10000) / (half - 1)))
+    exponents = torch.arange(half, device=t.device, dtype=torch.float32)
+    freqs = torch.exp(exponents * (-math.log(10000) / (half - 1)))
     args = t.float()[:, None] * freqs[None]
     return torch.cat([args.sin(), args.cos()], dim=1)
 
 
 def _norm(ch):
-    # GroupNorm, never BatchNorm (batch statistics mix timesteps). 32 groups as in the paper, but ≥ 4 channels a
-    # group: a one-channel group would subtract the per-channel constant the time embedding adds, blinding it to t.
+    """GroupNorm, never BatchNorm (batch statistics would mix timesteps). 32 groups as in the paper,
+    but ≥ 4 channels a group: a one-channel group would subtract the per-channel constant that the
+    time embedding adds, blinding the block to t."""
     return nn.GroupNorm(math.gcd(32, max(ch // 4, 1)), ch)
 
 
 class AttnBlock(nn.Module):
     """Single-head self-attention over all H·W positions, residual."""
+
     def __init__(self, ch):
         super().__init__()
-        self.norm, self.qkv, self.proj = _norm(ch), nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
+        self.norm = _norm(ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
 
     def forward(self, x):
         B, C, H, W = x.shape
-        # (B, 3C, H, W) → q, k, v as (B, 1, HW, C): views without a copy when x is channels_last (as on GPUs)
-        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2)[:, None].chunk(3, dim=-1)
-        h = F.scaled_dot_product_attention(q, k, v)                               # softmax(q kᵀ/√C) v
+        # (B, 3C, H, W) → q, k, v as (B, 1, HW, C): views, no copy, when x is channels_last
+        qkv = self.qkv(self.norm(x)).flatten(2).transpose(1, 2)[:, None]
+        q, k, v = qkv.chunk(3, dim=-1)
+        h = F.scaled_dot_product_attention(q, k, v)                      # softmax(q kᵀ/√C) v
         return x + self.proj(h[:, 0].transpose(1, 2).reshape(B, C, H, W))
 
 
 class ResBlock(nn.Module):
-    """GroupNorm, SiLU, conv, + projected embedding, GroupNorm, SiLU, dropout, conv, + skip; then attention."""
+    """GroupNorm, SiLU, conv, + the projected embedding, GroupNorm, SiLU, dropout, conv, + skip;
+    then attention, if asked for."""
+
     def __init__(self, in_ch, out_ch, emb_ch, dropout, attn=False):
         super().__init__()
-        self.norm1, self.conv1 = _norm(in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm1 = _norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(emb_ch, out_ch)
-        self.norm2, self.dropout = _norm(out_ch), nn.Dropout(dropout)
+        self.norm2 = _norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()  # Ho et al.'s "nin_shortcut"
+        # Ho et al.'s "nin_shortcut" where the channels change
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
         self.attn = AttnBlock(out_ch) if attn else nn.Identity()
 
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb_proj(F.silu(emb))[:, :, None, None]  # time (and class) enter after the first conv
+        h = h + self.emb_proj(F.silu(emb))[:, :, None, None]  # time (and class) enter here
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.attn(self.skip(x) + h)
 
 
 class UNet(nn.Module):
-    """ε_θ(x, t, y) → ε̂ shaped as x (B, C, H, W); t: (B,) in 0..T−1; y: (B,) labels (num_classes: the null
-    label) or None. Defaults: Ho et al.'s CIFAR-10 net, 35.7M parameters, 32→16→8→4 px at 128/256/256/256
-    channels, num_res_blocks down, one more up (each takes a skip), attention at attn_resolutions and mid."""
-    def __init__(self, in_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
-                 dropout=0.1, image_size=32, num_classes=None):
+    """ε_θ(x, t, y) → ε̂ shaped as x (B, C, H, W); t: (B,) in 0..T−1; y: (B,) labels or None
+    (label num_classes is the null label). The defaults are Ho et al.'s CIFAR-10 network, 35.7M
+    parameters: 32→16→8→4 px at 128/256/256/256 channels, num_res_blocks blocks a level down and one
+    more up (each takes a skip), attention at attn_resolutions and in the middle."""
+
+    def __init__(self, in_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
+                 attn_resolutions=(16,), dropout=0.1, image_size=32, num_classes=None):
         super().__init__()
-        if not ch_mult or image_size % 2 ** (len(ch_mult) - 1):  # each level but the last halves the image
-            raise ValueError(f"image size {image_size} is not divisible by {2 ** (len(ch_mult) - 1)}, which a U-Net "
-                             f"with {len(ch_mult)} levels needs" if ch_mult else "ch_mult needs at least one level")
-        self.in_channels, self.ch, self.image_size, self.num_classes = in_channels, ch, image_size, num_classes
+        if not ch_mult:
+            raise ValueError("ch_mult needs at least one level")
+        factor = 2 ** (len(ch_mult) - 1)  # each level but the last halves the image
+        if image_size % factor:
+            raise ValueError(f"image size {image_size} is not divisible by {factor}, which a U-Net "
+                             f"with {len(ch_mult)} levels needs")
+        self.in_channels = in_channels
+        self.ch = ch
+        self.image_size = image_size
+        self.num_classes = num_classes
         emb_ch = 4 * ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
-        self.class_emb = nn.Embedding(num_classes + 1, emb_ch) if num_classes else None  # last row: null label
+        # The class embedding's last row is the null label's.
+        self.class_emb = nn.Embedding(num_classes + 1, emb_ch) if num_classes else None
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
-        self.down, self.up, skips, cur, res = nn.ModuleList(), nn.ModuleList(), [ch], ch, image_size
+        self.down = nn.ModuleList()
+        self.up = nn.ModuleList()
+        skips = [ch]  # the channels of every output on the way down
+        cur = ch
+        res = image_size
         for level, mult in enumerate(ch_mult):
             for _ in range(num_res_blocks):
-                self.down.append(ResBlock(cur, ch * mult, emb_ch, dropout, res in attn_resolutions))
+                attn = res in attn_resolutions
+                self.down.append(ResBlock(cur, ch * mult, emb_ch, dropout, attn))
                 cur = ch * mult
                 skips.append(cur)
             if level < len(ch_mult) - 1:
-                self.down.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1))  # downsample: stride-2 conv
+                self.down.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1))  # downsample
                 res //= 2
                 skips.append(cur)
-        self.mid = nn.ModuleList([ResBlock(cur, cur, emb_ch, dropout, attn=True), ResBlock(cur, cur, emb_ch, dropout)])
+        self.mid = nn.ModuleList([ResBlock(cur, cur, emb_ch, dropout, attn=True),
+                                  ResBlock(cur, cur, emb_ch, dropout)])
         for level, mult in reversed(list(enumerate(ch_mult))):
             for _ in range(num_res_blocks + 1):
-                self.up.append(ResBlock(cur + skips.pop(), ch * mult, emb_ch, dropout, res in attn_resolutions))
+                attn = res in attn_resolutions
+                self.up.append(ResBlock(cur + skips.pop(), ch * mult, emb_ch, dropout, attn))
                 cur = ch * mult
-            if level > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(cur, cur, 3, padding=1)))  # nearest
+            if level > 0:  # upsample: nearest, then a convolution
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2),
+                                             nn.Conv2d(cur, cur, 3, padding=1)))
                 res *= 2
         self.out = nn.Sequential(_norm(cur), nn.SiLU(), nn.Conv2d(cur, in_channels, 3, padding=1))
-        # Ho et al.'s init: Xavier-uniform, zero biases, zero last layers: each block starts as the identity, ε̂ as 0
+        self.initialize()
+
+    def initialize(self):
+        """Ho et al.'s init: Xavier-uniform, zero biases, and zero last layers: each residual block
+        starts as the identity, and ε̂ as 0."""
         blocks = [m for m in self.modules() if isinstance(m, (ResBlock, AttnBlock))]
         last = [m.conv2 if isinstance(m, ResBlock) else m.proj for m in blocks] + [self.out[-1]]
         for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                (nn.init.zeros_ if any(m is z for z in last) else nn.init.xavier_uniform_)(m.weight)
-                nn.init.zeros_(m.bias)
+            if not isinstance(m, (nn.Conv2d, nn.Linear)):
+                continue
+            if any(m is z for z in last):
+                nn.init.zeros_(m.weight)
+            else:
+                nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
 
     def forward(self, x, t, y=None):
-        emb = self.time_mlp(timestep_embedding(t, self.ch))                            # (B, 4·ch)
+        emb = self.time_mlp(timestep_embedding(t, self.ch))                          # (B, 4·ch)
         if self.class_emb is not None:
-            emb = emb + self.class_emb(torch.full_like(t, self.num_classes) if y is None else y)
+            if y is None:
+                y = torch.full_like(t, self.num_classes)
+            emb = emb + self.class_emb(y)
         hs = [self.conv_in(x)]  # every output on the way down: the skips
         for layer in self.down:
-            hs.append(layer(hs[-1], emb) if isinstance(layer, ResBlock) else layer(hs[-1]))
+            if isinstance(layer, ResBlock):
+                hs.append(layer(hs[-1], emb))
+            else:
+                hs.append(layer(hs[-1]))
         h = hs[-1]
         for layer in self.mid:
             h = layer(h, emb)
-        for layer in self.up:  # each residual block takes one skip; up-sampling layers take none
-            h = layer(torch.cat([h, hs.pop()], dim=1), emb) if isinstance(layer, ResBlock) else layer(h)
+        for layer in self.up:  # each residual block takes one skip; upsampling takes none
+            if isinstance(layer, ResBlock):
+                h = layer(torch.cat([h, hs.pop()], dim=1), emb)
+            else:
+                h = layer(h)
         return self.out(h)
 
 
-# ======== 3. EMA of the weights: what gets sampled from =============================================================
+# ======== 3. EMA of the weights: what gets sampled from =========================================
 class EMA:
-    """Shadow copy θ' ← d θ' + (1 − d) θ of parameters and float buffers, d_n = min(decay, (1 + n) / (10 + n))
-    after n updates: a plain 0.9999 average would sit at the random init for thousands of steps (short runs: noise)."""
+    """A shadow copy θ' ← d θ' + (1 − d) θ of the parameters and float buffers, with
+    d_n = min(decay, (1 + n) / (10 + n)) after n updates: a plain 0.9999 average would sit at the
+    random init for thousands of steps, and short runs would sample noise."""
+
     def __init__(self, model, decay=0.9999):
-        self.decay, self.num_updates = decay, 0
+        self.decay = decay
+        self.num_updates = 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model):
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         self.num_updates += 1
-        shadow, live = ([v for v in [*m.parameters(), *m.buffers()] if v.is_floating_point()]  # not state_dict():
-                        for m in (self.model, model))  # it would build a detached copy of every entry on each call
-        torch._foreach_lerp_(shadow, live, 1 - d)  # θ' += (1 − d)(θ − θ'), one fused kernel per dtype and device
+        # Parameters and float buffers. Not state_dict(): it would copy each entry on every call.
+        shadow = [*self.model.parameters(), *self.model.buffers()]
+        shadow = [v for v in shadow if v.is_floating_point()]
+        live = [v for v in [*model.parameters(), *model.buffers()] if v.is_floating_point()]
+        torch._foreach_lerp_(shadow, live, 1 - d)  # θ' += (1 − d)(θ − θ'), fused
 
     def state_dict(self):
-        return {"decay": self.decay, "num_updates": self.num_updates, "model": self.model.state_dict()}
+        model = self.model.state_dict()
+        return {"decay": self.decay, "num_updates": self.num_updates, "model": model}
 
     def load_state_dict(self, state):
-        self.decay, self.num_updates = state["decay"], state["num_updates"]
+        self.decay = state["decay"]
+        self.num_updates = state["num_updates"]
         self.model.load_state_dict(state["model"])
 
 
-# ======== 4. Data: the whole training set decoded once into memory as uint8; files written whole ==================
+# ======== 4. Algorithm 1: one optimisation step ==================================================
+def train_step(model, ema, opt, diffusion, x0, y, step, hp, generator, part=None, forward=None,
+               autocast=nullcontext()):
+    """Algorithm 1 once, with Adam: the loss ‖ε − ε_θ(x_t, t)‖² on the batch x0 (labels y or None;
+    t, ε and x_t are drawn in Diffusion.training_loss), the linear warm-up of the learning rate,
+    clipping of the gradient's global norm, the optimizer's step and the EMA update.
+    → (lr, loss, grad_norm), the last two as tensors (no device sync).
+
+    hp: lr, warmup, grad_clip, p_uncond, micro_batch (None: the whole part at once), loss.
+    step: the steps taken before. generator: draws t, ε and the label drops.
+    part: this process's rows of the batch under DDP (default: all). forward: what computes ε̂
+    (default: model; else model compiled, or under DDP). autocast: the forward's precision."""
+    if forward is None:
+        forward = model
+    if part is None:
+        part = slice(0, len(x0))
+    lr = hp["lr"] * min(1.0, (step + 1) / max(1, hp["warmup"]))                  # linear warm-up
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    # Micro-batches: the part goes through the network M images at a time, and the gradients add
+    # up to those of the whole part; each micro-batch draws the whole batch's t, ε and drops alike.
+    first = part.start
+    end = part.stop
+    size = end - first
+    M = hp["micro_batch"] or size
+    state = generator.get_state()
+    loss = 0.0
+    for start in range(first, end, M):
+        generator.set_state(state)
+        if isinstance(forward, nn.parallel.DistributedDataParallel):
+            forward.require_backward_grad_sync = start + M >= end  # all-reduce on the last one only
+        with autocast:
+            micro = slice(start, start + M)
+            part_loss = diffusion.training_loss(forward, x0, y, hp["p_uncond"], generator, micro,
+                                                hp["loss"])
+            part_loss = part_loss * (M / size)
+        part_loss.backward()
+        loss = loss + part_loss.detach()
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), hp["grad_clip"])
+    opt.step()
+    ema.update(model)
+    return lr, loss, grad_norm
+# ======== The tool: run files, data, processes, sampling, the Trainer, the command line ========
+# Everything below runs DDPM: none of it is needed to understand or reuse the method above.
+import argparse
+import errno
+import glob
+import importlib
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
+
+import torch.distributed as dist
+from PIL import Image
+
+# ======== 5. Run files: errors, atomic saves, the lock, checkpoints ===================================================
 class UserError(Exception):
     """A problem the user can fix: reported as one line on stderr, exit code `code`, no traceback."""
     def __init__(self, message, code=2):
@@ -381,6 +569,73 @@ def save_atomic(path, write, durable=False):
         os.close(fd)
 
 
+def ensure_writable(folder, flag):
+    """Create `folder` and prove it writable now, rather than fail after hours of training or sampling."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise UserError(f"{flag} {folder}: cannot write there ({e.strerror})") from None
+
+
+def hold(folder):
+    """Lock folder/.lock for the life of this process, so that a second run cannot write into the same run folder:
+    flock, which the kernel drops when the process ends however it ends (SIGKILL, a power cut), so no stale lock is
+    left to block a resume. → the open lock file (keep it), or None where the platform cannot lock (with a note)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        print(f"note: no file locks on this platform: keep a second run out of {folder}", file=sys.stderr)
+        return None
+    f = open(os.path.join(folder, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise UserError(f"--out {folder} is in use by another train, process {holder}: wait for it to end, or "
+                            "train into another --out") from None
+        print(f"note: {folder} cannot be locked ({e.strerror}): keep a second run out of it", file=sys.stderr)
+        return None  # a file system without locks (some network ones)
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def load_checkpoint(path, mmap=False):
+    """Load with weights_only=True (tensors and plain values only: a crafted file cannot run code), or UserError.
+    mmap: the tensors are mapped from the file, not read, until used (for a look at the config only)."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))  # "Unsupported global: GLOBAL x.y", "unsupported GLOBAL x.y …"
+        if found:  # a pickled Python object, maybe one that runs code when loaded: never unpickled
+            raise UserError(f"{path}: refused, it holds a pickled Python object ({found[1]})") from None
+        raise UserError(f"{path}: not a readable checkpoint, truncated or corrupt ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or not {"config", "classes", "ema", "step"} <= ckpt.keys():
+        raise UserError(f"{path}: not a ddpm.py checkpoint")
+    ckpt["config"] = {"channels": 3, "flip": None, "eta": 0.0, **ckpt["config"]}  # keys older runs lack, as they ran
+    return ckpt
+
+
+def unet_from_config(cfg, num_classes):
+    return UNet(cfg["channels"], cfg["ch"], tuple(cfg["ch_mult"]), cfg["num_res_blocks"], tuple(cfg["attn_res"]),
+                cfg["dropout"], cfg["image_size"], None if cfg["unconditional"] else num_classes)
+
+
+def export_model(path, out):
+    """Checkpoint → a file to share, a quarter of its size: the EMA weights alone in fp16, config and class names."""
+    ckpt = load_checkpoint(path)
+    ema = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["ema"]["model"].items()}
+    save_atomic(out, lambda f: torch.save(dict(config=dict(ckpt["config"], steps=ckpt["step"]), classes=ckpt["classes"],
+                                               step=ckpt["step"], ema=dict(model=ema)), f), durable=True)
+
+# ======== 6. Data: the whole training set decoded once into memory as uint8 ===========================================
 def to_uint8(x):
     """[-1, 1] → uint8 pixels, quantised as a PNG of it stores them (torchvision's rounding): FID scores those."""
     return ((x.float() + 1) / 2).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
@@ -389,6 +644,19 @@ def to_uint8(x):
 def random_subset(n, seed=0):
     """A `pick` for load_images: a fixed random n of the N images (seeded), or all of them for n None."""
     return None if n is None else lambda total: torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+
+
+def to_image(x, nrow):
+    """Images (B, C, H, W) in [-1, 1] → one PIL grid, grey ("L") for one channel, quantised as torchvision does."""
+    from torchvision.utils import make_grid
+    grid = make_grid(to_uint8(x), nrow=nrow, padding=1)[:x.shape[1]]  # make_grid makes grey RGB
+    return Image.fromarray(grid.permute(1, 2, 0).squeeze(2).numpy())
+
+
+def class_rows(num_classes, n):
+    """Labels for a grid with one row per class, about n images in all → (labels, images per row)."""
+    per = max(1, math.ceil(n / num_classes))
+    return torch.arange(num_classes).repeat_interleave(per), per
 
 
 def load_images(data, root="./data", image_size=32, workers=4, pick=None, flag="--data", cache=False,
@@ -496,48 +764,7 @@ def batch_indices(n, batch_size, seed, step):
         pos += len(out[-1])
     return torch.cat(out)
 
-
-def fid_reference(fid, net, ref, root="./data", image_size=32, n=None, workers=4, channels=None):
-    """fid.reference_stats of --ref: an .npz with mu and sigma, or cifar10, mnist, an image folder decoded as training
-    decodes it at image_size (all its images or a fixed random n), their statistics cached in root/fid/."""
-    decode = lambda ref: load_images(ref, root, image_size, workers, random_subset(n), flag="--ref")[0]
-    return fid.reference_stats(net, ref, decode, os.path.join(root, "fid"), channels)
-
-
-def inception(path, device):
-    """fid.py and its Inception network (weights from path, else $DDPM_INCEPTION, else downloaded), or UserError."""
-    fid = need("fid", "FID")
-    try:
-        return fid, fid.load_inception(path or os.environ.get("DDPM_INCEPTION"), device)
-    except ImportError as e:
-        raise UserError(missing(e, "FID")) from None
-    except fid.FIDError as e:
-        raise UserError(f"{e}; offline, pass --inception PATH to a local copy (or set DDPM_INCEPTION)") from None
-
-
-# ======== 5. Training: Algorithm 1 with Adam, warm-up, clipping, EMA, atomic checkpoints and exact resume ===========
-TRAIN_DEFAULTS = dict(  # Ho et al.'s CIFAR-10 run; every value is a `train` flag (ch_mult → --ch-mult)
-    data="cifar10", data_root="./data", image_size=None, flip=None, unconditional=False, out=None, steps=800_000,
-    batch_size=128, lr=2e-4, warmup=5000, grad_clip=1.0, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
-    attn_res=(16,), dropout=0.1, timesteps=1000, schedule="linear", ema_decay=0.9999, p_uncond=0.1, eta=0.0,
-    save_every=5000, keep_every=0, sample_every=10000, log_every=100, seed=0, device=None, num_workers=4,
-    precision="auto", compile=None, fid_every=0, fid_n=1000, fid_ref=None, inception=None, init=None,
-    micro_batch=None, loss="l2", report_to=())
-PRESETS = {"paper": {}, "small": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(), dropout=0.0, lr=1e-3,
-                                      batch_size=32, warmup=200, steps=1150, ema_decay=0.999, eta=1.0, log_every=50)}
-# The network for larger images when --ch-mult is not given: at 256 px Ho et al.'s LSUN and CelebA-HQ one (114M
-# parameters; App. B and their run_celebahq.py: lr 2e-5, batch 64, no dropout); at 64 and 128 px the channel
-# multipliers of guided-diffusion's script_util, with attention at 16 and 8 px as improved-diffusion's default.
-NET_BY_SIZE = {64: dict(ch_mult=(1, 2, 3, 4), attn_res=(16, 8)), 128: dict(ch_mult=(1, 1, 2, 3, 4), attn_res=(16, 8)),
-               256: dict(ch_mult=(1, 1, 2, 2, 4, 4), attn_res=(16,), lr=2e-5, batch_size=64, dropout=0.0)}
-INIT_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_res", "timesteps", "schedule", "unconditional")  # --init's
-# What a resumed run may change; everything else must match the checkpoint, or the run would silently differ.
-RESUMABLE = {"steps", "save_every", "keep_every", "sample_every", "log_every", "device", "num_workers", "eta",
-             "precision", "compile", "data", "data_root", "out", "fid_every", "fid_n", "fid_ref", "inception",
-             "micro_batch", "report_to"}
-TRACKERS = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}  # --report-to: the module each needs
-
-
+# ======== 7. Devices, precision and processes =========================================================================
 def get_device(name=None):
     """The named device, else the best one found: cuda, then mps, then cpu."""
     name = name or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
@@ -568,78 +795,6 @@ def autocast(device, precision):
     return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
-def unet_from_config(cfg, num_classes):
-    return UNet(cfg["channels"], cfg["ch"], tuple(cfg["ch_mult"]), cfg["num_res_blocks"], tuple(cfg["attn_res"]),
-                cfg["dropout"], cfg["image_size"], None if cfg["unconditional"] else num_classes)
-
-
-def ensure_writable(folder, flag):
-    """Create `folder` and prove it writable now, rather than fail after hours of training or sampling."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        raise UserError(f"{flag} {folder}: cannot write there ({e.strerror})") from None
-
-
-def hold(folder):
-    """Lock folder/.lock for the life of this process, so that a second run cannot write into the same run folder:
-    flock, which the kernel drops when the process ends however it ends (SIGKILL, a power cut), so no stale lock is
-    left to block a resume. → the open lock file (keep it), or None where the platform cannot lock (with a note)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        print(f"note: no file locks on this platform: keep a second run out of {folder}", file=sys.stderr)
-        return None
-    f = open(os.path.join(folder, ".lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        f.seek(0)
-        holder = f.read().strip() or "?"
-        f.close()
-        if e.errno in (errno.EAGAIN, errno.EACCES):
-            raise UserError(f"--out {folder} is in use by another train, process {holder}: wait for it to end, or "
-                            "train into another --out") from None
-        print(f"note: {folder} cannot be locked ({e.strerror}): keep a second run out of it", file=sys.stderr)
-        return None  # a file system without locks (some network ones)
-    f.truncate(0)
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f
-
-
-def load_checkpoint(path, mmap=False):
-    """Load with weights_only=True (tensors and plain values only: a crafted file cannot run code), or UserError.
-    mmap: the tensors are mapped from the file, not read, until used (for a look at the config only)."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))  # "Unsupported global: GLOBAL x.y", "unsupported GLOBAL x.y …"
-        if found:  # a pickled Python object, maybe one that runs code when loaded: never unpickled
-            raise UserError(f"{path}: refused, it holds a pickled Python object ({found[1]})") from None
-        raise UserError(f"{path}: not a readable checkpoint, truncated or corrupt ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or not {"config", "classes", "ema", "step"} <= ckpt.keys():
-        raise UserError(f"{path}: not a ddpm.py checkpoint")
-    ckpt["config"] = {"channels": 3, "flip": None, "eta": 0.0, **ckpt["config"]}  # keys older runs lack, as they ran
-    return ckpt
-
-
-def to_image(x, nrow):
-    """Images (B, C, H, W) in [-1, 1] → one PIL grid, grey ("L") for one channel, quantised as torchvision does."""
-    from torchvision.utils import make_grid
-    grid = make_grid(to_uint8(x), nrow=nrow, padding=1)[:x.shape[1]]  # make_grid makes grey RGB
-    return Image.fromarray(grid.permute(1, 2, 0).squeeze(2).numpy())
-
-
-def class_rows(num_classes, n):
-    """Labels for a grid with one row per class, about n images in all → (labels, images per row)."""
-    per = max(1, math.ceil(n / num_classes))
-    return torch.arange(num_classes).repeat_interleave(per), per
-
-
 def init_processes(batch_size, device_name=None, micro_batch=None):
     """Under torchrun (RANK, LOCAL_RANK, WORLD_SIZE set): one of `world` DDP processes, one GPU each; rank 0 writes.
     → (device, rank, world, ctrl): ctrl is a gloo group for the stop flag (a CPU channel: no GPU sync per step),
@@ -656,6 +811,85 @@ def init_processes(batch_size, device_name=None, micro_batch=None):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device, rank, world, dist.new_group(backend="gloo")
+
+# ======== 8. Sampling from a checkpoint, and FID ======================================================================
+def load_sampler(path, device):
+    """Checkpoint → (EMA U-Net in eval mode on device, Diffusion, class names, config)."""
+    ckpt = load_checkpoint(path)
+    cfg = ckpt["config"]
+    model = unet_from_config(cfg, len(ckpt["classes"]))
+    model.load_state_dict(ckpt["ema"]["model"])
+    model.to(device, memory_format=torch.contiguous_format if device.type == "mps" else torch.channels_last).eval()
+    return model, Diffusion(cfg["timesteps"], cfg["schedule"], device=device), ckpt["classes"], cfg
+
+
+def sample_images(model, diffusion, labels, n, batch_size, pad=False, **kwargs):
+    """Yields n samples (C, H, W) on the CPU, drawn in chunks of batch_size; labels: (n,) LongTensor or None.
+    pad=True draws the last chunk at full size too (and drops the extra), so a compiled model sees one shape."""
+    device = next(model.parameters()).device
+    for start in tqdm(range(0, n, batch_size), desc="batches", disable=n <= batch_size):
+        size = batch_size if pad else min(batch_size, n - start)
+        y = None if labels is None else labels[torch.arange(start, start + size) % n].to(device)
+        yield from diffusion.sample(model, size, y, **kwargs)[:n - start].float().cpu()
+
+
+def reverse_process(model, diffusion, n, frames=10, **kwargs):
+    """Sample n images in one batch → (images, [(t, x_t, x̂_0)] at `frames` steps evenly spaced over the sampler's,
+    from its first (t = T − 1, x_t the start noise) to its last (t = 0, x̂_0 the images)), all on the CPU."""
+    ts = diffusion.sampling_steps(kwargs.get("steps"), kwargs.get("spacing", "uniform"))[::-1]  # as it visits them
+    keep = {ts[j] for j in torch.linspace(0, len(ts) - 1, min(frames, len(ts))).round().long().tolist()}
+    kept = []
+    record = lambda t, x_t, x0: kept.append((t, x_t.float().cpu(), x0.float().cpu())) if t in keep else None
+    return diffusion.sample(model, n, callback=record, **kwargs).float().cpu(), kept
+
+
+def forward_process(x0, noise, diffusions, columns=10):
+    """x_t ~ q(x_t | x_0) (Eq. 4) of images x0 (N, C, H, W) at `columns` evenly spaced t from 0 to T − 1 → (rows:
+    for each image one row for each of the Diffusions, one ε = noise[i] along them; the t of the columns)."""
+    ts = torch.tensor(diffusions[0].sampling_steps(columns))  # the t a `columns`-step DDIM sampler visits
+    rows = [list(d.q_sample(x.expand(columns, *x.shape), ts, eps.expand(columns, *eps.shape)))
+            for x, eps in zip(x0, noise) for d in diffusions]
+    return rows, ts.tolist()
+
+
+def fid_reference(fid, net, ref, root="./data", image_size=32, n=None, workers=4, channels=None):
+    """fid.reference_stats of --ref: an .npz with mu and sigma, or cifar10, mnist, an image folder decoded as training
+    decodes it at image_size (all its images or a fixed random n), their statistics cached in root/fid/."""
+    decode = lambda ref: load_images(ref, root, image_size, workers, random_subset(n), flag="--ref")[0]
+    return fid.reference_stats(net, ref, decode, os.path.join(root, "fid"), channels)
+
+
+def inception(path, device):
+    """fid.py and its Inception network (weights from path, else $DDPM_INCEPTION, else downloaded), or UserError."""
+    fid = need("fid", "FID")
+    try:
+        return fid, fid.load_inception(path or os.environ.get("DDPM_INCEPTION"), device)
+    except ImportError as e:
+        raise UserError(missing(e, "FID")) from None
+    except fid.FIDError as e:
+        raise UserError(f"{e}; offline, pass --inception PATH to a local copy (or set DDPM_INCEPTION)") from None
+
+# ======== 9. The Trainer: batches, DDP and the bookkeeping around train_step ==========================================
+TRAIN_DEFAULTS = dict(  # Ho et al.'s CIFAR-10 run; every value is a `train` flag (ch_mult → --ch-mult)
+    data="cifar10", data_root="./data", image_size=None, flip=None, unconditional=False, out=None, steps=800_000,
+    batch_size=128, lr=2e-4, warmup=5000, grad_clip=1.0, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
+    attn_res=(16,), dropout=0.1, timesteps=1000, schedule="linear", ema_decay=0.9999, p_uncond=0.1, eta=0.0,
+    save_every=5000, keep_every=0, sample_every=10000, log_every=100, seed=0, device=None, num_workers=4,
+    precision="auto", compile=None, fid_every=0, fid_n=1000, fid_ref=None, inception=None, init=None,
+    micro_batch=None, loss="l2", report_to=())
+PRESETS = {"paper": {}, "small": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(), dropout=0.0, lr=1e-3,
+                                      batch_size=32, warmup=200, steps=1150, ema_decay=0.999, eta=1.0, log_every=50)}
+# The network for larger images when --ch-mult is not given: at 256 px Ho et al.'s LSUN and CelebA-HQ one (114M
+# parameters; App. B and their run_celebahq.py: lr 2e-5, batch 64, no dropout); at 64 and 128 px the channel
+# multipliers of guided-diffusion's script_util, with attention at 16 and 8 px as improved-diffusion's default.
+NET_BY_SIZE = {64: dict(ch_mult=(1, 2, 3, 4), attn_res=(16, 8)), 128: dict(ch_mult=(1, 1, 2, 3, 4), attn_res=(16, 8)),
+               256: dict(ch_mult=(1, 1, 2, 2, 4, 4), attn_res=(16,), lr=2e-5, batch_size=64, dropout=0.0)}
+INIT_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_res", "timesteps", "schedule", "unconditional")  # --init's
+# What a resumed run may change; everything else must match the checkpoint, or the run would silently differ.
+RESUMABLE = {"steps", "save_every", "keep_every", "sample_every", "log_every", "device", "num_workers", "eta",
+             "precision", "compile", "data", "data_root", "out", "fid_every", "fid_n", "fid_ref", "inception",
+             "micro_batch", "report_to"}
+TRACKERS = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}  # --report-to: the module each needs
 
 
 class Trackers:
@@ -770,7 +1004,12 @@ class Trainer:
         # CUDA graphs (under DDP too): forward and backward replay as one launch each, not ~1,000 kernels a step.
         # NHWC forced: inductor keeps NCHW if a conv takes 2x the channels it gives (up path), costing ~100 copies.
         options = {"triton.cudagraphs": cuda, "force_layout_optimization": True}  # = mode "reduce-overhead" + NHWC
-        forward = torch.compile(model, options=options) if self.compiled else model
+        forward = model
+        if self.compiled:
+            forward = torch.compile(model, options=options)
+            # Each forward starts a new step for CUDA graphs, which may overwrite the last step's outputs: marked by
+            # a hook, as the outputs of the last micro-batch are kept (uncompiled: no 2 s import of the compiler)
+            forward.register_forward_pre_hook(lambda module, args: torch.compiler.cudagraph_mark_step_begin())
         if self.ddp:
             forward = nn.parallel.DistributedDataParallel(forward, device_ids=[self.device.index] if cuda else None)
             forward.num_classes = model.num_classes
@@ -807,38 +1046,19 @@ class Trainer:
                 torch.cuda.set_rng_state(ranks[self.rank]["cuda"], self.device)
 
     def train_step(self):
-        """Algorithm 1 once: x_0 ~ q(x_0) (this step's batch), then a gradient step on ‖ε − ε_θ(x_t, t)‖²
-        (t, ε, x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε: in Diffusion.training_loss). → the lr used."""
-        cfg, B, data = self.cfg, self.cfg["batch_size"], self.data
+        """This step's batch x_0 ~ q(x_0), randomly flipped, through Algorithm 1's step → the lr used."""
+        cfg = self.cfg
+        B = cfg["batch_size"]
         idx = batch_indices(len(self.images), B, cfg["seed"], self.step)
         x0 = self.images[idx.to(self.images.device)].to(self.device, non_blocking=True)
         x0 = x0.float() / 127.5 - 1                                                 # pixels x/127.5 − 1 ∈ [-1, 1]
         idx = idx.to(self.device, non_blocking=True)
-        flip = torch.rand(B, generator=data, device=self.device) < 0.5 * cfg["flip"]  # random horizontal flip
+        flip = torch.rand(B, generator=self.data, device=self.device) < 0.5 * cfg["flip"]  # horizontal flips
         x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0).contiguous(memory_format=self.fmt)
-        lr = cfg["lr"] * min(1.0, (self.step + 1) / max(1, cfg["warmup"]))         # linear warm-up
-        for group in self.opt.param_groups:
-            group["lr"] = lr
         y = None if cfg["unconditional"] else self.labels[idx]
-        self.opt.zero_grad(set_to_none=True)
-        # --micro-batch M: this process's share of the batch goes through the network M images at a time and the
-        # gradients add up to those of the whole share; each part draws the whole batch's t, ε and drops alike.
-        first, end, state, loss = self.part.start, self.part.stop, data.get_state(), 0.0
-        M = cfg["micro_batch"] or end - first
-        for start in range(first, end, M):
-            if self.compiled:  # with CUDA graphs the last outputs may be overwritten (uncompiled: no 2 s import)
-                torch.compiler.cudagraph_mark_step_begin()
-            data.set_state(state)
-            with self.forward.no_sync() if self.ddp and start + M < end else nullcontext():  # all-reduce once
-                with self.amp:
-                    part = self.diffusion.training_loss(self.forward, x0, y, cfg["p_uncond"], data,
-                                                        slice(start, start + M), cfg["loss"]) * (M / (end - first))
-                part.backward()
-            loss = loss + part.detach()
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg["grad_clip"])
+        lr, loss, grad_norm = train_step(self.model, self.ema, self.opt, self.diffusion, x0, y, self.step, cfg,
+                                         self.data, self.part, self.forward, self.amp)
         self.pending.append(torch.stack([loss, grad_norm]))
-        self.opt.step()
-        self.ema.update(self.model)
         self.step += 1
         return lr
 
@@ -1019,56 +1239,7 @@ def train(cfg, ckpt=None, lock=None):
         if trainer.lock:
             trainer.lock.close()
 
-
-# ======== 6. Sampling from a checkpoint =============================================================================
-def load_sampler(path, device):
-    """Checkpoint → (EMA U-Net in eval mode on device, Diffusion, class names, config)."""
-    ckpt = load_checkpoint(path)
-    cfg = ckpt["config"]
-    model = unet_from_config(cfg, len(ckpt["classes"]))
-    model.load_state_dict(ckpt["ema"]["model"])
-    model.to(device, memory_format=torch.contiguous_format if device.type == "mps" else torch.channels_last).eval()
-    return model, Diffusion(cfg["timesteps"], cfg["schedule"], device=device), ckpt["classes"], cfg
-
-
-def export_model(path, out):
-    """Checkpoint → a file to share, a quarter of its size: the EMA weights alone in fp16, config and class names."""
-    ckpt = load_checkpoint(path)
-    ema = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["ema"]["model"].items()}
-    save_atomic(out, lambda f: torch.save(dict(config=dict(ckpt["config"], steps=ckpt["step"]), classes=ckpt["classes"],
-                                               step=ckpt["step"], ema=dict(model=ema)), f), durable=True)
-
-
-def sample_images(model, diffusion, labels, n, batch_size, pad=False, **kwargs):
-    """Yields n samples (C, H, W) on the CPU, drawn in chunks of batch_size; labels: (n,) LongTensor or None.
-    pad=True draws the last chunk at full size too (and drops the extra), so a compiled model sees one shape."""
-    device = next(model.parameters()).device
-    for start in tqdm(range(0, n, batch_size), desc="batches", disable=n <= batch_size):
-        size = batch_size if pad else min(batch_size, n - start)
-        y = None if labels is None else labels[torch.arange(start, start + size) % n].to(device)
-        yield from diffusion.sample(model, size, y, **kwargs)[:n - start].float().cpu()
-
-
-def reverse_process(model, diffusion, n, frames=10, **kwargs):
-    """Sample n images in one batch → (images, [(t, x_t, x̂_0)] at `frames` steps evenly spaced over the sampler's,
-    from its first (t = T − 1, x_t the start noise) to its last (t = 0, x̂_0 the images)), all on the CPU."""
-    ts = diffusion.sampling_steps(kwargs.get("steps"), kwargs.get("spacing", "uniform"))[::-1]  # as it visits them
-    keep = {ts[j] for j in torch.linspace(0, len(ts) - 1, min(frames, len(ts))).round().long().tolist()}
-    kept = []
-    record = lambda t, x_t, x0: kept.append((t, x_t.float().cpu(), x0.float().cpu())) if t in keep else None
-    return diffusion.sample(model, n, callback=record, **kwargs).float().cpu(), kept
-
-
-def forward_process(x0, noise, diffusions, columns=10):
-    """x_t ~ q(x_t | x_0) (Eq. 4) of images x0 (N, C, H, W) at `columns` evenly spaced t from 0 to T − 1 → (rows:
-    for each image one row for each of the Diffusions, one ε = noise[i] along them; the t of the columns)."""
-    ts = torch.tensor(diffusions[0].sampling_steps(columns))  # the t a `columns`-step DDIM sampler visits
-    rows = [list(d.q_sample(x.expand(columns, *x.shape), ts, eps.expand(columns, *eps.shape)))
-            for x, eps in zip(x0, noise) for d in diffusions]
-    return rows, ts.tolist()
-
-
-# ======== 7. Command line ===========================================================================================
+# ======== 10. Command line ============================================================================================
 SAMPLERS = {"ddim": (25, "uniform"), "dpm++": (10, "quadratic")}  # steps and spacing by default (measured: docs/)
 CPU_SAMPLER = "dpm++"  # `sample`'s and `fid`'s default on a CPU for models of train --eta 0 (GPU: ancestral)
 
@@ -1443,6 +1614,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("ddpm.py: interrupted", file=sys.stderr)
         return 130
+
 
 
 if __name__ == "__main__":
