@@ -55,7 +55,6 @@ class Diffusion:
     """Forward process q, reverse process p_θ, the loss, and the samplers.
     Schedules: (T,) float32, computed in float64. t: LongTensor (B,) of 0-based steps.
     x: (B, C, H, W) in [-1, 1]. `model(x_t, t, y)` returns ε̂ shaped as x_t."""
-
     def __init__(self, timesteps=1000, schedule="linear", variance="fixedlarge", device=None):
         self.num_timesteps = timesteps
         betas = make_betas(schedule, timesteps)
@@ -203,8 +202,7 @@ class Diffusion:
     def p_sample_loop(self, model, x, ts, y=None, guidance=1.0, generator=None, callback=None,
                       progress=False):
         """Algorithm 2: x_{t−1} = μ_θ(x_t, t) + σ_t z over all T steps (ts: every t)."""
-        for i in _countdown(ts, progress):
-            t = torch.full((len(x),), ts[i], device=x.device, dtype=torch.long)
+        for i, t in _countdown(ts, x, progress):
             # z ~ N(0, I), and no noise at the last step
             z = torch.randn(x.shape, generator=generator, device=x.device) if i > 0 else 0
             mean, var, pred_x0 = self.p_mean_variance(model, x, t, y, guidance)
@@ -219,8 +217,7 @@ class Diffusion:
         """DDIM (Song et al.) over the steps ts: eta 0 deterministic, 1 DDPM-like (σ²_t = β_t, the
         ancestral sampler's, is very bad with few steps: their Table 1)."""
         alphas_cumprod = self.alphas_cumprod.tolist()  # floats: no device syncs in the loop
-        for i in _countdown(ts, progress):
-            t = torch.full((len(x),), ts[i], device=x.device, dtype=torch.long)
+        for i, t in _countdown(ts, x, progress):
             noisy = i > 0 and eta > 0
             z = torch.randn(x.shape, generator=generator, device=x.device) if noisy else 0
             pred_x0 = self.predict_x0(model, x, t, y, guidance)
@@ -248,8 +245,7 @@ class Diffusion:
         alphas_cumprod = self.alphas_cumprod.tolist()
         last_x0 = None  # x̂_0 and h of the previous step
         h_last = None
-        for i in _countdown(ts, progress):
-            t = torch.full((len(x),), ts[i], device=x.device, dtype=torch.long)
+        for i, t in _countdown(ts, x, progress):
             pred_x0 = self.predict_x0(model, x, t, y, guidance)
             a = alphas_cumprod[ts[i]]
             if i == 0:  # to σ = 0: h = ∞, e^{−h} = 0, and the update is x̂_0 itself
@@ -272,10 +268,11 @@ class Diffusion:
         return x
 
 
-def _countdown(ts, progress=False):
-    """The indices of ts from the last to 0, as a sampler visits them, with a progress bar."""
-    disable = None if progress else True  # None: a bar where the output is a terminal
-    return tqdm(reversed(range(len(ts))), "sampling", len(ts), leave=False, disable=disable)
+def _countdown(ts, x, progress=False):
+    """(i, t) from the last step of ts to ts[0], with t = ts[i] for each of the images x: (B,)."""
+    disable = None if progress else True  # None: a progress bar where the output is a terminal
+    for i in tqdm(reversed(range(len(ts))), "sampling", len(ts), leave=False, disable=disable):
+        yield i, torch.full((len(x),), ts[i], device=x.device, dtype=torch.long)
 
 
 # ======== 2. U-Net ε_θ(x_t, t, y): Ho et al.'s CIFAR-10 network ("ddpm_cifar10") ===============
@@ -297,7 +294,6 @@ def _norm(ch):
 
 class AttnBlock(nn.Module):
     """Single-head self-attention over all H·W positions, residual."""
-
     def __init__(self, ch):
         super().__init__()
         self.norm = _norm(ch)
@@ -316,7 +312,6 @@ class AttnBlock(nn.Module):
 class ResBlock(nn.Module):
     """GroupNorm, SiLU, conv, + the projected embedding, GroupNorm, SiLU, dropout, conv, + skip;
     then attention, if asked for."""
-
     def __init__(self, in_ch, out_ch, emb_ch, dropout, attn=False):
         super().__init__()
         self.norm1 = _norm(in_ch)
@@ -341,7 +336,6 @@ class UNet(nn.Module):
     (label num_classes is the null label). The defaults are Ho et al.'s CIFAR-10 network, 35.7M
     parameters: 32→16→8→4 px at 128/256/256/256 channels, num_res_blocks blocks a level down and one
     more up (each takes a skip), attention at attn_resolutions and in the middle."""
-
     def __init__(self, in_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
                  attn_resolutions=(16,), dropout=0.1, image_size=32, num_classes=None):
         super().__init__()
@@ -431,7 +425,6 @@ class EMA:
     """A shadow copy θ' ← d θ' + (1 − d) θ of the parameters and float buffers, with
     d_n = min(decay, (1 + n) / (10 + n)) after n updates: a plain 0.9999 average would sit at the
     random init for thousands of steps, and short runs would sample noise."""
-
     def __init__(self, model, decay=0.9999):
         self.decay = decay
         self.num_updates = 0
@@ -502,18 +495,7 @@ def train_step(model, ema, opt, diffusion, x0, y, step, hp, generator, part=None
     return lr, loss, grad_norm
 # ======== The tool: run files, data, processes, sampling, the Trainer, the command line ========
 # Everything below runs DDPM: none of it is needed to understand or reuse the method above.
-import argparse
-import errno
-import glob
-import importlib
-import json
-import os
-import re
-import shutil
-import signal
-import sys
-import tempfile
-import time
+import argparse, errno, glob, importlib, json, os, re, shutil, signal, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 
@@ -558,8 +540,9 @@ def save_atomic(path, write, durable=False):
         if isinstance(e, OSError) and e.errno is not None:  # numpy as an OSError without errno: say what it is
             raise
         full = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 1 << 20  # (the part written counts)
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) if full else \
-            OSError(errno.EIO, f"the write failed ({type(e).__name__}: {str(e).strip()})", path) from None
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from None
+        raise OSError(errno.EIO, f"the write failed ({type(e).__name__}: {str(e).strip()})", path) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -643,7 +626,12 @@ def to_uint8(x):
 
 def random_subset(n, seed=0):
     """A `pick` for load_images: a fixed random n of the N images (seeded), or all of them for n None."""
-    return None if n is None else lambda total: torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+    if n is None:
+        return None
+
+    def pick(total):
+        return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+    return pick
 
 
 def to_image(x, nrow):
@@ -767,12 +755,18 @@ def batch_indices(n, batch_size, seed, step):
 # ======== 7. Devices, precision and processes =========================================================================
 def get_device(name=None):
     """The named device, else the best one found: cuda, then mps, then cpu."""
-    name = name or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    if name is None:
+        name = "cpu"
+        if torch.backends.mps.is_available():
+            name = "mps"
+        if torch.cuda.is_available():
+            name = "cuda"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name}: not a device name (cpu, cuda, cuda:1, mps)") from None
-    if not {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type, lambda: True)():
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if device.type in available and not available[device.type]():
         raise UserError(f"--device {name}: not available on this machine")
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: let cuDNN time its algorithms once
     return device
@@ -782,10 +776,14 @@ def resolve_precision(precision, device, task, cpu=None):
     """--precision for `task` ("train", "sample") → "bf16" or "fp32": bf16 and fp32 force it; auto is bf16 on CUDA
     (fp16's speed, not its NaNs) and on a CPU only to sample, where it computes bf16 natively: ATen at AVX-512 with
     amx_bf16 or avx512_bf16 (2.0× as fast there; training 1.1×; emulated: 7× slower). cpu: (capability, {flag: on})."""
-    if precision != "auto" or device.type != "cpu":
-        return precision if precision != "auto" else "bf16" if device.type == "cuda" else "fp32"
-    capability, flags = cpu or (torch.backends.cpu.get_cpu_capability(), {
-        "amx_bf16": torch.cpu._is_amx_tile_supported(), "avx512_bf16": torch.cpu._is_avx512_bf16_supported()})
+    if precision != "auto":
+        return precision
+    if device.type != "cpu":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if cpu is None:
+        flags = {"amx_bf16": torch.cpu._is_amx_tile_supported(), "avx512_bf16": torch.cpu._is_avx512_bf16_supported()}
+        cpu = (torch.backends.cpu.get_cpu_capability(), flags)
+    capability, flags = cpu
     native = capability.startswith("AVX512") and any(flags.get(f) for f in ("amx_bf16", "avx512_bf16"))
     return "bf16" if task == "sample" and native else "fp32"
 
@@ -799,10 +797,12 @@ def init_processes(batch_size, device_name=None, micro_batch=None):
     """Under torchrun (RANK, LOCAL_RANK, WORLD_SIZE set): one of `world` DDP processes, one GPU each; rank 0 writes.
     → (device, rank, world, ctrl): ctrl is a gloo group for the stop flag (a CPU channel: no GPU sync per step),
     None when not started by torchrun."""
-    ddp, rank, world = "RANK" in os.environ, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    ddp = "RANK" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
     if batch_size % world or micro_batch and batch_size // world % micro_batch:
-        raise UserError(f"--batch-size {batch_size} (the global batch) does not split over {world} processes" +
-                        f" in micro-batches of {micro_batch}" * bool(micro_batch))
+        parts = f" in micro-batches of {micro_batch}" if micro_batch else ""
+        raise UserError(f"--batch-size {batch_size} (the global batch) does not split over {world} processes{parts}")
     device = get_device(device_name)
     if not ddp:
         return device, rank, world, None
@@ -839,7 +839,10 @@ def reverse_process(model, diffusion, n, frames=10, **kwargs):
     ts = diffusion.sampling_steps(kwargs.get("steps"), kwargs.get("spacing", "uniform"))[::-1]  # as it visits them
     keep = {ts[j] for j in torch.linspace(0, len(ts) - 1, min(frames, len(ts))).round().long().tolist()}
     kept = []
-    record = lambda t, x_t, x0: kept.append((t, x_t.float().cpu(), x0.float().cpu())) if t in keep else None
+
+    def record(t, x_t, x0):
+        if t in keep:
+            kept.append((t, x_t.float().cpu(), x0.float().cpu()))
     return diffusion.sample(model, n, callback=record, **kwargs).float().cpu(), kept
 
 
@@ -855,7 +858,8 @@ def forward_process(x0, noise, diffusions, columns=10):
 def fid_reference(fid, net, ref, root="./data", image_size=32, n=None, workers=4, channels=None):
     """fid.reference_stats of --ref: an .npz with mu and sigma, or cifar10, mnist, an image folder decoded as training
     decodes it at image_size (all its images or a fixed random n), their statistics cached in root/fid/."""
-    decode = lambda ref: load_images(ref, root, image_size, workers, random_subset(n), flag="--ref")[0]
+    def decode(ref):
+        return load_images(ref, root, image_size, workers, random_subset(n), flag="--ref")[0]
     return fid.reference_stats(net, ref, decode, os.path.join(root, "fid"), channels)
 
 
@@ -898,7 +902,8 @@ class Trackers:
     resumed run continues them: the same TensorBoard folder, purged after the checkpoint's step (log.txt repeats the
     steps after it), and the W&B run whose id the config keeps."""
     def __init__(self, cfg, step):
-        self.tensorboard = self.wandb = None
+        self.tensorboard = None
+        self.wandb = None
         if "tensorboard" in cfg["report_to"]:
             from torch.utils.tensorboard import SummaryWriter
             purge = step + 1 if step else None  # hide what the last run logged after its checkpoint
@@ -913,10 +918,10 @@ class Trackers:
     def log(self, step, **values):
         """Numbers as scalars, PIL images as images, at the training step `step`."""
         import numpy as np
-        for name, v in values.items() if self.tensorboard else ():
-            if isinstance(v, Image.Image):
+        for name, v in values.items():
+            if self.tensorboard and isinstance(v, Image.Image):
                 self.tensorboard.add_image(name, np.asarray(v), step, dataformats="HW" if v.mode == "L" else "HWC")
-            else:
+            elif self.tensorboard:
                 self.tensorboard.add_scalar(name, v, step)
         if self.wandb:
             import wandb
@@ -934,21 +939,20 @@ class Trainer:
     """One run: __init__ builds its state (data, U-Net, EMA, Adam, the two random streams), new or resumed; train_step
     is Algorithm 1 once; periodic the bookkeeping after it; on_signal and agreed_signal stop it; run is the loop."""
     def __init__(self, cfg, ckpt=None, device=torch.device("cpu"), rank=0, world=1, ctrl=None, lock=None):
-        self.device, self.rank, self.world, self.ctrl, self.ddp = device, rank, world, ctrl, ctrl is not None
-        self.say = print if not rank else lambda *a, **k: None
+        self.device = device
+        self.rank = rank
+        self.world = world
+        self.ctrl = ctrl
+        self.ddp = ctrl is not None
         torch.manual_seed(cfg["seed"])  # the weights' initialisation
         images, labels, self.classes = self.load_data(cfg, ckpt)
-        self.cfg = cfg = dict(cfg, channels=images.shape[1])  # the data decides: 1 (grey) or 3, saved with the config
-        # NHWC: the layout of tensor-core convolutions, and the one oneDNN prefers on a CPU
-        self.fmt = torch.contiguous_format if device.type == "mps" else torch.channels_last
-        try:
-            self.model = unet_from_config(cfg, len(self.classes)).to(device, memory_format=self.fmt)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        if ckpt is None and cfg["init"]:
-            self.init_from(cfg["init"])
+        cfg = dict(cfg, channels=images.shape[1])  # the data decides: 1 (grey) or 3, saved with the config
+        self.cfg = cfg
+        self.model = self.build_model(ckpt)
         ensure_writable(cfg["out"], "--out")  # only now: a run that cannot start leaves no empty folder behind
-        self.lock = lock or (None if rank else hold(cfg["out"]))  # before anything is written there; rank 0 holds it
+        self.lock = lock
+        if lock is None and not rank:  # before anything is written there; rank 0 holds it
+            self.lock = hold(cfg["out"])
         self.params = sum(p.numel() for p in self.model.parameters())
         if self.params > 20e6 and device.type == "cpu":
             self.say(f"note: this {self.params / 1e6:.1f}M-parameter U-Net is sized for a GPU (2 CPU cores train it at "
@@ -959,20 +963,44 @@ class Trainer:
         self.diffusion = Diffusion(cfg["timesteps"], cfg["schedule"], device=device)
         # Two random streams: `data` draws t, ε, flips and label drops for the whole global batch (the same in every
         # process), the global one dropout (its own in each process). Both are saved, so a resumed run is exact.
-        self.data, self.step = torch.Generator(device).manual_seed(cfg["seed"]), 0
+        self.data = torch.Generator(device).manual_seed(cfg["seed"])
+        self.step = 0
         torch.manual_seed(cfg["seed"] * 1_000_003 + 7919 * (rank + 1))
         if ckpt is not None:
             self.resume(ckpt)
-        self.out, B = cfg["out"], cfg["batch_size"]
+        self.out = cfg["out"]
+        B = cfg["batch_size"]
         self.part = slice(rank * B // world, (rank + 1) * B // world)  # this process's share of every batch
-        for stale in glob.glob(os.path.join(self.out, "*.tmp[0-9]*")) if not rank else []:  # left by a kill mid-save
-            os.remove(stale)
-        self.images, self.labels = self.place(images), labels.to(device)
+        if not rank:
+            for stale in glob.glob(os.path.join(self.out, "*.tmp[0-9]*")):  # left by a kill mid-save
+                os.remove(stale)
+        self.images = self.place(images)
+        self.labels = labels.to(device)
         self.forward = self.wrap(self.model)
         self.amp = autocast(device, resolve_precision(cfg["precision"], device, "train"))
-        self.pending, self.stats = [], []  # (loss, grad norm) per step: on the device until check(), then as floats
-        self.postfix, self.signals, self.pictures = {}, [], None  # pictures.py: imported at the first log line
+        self.pending = []  # (loss, grad norm) per step: on the device until check(), then as floats in stats
+        self.stats = []
+        self.postfix = {}
+        self.signals = []
+        self.pictures = None  # pictures.py: imported at the first log line
         self.saved = None if ckpt is None else ckpt["step"]  # the step of the last save
+
+    def say(self, *args, **kwargs):  # print, in rank 0 only
+        if not self.rank:
+            print(*args, **kwargs)
+
+    def build_model(self, ckpt):
+        """The U-Net on the device, NHWC (the layout of tensor-core convolutions, and the one oneDNN prefers on a CPU),
+        from --init's weights for a new run that has it."""
+        cfg = self.cfg
+        self.fmt = torch.contiguous_format if self.device.type == "mps" else torch.channels_last
+        try:
+            model = unet_from_config(cfg, len(self.classes)).to(self.device, memory_format=self.fmt)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if ckpt is None and cfg["init"]:
+            self.init_from(cfg["init"], model)
+        return model
 
     def load_data(self, cfg, ckpt):
         if self.rank:
@@ -1015,11 +1043,12 @@ class Trainer:
             forward.num_classes = model.num_classes
         return forward
 
-    def init_from(self, path):
+    def init_from(self, path, model):
         """Fine-tuning: start from the EMA weights of `path`, a checkpoint or an exported model. Its class embedding is
         kept if its classes are the data's; else the class rows start anew (as a new network's) and only the null
         label's row, the unconditional model that guidance needs, is kept."""
-        init, emb = load_checkpoint(path), self.model.class_emb
+        init = load_checkpoint(path)
+        emb = model.class_emb
         weights = dict(init["ema"]["model"])
         if emb is not None and init["classes"] != self.classes and "class_emb.weight" in weights:
             null_row = weights["class_emb.weight"][-1:].float()
@@ -1027,7 +1056,7 @@ class Trainer:
             self.say(f"--init {path}: its classes ({', '.join(init['classes'][:4])}, ...) are not the data's: the "
                      "class embedding starts anew, but for the null label's row", file=sys.stderr)
         try:
-            self.model.load_state_dict(weights)
+            model.load_state_dict(weights)
         except RuntimeError as e:  # another number of channels, or attention at other levels at this --image-size
             raise UserError(f"--init {path}: its weights do not fit a network for {self.cfg['channels']}-channel "
                             f"{self.cfg['image_size']}-px images ({str(e).splitlines()[-1].strip()})") from None
@@ -1132,9 +1161,12 @@ class Trainer:
         state = dict(model=self.model.state_dict(), ema=self.ema.state_dict(), optimizer=self.opt.state_dict(),
                      step=self.step, config=dict(self.cfg), classes=self.classes,
                      rng=dict(data=self.data.get_state(), ranks=ranks))
-        paths = [os.path.join(self.out, "ckpt.pt")] + [os.path.join(self.out, f"ckpt_{self.step:08d}.pt")] * self.keep()
-        for path in paths if not self.rank else []:
-            save_atomic(path, lambda f: torch.save(state, f), durable=True)
+        paths = [os.path.join(self.out, "ckpt.pt")]
+        if self.keep():
+            paths.append(os.path.join(self.out, f"ckpt_{self.step:08d}.pt"))
+        if not self.rank:
+            for path in paths:
+                save_atomic(path, lambda f: torch.save(state, f), durable=True)
         self.saved = self.step
 
     def ema_samples(self, n, batch_size):
@@ -1162,13 +1194,17 @@ class Trainer:
         images, or --fid-ref as `fid --ref` takes it."""
         cfg = self.cfg
         self.fid, self.inception = inception(cfg["inception"], self.device)
-        self.fid_ref = self.fid.cached_stats(self.inception, self.images, os.path.join(cfg["data_root"], "fid")) \
-            if cfg["fid_ref"] is None else fid_reference(self.fid, self.inception, cfg["fid_ref"], cfg["data_root"],
-                                                         cfg["image_size"], None, cfg["num_workers"], cfg["channels"])
+        if cfg["fid_ref"] is None:
+            self.fid_ref = self.fid.cached_stats(self.inception, self.images, os.path.join(cfg["data_root"], "fid"))
+        else:
+            self.fid_ref = fid_reference(self.fid, self.inception, cfg["fid_ref"], cfg["data_root"], cfg["image_size"],
+                                         None, cfg["num_workers"], cfg["channels"])
 
     def measure_fid(self):
         """FID of fid_n EMA samples against the reference, into log.txt and the progress bar."""
-        cfg, n, fid = self.cfg, self.cfg["fid_n"], self.fid
+        cfg = self.cfg
+        n = cfg["fid_n"]
+        fid = self.fid
         batches = map(to_uint8, self.ema_samples(n, cfg["batch_size"]))
         score = fid.frechet_distance(*fid.inception_stats(self.inception, batches)[:2], *self.fid_ref[:2])
         self.postfix["fid"] = f"{score:.2f}"
@@ -1192,9 +1228,11 @@ class Trainer:
 
     def run(self):
         """Train to cfg["steps"] → 0, or after a signal save and → 128 + its number."""
-        cfg, out, world = self.cfg, self.out, self.world
+        cfg = self.cfg
+        out = self.out
+        processes = f"{self.world} processes" if self.world > 1 else "1 process"
         self.say(f"training {self.params / 1e6:.2f}M-parameter U-Net on {len(self.images)} images "
-                 f"({len(self.classes)} classes) on {self.device} in {world} process{'es' * (world > 1)}, step "
+                 f"({len(self.classes)} classes) on {self.device} in {processes}, step "
                  f"{self.step} → {cfg['steps']}, run folder {out}", file=sys.stderr)
         signum, log = 0, os.path.join(out, "log.txt") if not self.rank else os.devnull
         if cfg["fid_every"] and not self.rank:
@@ -1212,8 +1250,10 @@ class Trainer:
                 self.save()
         except OSError as e:  # a full disk, a folder gone or unwritable: saves are atomic, the last one is whole
             kept = self.saved is not None and os.path.isfile(os.path.join(out, "ckpt.pt"))
-            how = f"{out}/ckpt.pt of step {self.saved} is whole; fix that, then resume with: python ddpm.py train " \
-                  f"--resume --out {out}" if kept else f"no checkpoint is left in {out}"
+            how = f"no checkpoint is left in {out}"
+            if kept:
+                how = (f"{out}/ckpt.pt of step {self.saved} is whole; fix that, then resume with: python ddpm.py "
+                       f"train --resume --out {out}")
             raise UserError(f"cannot write in {out} at step {self.step} ({e.strerror}); {how}", code=1) from None
         finally:
             for s, h in handlers.items():
@@ -1313,50 +1353,86 @@ def sampler_from_args(args, device, n, rows):
         print(f"no runs/*/ckpt.pt: sampling from the bundled CIFAR-10 model {path}", file=sys.stderr)
     model, diffusion, classes, cfg = load_sampler(path, device)
     T = diffusion.num_timesteps
+    options = sampler_options(args, device, cfg, T)
+    labels, nrow, name = labels_from_args(args, cfg, classes, path, n, rows)
+    n = n if labels is None else len(labels)
+    compiled = args.compile
+    if compiled is None:  # compiling takes ~30 s on an H100: for long runs only
+        compiled = device.type == "cuda" and n * (options["steps"] or T) >= 200_000
+    forward = torch.compile(model) if compiled else model
+    # CPU: batches of 16 keep tensors under glibc's 32 MB mmap threshold, so memory is reused, not faulted in anew
+    batch_size = args.batch_size or (1024 if device.type == "cuda" else 16)  # (64 ships, 2 cores: 45 s → 34 s)
+
+    def draw(**extra):
+        return sample_images(forward, diffusion, labels, n, batch_size, compiled, **options, **extra)
+    precision = resolve_precision(args.precision, device, "sample")
+    return argparse.Namespace(path=path, model=forward, diffusion=diffusion, cfg=cfg, options=options, labels=labels,
+                              n=n, nrow=nrow, batch_size=batch_size, draw=draw, name=name, precision=precision)
+
+
+def sampler_options(args, device, cfg, T):
+    """--sampler, --steps, --spacing, --eta and --guidance → the keyword arguments of Diffusion.sample."""
     if args.steps is not None and args.steps > T:
         raise UserError(f"--steps {args.steps}: the model has only T = {T} steps")
     # --steps N alone is DDIM, 'all' (0) ancestral; neither: ancestral on a GPU, and on a CPU, where 1000 steps take
     # an hour, the cheapest sampler as good as 25 DDIM steps (measured: docs/), or for a model saved with train
     # --eta > 0 DDIM with that noise (a deterministic solver leaves speckle on the MNIST preset's digits)
-    sampler = args.sampler or ("ancestral" if args.steps == 0 or args.steps is None and device.type != "cpu" else
-                               "ddim" if args.steps or cfg["eta"] else CPU_SAMPLER)
+    if args.sampler:
+        sampler = args.sampler
+    elif args.steps == 0 or (args.steps is None and device.type != "cpu"):
+        sampler = "ancestral"
+    elif args.steps or cfg["eta"]:
+        sampler = "ddim"
+    else:
+        sampler = CPU_SAMPLER
     if sampler == "ancestral" and (args.steps or args.spacing):
         raise UserError("--sampler ancestral visits all T steps: drop --steps and --spacing, or use ddim or dpm++")
     if args.eta and sampler != "ddim":
         raise UserError(f"--eta {args.eta}: only --sampler ddim takes it ({sampler} draws its own noise or none)")
-    steps = None if sampler == "ancestral" or args.steps == 0 else args.steps or min(SAMPLERS[sampler][0], T)
+    steps = None
+    if sampler != "ancestral" and args.steps != 0:
+        steps = args.steps or min(SAMPLERS[sampler][0], T)
     spacing = args.spacing or SAMPLERS.get(sampler, (None, "uniform"))[1]
-    eta = (cfg["eta"] if args.eta is None else args.eta) if sampler == "ddim" else 0.0  # DDIM's: the model's own
-    idx, c, labels, nrow = None, getattr(args, "class"), None, math.ceil(math.sqrt(n))
+    eta = 0.0
+    if sampler == "ddim":  # by default the model's own (train --eta)
+        eta = cfg["eta"] if args.eta is None else args.eta
+    return dict(guidance=args.guidance, steps=steps, eta=eta, sampler=sampler, spacing=spacing)
+
+
+def labels_from_args(args, cfg, classes, path, n, rows):
+    """The labels of n samples → (labels or None, images a row, the name for the output): --class, else the classes
+    in turn (rows: whole rows of a grid, n rounded up; else exactly n), or None for an unconditional model."""
+    c = getattr(args, "class")
+    nrow = math.ceil(math.sqrt(n))
     if c is not None:
         if cfg["unconditional"]:
             raise UserError(f"--class: {path} is an unconditional model")
-        idx = classes.index(c) if c in classes else int(c) if c.isdigit() else -1
+        idx = -1
+        if c in classes:
+            idx = classes.index(c)
+        elif c.isdigit():
+            idx = int(c)
         if not 0 <= idx < len(classes):
             raise UserError(f"--class {c}: unknown; choose from {', '.join(classes)} (or 0-{len(classes) - 1})")
-        labels = torch.full((n,), idx)
-    elif not cfg["unconditional"]:
-        labels, nrow = class_rows(len(classes), n)
-        labels = labels if rows else labels[:n]
-    n = n if labels is None else len(labels)  # compiling takes ~30 s on an H100: for long runs only
-    compiled = device.type == "cuda" and n * (steps or T) >= 200_000 if args.compile is None else args.compile
-    forward = torch.compile(model) if compiled else model
-    options = dict(guidance=args.guidance, steps=steps, eta=eta, sampler=sampler, spacing=spacing)
-    # CPU: batches of 16 keep tensors under glibc's 32 MB mmap threshold, so memory is reused, not faulted in anew
-    batch_size = args.batch_size or (1024 if device.type == "cuda" else 16)  # (64 ships, 2 cores: 45 s → 34 s)
-    draw = lambda **extra: sample_images(forward, diffusion, labels, n, batch_size, compiled, **options, **extra)
-    return argparse.Namespace(path=path, model=forward, diffusion=diffusion, cfg=cfg, options=options, labels=labels,
-                              n=n, nrow=nrow, batch_size=batch_size, draw=draw, name=classes[idx] if idx is not None
-                              else "all", precision=resolve_precision(args.precision, device, "sample"))
+        return torch.full((n,), idx), nrow, classes[idx]
+    if cfg["unconditional"]:
+        return None, nrow, "all"
+    labels, nrow = class_rows(len(classes), n)
+    if not rows:
+        labels = labels[:n]
+    return labels, nrow, "all"
 
 
 def describe(options, timesteps):
-    name, steps = options["sampler"], options["steps"] or timesteps
+    """The sampler in words, as `sample` and `fid` report it."""
+    name = options["sampler"]
+    steps = options["steps"] or timesteps
     spacing = "" if options["spacing"] == "uniform" else f" ({options['spacing']})"
     if name == "ancestral":
         return f"ancestral {timesteps} steps"
-    return f"DPM-Solver++(2M) {steps} steps{spacing}" if name == "dpm++" else \
-        f"DDIM {steps} steps{spacing}, eta {options['eta']}"
+    if name == "dpm++":
+        return f"DPM-Solver++(2M) {steps} steps{spacing}"
+    return f"DDIM {steps} steps{spacing}, eta {options['eta']}"
 
 
 def cmd_sample(args):
@@ -1372,7 +1448,8 @@ def cmd_sample(args):
             return write_process(pictures, run, os.path.join(out, run.name) if per_file else os.path.splitext(out)[0])
         x = run.draw(progress=run.n <= run.batch_size)
         if per_file:
-            write = lambda image, i: save_atomic(os.path.join(out, f"{i:06d}.png"), to_image(image[None], 1).save)
+            def write(image, i):
+                save_atomic(os.path.join(out, f"{i:06d}.png"), to_image(image[None], 1).save)
             list(pool.map(write, x, range(run.n)))
         else:
             save_atomic(out, to_image(torch.stack(list(x)), run.nrow).save)
@@ -1401,7 +1478,9 @@ def cmd_fid(args):
     if args.samples:
         pick = random_subset(args.n, args.seed or 0)  # --n: a fixed random n of the folder's images
         images = load_images(args.samples, image_size=args.image_size, pick=pick, flag="--samples")[0]
-        size, channels, result = images.shape[-1], images.shape[1], dict(samples=args.samples)
+        size = images.shape[-1]
+        channels = images.shape[1]
+        result = dict(samples=args.samples)
     else:  # the papers' 50,000; a CPU: seconds a sample
         run = sampler_from_args(args, device, args.n or (50_000 if device.type == "cuda" else 1000), rows=False)
         size, channels = run.cfg["image_size"], run.cfg["channels"]
@@ -1418,8 +1497,9 @@ def cmd_fid(args):
             mu, sigma, n = fid.inception_stats(net, batches)
     score = fid.frechet_distance(mu, sigma, *ref[:2])
     result = dict(fid=round(score, 4), n=n, **result, ref=args.ref, ref_n=ref[2])
-    how = f" ({result['sampler']}, guidance {args.guidance}, seed {args.seed or 0}, {result['precision']})" \
-        if "ckpt" in result else ""
+    how = ""
+    if "ckpt" in result:
+        how = f" ({result['sampler']}, guidance {args.guidance}, seed {args.seed or 0}, {result['precision']})"
     print(json.dumps(result) if args.json else f"FID {score:.3f} of {n} images{how} from "
           f"{result.get('ckpt', args.samples)} against {args.ref} (n {ref[2]})")
     return 0
@@ -1471,6 +1551,12 @@ def _int_tuple(text):  # "1,2,2" → (1, 2, 2); "" → ()
     return tuple(_num(int, 1, 4096)(v) for v in text.split(",") if v.strip())
 
 
+def _steps(text):  # "all" → 0 (every step), else a whole number of steps
+    if text == "all":
+        return 0
+    return _num(int, 1, 10 ** 5)(text)
+
+
 def _trackers(text):  # "tensorboard,wandb" → ("tensorboard", "wandb"); "none" → ()
     names = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip() not in ("", "none")))
     if set(names) - set(TRACKERS):
@@ -1483,15 +1569,22 @@ def _add_options(parser, rows, shown=None):
     default ...: required; the help ends with the default (or with shown[name], where argparse's default is None)."""
     for flag, kind, default, text in rows:
         value = default if shown is None else shown[flag[2:].replace("-", "_")]
-        kw = dict(action="store_true") if kind == "switch" else dict(action=argparse.BooleanOptionalAction) if \
-            kind == "on/off" else dict(choices=kind) if isinstance(kind, tuple) else dict(type=kind)
+        if kind == "switch":
+            kw = dict(action="store_true")
+        elif kind == "on/off":
+            kw = dict(action=argparse.BooleanOptionalAction)
+        elif isinstance(kind, tuple):
+            kw = dict(choices=kind)
+        else:
+            kw = dict(type=kind)
         parser.add_argument(flag, default=default, required=default is ..., **kw,
                             help=text + ("" if value in (None, ..., ()) else f" (default: {value})"))
 
 
 def build_parser():
     parser = _Parser(prog="ddpm.py", description="DDPM (Ho et al. 2020): train on images, sample with guidance.")
-    sub, common = parser.add_subparsers(dest="command", required=True), _Parser(add_help=False)
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = _Parser(add_help=False)  # the flags of every command
     _add_options(common, [
         ("--device", str, None, "cuda, cuda:N, mps or cpu (default: the best found)"),
         ("--precision", ("auto", "fp32", "bf16"), None, "auto: bf16 autocast on CUDA, and for sampling on a CPU with "
@@ -1500,12 +1593,35 @@ def build_parser():
         ("--batch-size", _num(int, 1, 65536), None, "images a step (train, default 128) or a batch"),
         ("--compile", "on/off", None, "torch.compile (default: on CUDA)")])
     add_train_parser(sub, common)
-    sampling = _Parser(add_help=False)  # the sampler's flags: `sample` and `fid` draw samples alike
+    sampling = sampling_parser()
+    sa = sub.add_parser("sample", parents=[common, sampling], help="sample a PNG grid (or a PNG per image)")
+    sa.set_defaults(func=cmd_sample, precision="auto")
+    _add_options(sa, [
+        ("--n", _num(int, 1, 10 ** 7), 64, "number of samples"),
+        ("--out", str, None, "a PNG grid, or a folder/ for a PNG each (default: outputs/<class>.png)"),
+        ("--process", "switch", None, "write the reverse process instead: NAME.gif (x_t beside its predicted x_0, 10 "
+         "steps) and NAME.png (those steps, up to 8 samples) for --out NAME.png")])
+    add_fid_parser(sub, [common, sampling])
+    fw = sub.add_parser("forward", help="picture the forward process q(x_t | x_0): training images turning into noise")
+    fw.set_defaults(func=cmd_forward)
+    _add_options(fw, [
+        ("--data", str, "cifar10", "cifar10, mnist, fashion-mnist or an image folder"),
+        ("--data-root", str, "./data", "download folder"),
+        ("--image-size", _num(int, 4, 4096), None, "side in pixels (default: the data's own; folders: 32)"),
+        ("--n", _num(int, 1, 100), 3, "training images, two rows each: linear and cosine schedule"),
+        ("--seed", _num(int, 0, 2 ** 62), 0, "picks the images and ε"),
+        ("--out", str, None, "PNG file (default: outputs/forward_<data>.png)")])
+    return parser
+
+
+def sampling_parser():
+    """The sampler's flags: `sample` and `fid` draw samples alike."""
+    sampling = _Parser(add_help=False)
     _add_options(sampling, [
         ("--ckpt", str, None, "checkpoint (default: the newest runs/*/ckpt.pt, else samples/cifar10_small.pt)"),
         ("--class", str, None, "class name or index (default: every class, one per row)"),
         ("--guidance", _num(float, 0, 100), 2.0, "guidance s: 1 = conditional, 0 = unconditional"),
-        ("--steps", lambda v: 0 if v == "all" else _num(int, 1, 10 ** 5)(v), None, "steps of the sampler, or 'all' T; "
+        ("--steps", _steps, None, "steps of the sampler, or 'all' T; "
          "--steps N alone samples with DDIM, 'all' ancestrally (default: all; on a CPU the --sampler's)"),
         ("--eta", _num(float, 0, 1), None, "DDIM noise: 0 deterministic, 1 DDPM-like (default: the model's train "
          "--eta: 0, for --preset small 1)"),
@@ -1514,14 +1630,11 @@ def build_parser():
          "train --eta > 0 ddim with 25)"),
         ("--spacing", ("uniform", "quadratic", "logsnr"), None, "the steps' spacing: uniform or quadratic in t, "
          "uniform in log-SNR (default: " + ", ".join(f"{k} {v[1]}" for k, v in SAMPLERS.items()) + ")")])
-    sa = sub.add_parser("sample", parents=[common, sampling], help="sample a PNG grid (or a PNG per image)")
-    sa.set_defaults(func=cmd_sample, precision="auto")
-    _add_options(sa, [
-        ("--n", _num(int, 1, 10 ** 7), 64, "number of samples"),
-        ("--out", str, None, "a PNG grid, or a folder/ for a PNG each (default: outputs/<class>.png)"),
-        ("--process", "switch", None, "write the reverse process instead: NAME.gif (x_t beside its predicted x_0, 10 "
-         "steps) and NAME.png (those steps, up to 8 samples) for --out NAME.png")])
-    fi = sub.add_parser("fid", parents=[common, sampling], help="FID of a checkpoint's samples (or of --samples DIR) "
+    return sampling
+
+
+def add_fid_parser(sub, parents):
+    fi = sub.add_parser("fid", parents=parents, help="FID of a checkpoint's samples (or of --samples DIR) "
                         "against --ref, with TensorFlow's Inception as torch-fidelity ports it")
     fi.set_defaults(func=cmd_fid, precision="auto")
     _add_options(fi, [
@@ -1537,16 +1650,6 @@ def build_parser():
         ("--data-root", str, "./data", "download folder for --ref cifar10/mnist, and the cache"),
         ("--num-workers", _num(int, 1, 256), 4, "decoding threads"),
         ("--json", "switch", None, "print the result as one JSON object")])
-    fw = sub.add_parser("forward", help="picture the forward process q(x_t | x_0): training images turning into noise")
-    fw.set_defaults(func=cmd_forward)
-    _add_options(fw, [
-        ("--data", str, "cifar10", "cifar10, mnist, fashion-mnist or an image folder"),
-        ("--data-root", str, "./data", "download folder"),
-        ("--image-size", _num(int, 4, 4096), None, "side in pixels (default: the data's own; folders: 32)"),
-        ("--n", _num(int, 1, 100), 3, "training images, two rows each: linear and cosine schedule"),
-        ("--seed", _num(int, 0, 2 ** 62), 0, "picks the images and ε"),
-        ("--out", str, None, "PNG file (default: outputs/forward_<data>.png)")])
-    return parser
 
 
 def add_train_parser(sub, common):
