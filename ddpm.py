@@ -493,6 +493,8 @@ def train_step(model, ema, opt, diffusion, x0, y, step, hp, generator, part=None
     opt.step()
     ema.update(model)
     return lr, loss, grad_norm
+
+
 # ======== The tool: run files, data, processes, sampling, the Trainer, the command line ========
 # Everything below runs DDPM: none of it is needed to understand or reuse the method above.
 import argparse, errno, glob, importlib, json, os, re, shutil, signal, sys, tempfile, time
@@ -501,6 +503,7 @@ from itertools import islice
 
 import torch.distributed as dist
 from PIL import Image
+
 
 # ======== 5. Run files: errors, atomic saves, the lock, checkpoints ===================================================
 class UserError(Exception):
@@ -617,6 +620,7 @@ def export_model(path, out):
     ema = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["ema"]["model"].items()}
     save_atomic(out, lambda f: torch.save(dict(config=dict(ckpt["config"], steps=ckpt["step"]), classes=ckpt["classes"],
                                                step=ckpt["step"], ema=dict(model=ema)), f), durable=True)
+
 
 # ======== 6. Data: the whole training set decoded once into memory as uint8 ===========================================
 def to_uint8(x):
@@ -752,6 +756,7 @@ def batch_indices(n, batch_size, seed, step):
         pos += len(out[-1])
     return torch.cat(out)
 
+
 # ======== 7. Devices, precision and processes =========================================================================
 def get_device(name=None):
     """The named device, else the best one found: cuda, then mps, then cpu."""
@@ -811,6 +816,7 @@ def init_processes(batch_size, device_name=None, micro_batch=None):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device, rank, world, dist.new_group(backend="gloo")
+
 
 # ======== 8. Sampling from a checkpoint, and FID ======================================================================
 def load_sampler(path, device):
@@ -872,6 +878,7 @@ def inception(path, device):
         raise UserError(missing(e, "FID")) from None
     except fid.FIDError as e:
         raise UserError(f"{e}; offline, pass --inception PATH to a local copy (or set DDPM_INCEPTION)") from None
+
 
 # ======== 9. The Trainer: batches, DDP and the bookkeeping around train_step ==========================================
 TRAIN_DEFAULTS = dict(  # Ho et al.'s CIFAR-10 run; every value is a `train` flag (ch_mult → --ch-mult)
@@ -1278,6 +1285,7 @@ def train(cfg, ckpt=None, lock=None):
             trainer.trackers.close()
         if trainer.lock:
             trainer.lock.close()
+
 
 # ======== 10. Command line ============================================================================================
 SAMPLERS = {"ddim": (25, "uniform"), "dpm++": (10, "quadratic")}  # steps and spacing by default (measured: docs/)

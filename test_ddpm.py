@@ -1483,3 +1483,65 @@ def test_ddpm_alone_trains_and_samples_and_names_the_file_each_other_command_nee
         code, err = run_main([*argv, "--data-root", str(tmp_path)] if argv[0] == "fid" else argv, capsys)
         assert code == 2 and err.count("\n") == 1 and needs in err and "put it beside ddpm.py" in err, (argv, err)
     assert not os.path.exists(tmp_path / "f")
+
+
+# ------------------------------------------------------------------------------------------ the method half, copied alone
+def method_half(tmp_path):
+    """The lines of ddpm.py above the divider, alone in a module of their own (nothing else from ddpm.py)."""
+    lines = open(os.path.join(HERE, "ddpm.py"), encoding="utf-8").read().split("\n")
+    cut = next(i for i, line in enumerate(lines) if line.startswith("# ===") and "tool" in line.lower())
+    path = tmp_path / "method_only.py"
+    path.write_text("\n".join(lines[:cut]) + "\n", encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("method_only", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, cut
+
+
+def test_method_half_alone_trains_with_its_step_and_samples_with_each_sampler(tmp_path):
+    m, cut = method_half(tmp_path)
+    assert cut <= 500 and not hasattr(m, "Trainer") and not hasattr(m, "os") and not hasattr(m, "argparse")
+    torch.manual_seed(0)
+    model = m.UNet(3, 16, (1, 2), 1, (8,), 0.0, 16, num_classes=2)
+    ema = m.EMA(model, 0.9)
+    opt = torch.optim.Adam(model.parameters())
+    diffusion = m.Diffusion(20)
+    hp = dict(lr=1e-3, warmup=2, grad_clip=1.0, p_uncond=0.2, micro_batch=2, loss="l2")
+    x0 = torch.rand(4, 3, 16, 16) * 2 - 1
+    y = torch.tensor([0, 1, 0, 1])
+    g = torch.Generator().manual_seed(1)
+    before = [p.detach().clone() for p in model.parameters()]
+    lrs = []
+    for step in range(3):
+        lr, loss, grad_norm = m.train_step(model, ema, opt, diffusion, x0, y, step, hp, g)
+        assert math.isfinite(loss.item()) and math.isfinite(grad_norm.item())
+        lrs.append(lr)
+    assert lrs == pytest.approx([5e-4, 1e-3, 1e-3])  # the warm-up: lr · min(1, (step + 1) / warmup)
+    assert ema.num_updates == 3 and any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # The same module, run by ddpm.py's own classes, gives the same samples bit for bit with each sampler.
+    reference = ddpm.Diffusion(20)
+    for options in [dict(), dict(steps=5), dict(steps=5, eta=1.0), dict(steps=5, sampler="dpm++")]:
+        x = diffusion.sample(ema.model, 4, y, 2.0, generator=torch.Generator().manual_seed(2), **options)
+        assert x.shape == (4, 3, 16, 16) and x.abs().max() <= 1
+        same = reference.sample(ema.model, 4, y, 2.0, generator=torch.Generator().manual_seed(2), **options)
+        assert torch.equal(x, same), options
+
+
+def test_method_half_reads_no_module_globals_but_imports_functions_and_classes(tmp_path):
+    """Every group of functions copies out alone: inside a function, the only globals are modules, functions and
+    classes (of the method itself or of torch), never a table or setting defined at module level."""
+    m, _ = method_half(tmp_path)
+    import inspect, types
+    for name, obj in vars(m).items():
+        functions = []
+        if inspect.isfunction(obj) and obj.__module__ == "method_only":
+            functions = [obj]
+        if inspect.isclass(obj) and obj.__module__ == "method_only":
+            functions = [f for f in vars(obj).values() if inspect.isfunction(getattr(f, "__wrapped__", f))]
+            functions = [getattr(f, "__wrapped__", f) for f in functions]
+        for f in functions:
+            for used in f.__code__.co_names:
+                value = vars(m).get(used)
+                if value is None:
+                    continue
+                assert isinstance(value, (types.ModuleType, types.FunctionType, type)), (name, f.__name__, used)
