@@ -7,12 +7,8 @@ ddpm.py: Denoising Diffusion Probabilistic Models in one file. The method first,
     CFG     Ho & Salimans 2022, https://arxiv.org/abs/2207.12598  (classifier-free guidance)
     cosine  Nichol & Dhariwal 2021, https://arxiv.org/abs/2102.09672  (cosine noise schedule)
 
-The method, read top to bottom: the schedule and the diffusion math (Diffusion), the three samplers
-behind Diffusion.sample, the U-Net, EMA, and Algorithm 1's optimisation step (train_step). It needs
-only torch and tqdm: copied alone into a file, it trains and samples. Below the divider is the tool
-that runs it: data, run files, processes, the Trainer and the command line.
-
-Usage: python ddpm.py train|sample|fid|forward --help (train's default: the paper's CIFAR-10 run)
+The method, top to bottom: schedule and math, samplers, U-Net, EMA, Algorithm 1's step. It needs
+only torch and tqdm. Below the divider, the tool runs it: ddpm.py train|sample|fid|nll|forward --help
 
 Notation: T steps, 0-based in code: code t is the paper's t + 1 (t = 0: the last denoising step).
 β_t is the noise variance of step t, α_t = 1 − β_t, ᾱ_t = ∏_{s≤t} α_s. Data x_0 is in [-1, 1];
@@ -25,6 +21,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.special import log_ndtr, ndtr
 from tqdm import tqdm
 
 
@@ -51,6 +48,25 @@ def _extract(a, t, x):
     return a.to(t.device)[t].view(-1, *([1] * (x.dim() - 1)))
 
 
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)), elementwise, in nats."""
+    ratio = torch.exp(logvar1 - logvar2)
+    return 0.5 * (-1.0 + logvar2 - logvar1 + ratio + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_scale):
+    """log P(x's bin) under N(mean, e^{2 log_scale}) (Eq. 13): x in [-1, 1] at the 256 values
+    2k/255 − 1, bins 2/255 wide, the lowest open to −∞ and the highest to +∞. The exact normal
+    CDF Φ (Ho et al. use a tanh approximation: it differs in the 4th digit)."""
+    # In float64: float32's Φ loses small bins' mass to rounding (20% at 1e-7).
+    upper = ((x - mean + 1 / 255) * torch.exp(-log_scale)).double()
+    lower = ((x - mean - 1 / 255) * torch.exp(-log_scale)).double()
+    # Φ(upper) − Φ(lower), taken on the side of 0 where the two do not cancel
+    bin_mass = torch.where(lower > 0, ndtr(-lower) - ndtr(-upper), ndtr(upper) - ndtr(lower))
+    log_probs = torch.where(x > 0.999, log_ndtr(-lower), bin_mass.clamp(min=1e-12).log())
+    return torch.where(x < -0.999, log_ndtr(upper), log_probs).to(x.dtype)
+
+
 class Diffusion:
     """Forward process q, reverse process p_θ, the loss, and the samplers.
     Schedules: (T,) float32, computed in float64. t: LongTensor (B,) of 0-based steps.
@@ -66,6 +82,8 @@ class Diffusion:
         # fixedlarge puts β̃ of code t = 1 at t = 0, as their code does: log σ² stays finite there.
         fixedlarge = torch.cat([posterior_variance[1:2], betas[1:]])
         variances = {"fixedlarge": fixedlarge, "fixedsmall": posterior_variance}
+        model_variance = variances[variance]  # KeyError for any other name
+        clipped = posterior_variance[1:2]  # β̃ of code t = 1 stands in for β̃_0 = 0 in log σ²
         tensors = dict(
             betas=betas,
             alphas_cumprod=alphas_cumprod,
@@ -75,7 +93,9 @@ class Diffusion:
             sqrt_recip_alphas_cumprod=alphas_cumprod.rsqrt(),
             sqrt_recipm1_alphas_cumprod=(1 / alphas_cumprod - 1).sqrt(),
             posterior_variance=posterior_variance,
-            model_variance=variances[variance],  # KeyError for any other name
+            model_variance=model_variance,
+            model_log_variance=torch.cat([clipped, model_variance[1:]]).log(),
+            posterior_log_variance_clipped=torch.cat([clipped, posterior_variance[1:]]).log(),
             # Eq. 7: μ̃_t(x_t, x_0) = coef1 · x_0 + coef2 · x_t, with
             # coef1 = sqrt(ᾱ_{t−1}) β_t / (1 − ᾱ_t) and coef2 = sqrt(α_t) (1 − ᾱ_{t−1}) / (1 − ᾱ_t)
             posterior_mean_coef1=alphas_cumprod_prev.sqrt() * betas / (1 - alphas_cumprod),
@@ -145,6 +165,27 @@ class Diffusion:
         losses = {"l2": F.mse_loss, "l1": F.l1_loss, "huber": F.smooth_l1_loss}
         return losses[loss](eps.float(), noise[part])  # in fp32, also under autocast
 
+    # ---- The variational bound L = L_T + Σ_{t>1} L_{t−1} + L_0 (Eq. 5), in bits per dimension
+    def prior_bpd(self, x0):
+        """L_T = KL(q(x_T | x_0) ‖ N(0, I)) of each image (B,): near 0, as ᾱ_{T−1} is."""
+        t = torch.full(x0.shape[:1], self.num_timesteps - 1, device=x0.device, dtype=torch.long)
+        mean = _extract(self.sqrt_alphas_cumprod, t, x0) * x0
+        log_var = _extract(self.sqrt_one_minus_alphas_cumprod, t, x0).log() * 2
+        kl = normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean))
+        return kl.flatten(1).mean(1) / math.log(2)  # nats → bits
+
+    def vb_terms_bpd(self, model, x0, x_t, t, y=None):
+        """The bound's term at step t of each image (B,): L_{t−1} = KL(q(x_{t−1} | x_t, x_0) ‖
+        p_θ(x_{t−1} | x_t)) for t ≥ 1, and L_0 = −log p_θ(x_0 | x_1) (Eq. 13) at t = 0. As Ho et
+        al.'s _vb_terms_bpd: the mean from the clipped x̂_0, log σ² clipped at t = 0."""
+        true_mean, _ = self.q_posterior_mean_variance(x0, x_t, t)
+        true_log_var = _extract(self.posterior_log_variance_clipped, t, x_t)
+        mean, _, _ = self.p_mean_variance(model, x_t, t, y)
+        log_var = _extract(self.model_log_variance, t, x_t)
+        kl = normal_kl(true_mean, true_log_var, mean, log_var).flatten(1).mean(1)
+        log_p = discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var).flatten(1).mean(1)
+        return torch.where(t == 0, -log_p, kl) / math.log(2)
+
     def sampling_steps(self, steps=None, spacing="uniform"):
         """The t a sampler visits, ascending from 0 to T − 1: all T (steps=None), or `steps` of
         them spaced "uniform" in t, "quadratic" in t (DDIM's CIFAR-10 figures: dense near the
@@ -191,9 +232,7 @@ class Diffusion:
                              "steps, ddim and dpm++ any")
         shape = (n, model.in_channels, model.image_size, model.image_size)
         device = next(model.parameters()).device
-        x = noise
-        if noise is None:
-            x = torch.randn(shape, generator=generator, device=device)
+        x = noise if noise is not None else torch.randn(shape, generator=generator, device=device)
         x = x.to(device)
         ts = self.sampling_steps(steps, spacing)
         options = {"eta": eta} if sampler == "ddim" else {}
@@ -404,19 +443,14 @@ class UNet(nn.Module):
                 y = torch.full_like(t, self.num_classes)
             emb = emb + self.class_emb(y)
         hs = [self.conv_in(x)]  # every output on the way down: the skips
-        for layer in self.down:
-            if isinstance(layer, ResBlock):
-                hs.append(layer(hs[-1], emb))
-            else:
-                hs.append(layer(hs[-1]))
+        for layer in self.down:  # residual blocks take the embedding; downsampling does not
+            hs.append(layer(hs[-1], emb) if isinstance(layer, ResBlock) else layer(hs[-1]))
         h = hs[-1]
         for layer in self.mid:
             h = layer(h, emb)
         for layer in self.up:  # each residual block takes one skip; upsampling takes none
-            if isinstance(layer, ResBlock):
-                h = layer(torch.cat([h, hs.pop()], dim=1), emb)
-            else:
-                h = layer(h)
+            skip = hs.pop() if isinstance(layer, ResBlock) else None
+            h = layer(torch.cat([h, skip], dim=1), emb) if skip is not None else layer(h)
         return self.out(h)
 
 
@@ -453,15 +487,10 @@ class EMA:
 # ======== 4. Algorithm 1: one optimisation step ==================================================
 def train_step(model, ema, opt, diffusion, x0, y, step, hp, generator, part=None, forward=None,
                autocast=nullcontext()):
-    """Algorithm 1 once, with Adam: the loss ‖ε − ε_θ(x_t, t)‖² on the batch x0 (labels y or None;
-    t, ε and x_t are drawn in Diffusion.training_loss), the linear warm-up of the learning rate,
-    clipping of the gradient's global norm, the optimizer's step and the EMA update.
-    → (lr, loss, grad_norm), the last two as tensors (no device sync).
-
-    hp: lr, warmup, grad_clip, p_uncond, micro_batch (None: the whole part at once), loss.
-    step: the steps taken before. generator: draws t, ε and the label drops.
-    part: this process's rows of the batch under DDP (default: all). forward: what computes ε̂
-    (default: model; else model compiled, or under DDP). autocast: the forward's precision."""
+    """Algorithm 1 once: the loss on the batch x0 (labels y or None), the lr's linear warm-up, the
+    gradient's global norm clipped, Adam's step and the EMA update → (lr, loss, grad_norm), the last
+    two tensors. hp: lr, warmup, grad_clip, p_uncond, micro_batch (None: all at once), loss. part:
+    this process's rows under DDP; forward: model, compiled or under DDP; generator: t, ε, drops."""
     if forward is None:
         forward = model
     if part is None:
@@ -652,16 +681,16 @@ def class_rows(num_classes, n):
 
 
 def load_images(data, root="./data", image_size=32, workers=4, pick=None, flag="--data", cache=False,
-                extensions=(".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif")):
+                extensions=(".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif"), train=True):
     """→ (images uint8 (N, C, S, S), labels (N,), class names) of "cifar10", "mnist", "fashion-mnist" (torchvision,
     downloaded into root) or a folder data/<class>/*.png|jpg (or data/*.png: one class), decoded once, now: a bad
     file is refused before training, not hours in. C = 1 if all images are grey, else 3; resize + centre crop to S
     (image_size None: the first image's shorter side). pick(N) → indices: only those of the N images are kept,
     chosen before any is decoded (default: all). flag: what the messages call `data`. cache: a folder's pixels are
-    kept in root/cache/ (cached_images)."""
+    kept in root/cache/ (cached_images). train: the training split of a torchvision set, else its test split."""
     sets = {"cifar10": "CIFAR10", "mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
     if data in sets:
-        return torchvision_images(data, sets[data], root, image_size, pick)
+        return torchvision_images(data, sets[data], root, image_size, pick, train)
     if not os.path.isdir(data):
         raise UserError(f"{flag} {data}: no such folder (use {', '.join(sets)} or a folder <folder>/<class>/*.png)")
     classes = sorted(d for d in os.listdir(data) if os.path.isdir(os.path.join(data, d)) and not d.startswith("."))
@@ -681,12 +710,12 @@ def load_images(data, root="./data", image_size=32, workers=4, pick=None, flag="
     return decode_images(paths, image_size, workers), labels, classes
 
 
-def torchvision_images(data, name, root, image_size, pick=None):
-    """load_images of torchvision's data set `name` (its training split), downloaded into root."""
+def torchvision_images(data, name, root, image_size, pick=None, train=True):
+    """load_images of torchvision's data set `name` (its training or test split), downloaded into root."""
     import torchvision
     import torchvision.transforms.functional as TF
     try:
-        ds = getattr(torchvision.datasets, name)(root, train=True, download=True)
+        ds = getattr(torchvision.datasets, name)(root, train=train, download=True)
     except Exception as e:  # no network, full disk: say so in one line
         raise UserError(f"could not get {data} into {root} ({e}); pass --data path/to/images instead")
     keep = slice(None) if pick is None else pick(len(ds.data))
@@ -859,6 +888,42 @@ def forward_process(x0, noise, diffusions, columns=10):
     rows = [list(d.q_sample(x.expand(columns, *x.shape), ts, eps.expand(columns, *eps.shape)))
             for x, eps in zip(x0, noise) for d in diffusions]
     return rows, ts.tolist()
+
+
+@torch.inference_mode()
+def bits_per_dim(model, diffusion, images, batch_size=64, t_samples=None, seed=0, progress=True):
+    """The variational bound (Eq. 5) of each of the uint8 images (N, C, H, W), in bits/dim → its terms (prior L_T,
+    decoder L_0, the KL terms L_{t−1} summed), each (N,) float64 on the CPU. t_samples None: all T terms, with x_t
+    drawn once for each (as Ho et al.'s calc_bpd_loop). t_samples K: K of the T − 1 KL terms, stratified: the first
+    E = K // 2 (t = 1 … E, the largest: the bundled model has 55% of the sum in t ≤ 10) exactly, and K − E of the
+    others drawn uniformly without replacement, scaled by (T − 1 − E) / (K − E): unbiased for the sum, with 1/15 of
+    the spread of K terms drawn from all (docs/nll_terms.py). The calls go in batches of batch_size (image, t)."""
+    T = diffusion.num_timesteps
+    n = len(images)
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    exact = T - 1 if t_samples is None else t_samples // 2
+    ts = torch.arange(exact + 1).repeat(n, 1)  # t = 0 (the decoder), then the first KL terms
+    if t_samples is not None:
+        drawn = [torch.randperm(T - 1 - exact, generator=g)[:t_samples - exact] + exact + 1 for _ in range(n)]
+        ts = torch.cat([ts, torch.stack(drawn)], dim=1)
+    rows = torch.arange(n).repeat_interleave(ts.shape[1])
+    ts = ts.flatten()
+    terms = torch.zeros(len(ts), dtype=torch.float64)
+    prior = torch.zeros(n, dtype=torch.float64)
+    calls = torch.arange(len(ts)).split(batch_size)
+    for chunk in tqdm(calls, "network calls", disable=None if progress else True):
+        x0 = images[rows[chunk]].to(device).float() / 127.5 - 1
+        t = ts[chunk].to(device)
+        x_t = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=g).to(device))
+        terms[chunk] = diffusion.vb_terms_bpd(model, x0, x_t, t).double().cpu()
+    for chunk in torch.arange(n).split(batch_size):
+        prior[chunk] = diffusion.prior_bpd(images[chunk].to(device).float() / 127.5 - 1).double().cpu()
+    terms = terms.view(n, -1)
+    kl = terms[:, 1:exact + 1].sum(1)
+    if t_samples is not None:
+        kl = kl + terms[:, exact + 1:].sum(1) * ((T - 1 - exact) / (t_samples - exact))
+    return prior, terms[:, 0], kl
 
 
 def fid_reference(fid, net, ref, root="./data", image_size=32, n=None, workers=4, channels=None):
@@ -1290,6 +1355,7 @@ def train(cfg, ckpt=None, lock=None):
 # ======== 10. Command line ============================================================================================
 SAMPLERS = {"ddim": (25, "uniform"), "dpm++": (10, "quadratic")}  # steps and spacing by default (measured: docs/)
 CPU_SAMPLER = "dpm++"  # `sample`'s and `fid`'s default on a CPU for models of train --eta 0 (GPU: ancestral)
+NLL_CPU_T_SAMPLES = 100  # `nll --t-samples` on a CPU (GPU: all T terms); measured: docs/measurements.md
 
 
 def cmd_train(args):
@@ -1353,12 +1419,7 @@ def sampler_from_args(args, device, n, rows):
     """What `sample` and `fid` share: the checkpoint (--ckpt, else the newest runs/*/ckpt.pt, else the bundled model),
     its EMA U-Net (compiled for long runs), the sampler's options from the flags and the labels of n samples: --class,
     else the classes in turn (rows: whole rows of a grid, n rounded up; else exactly n) → a Namespace of them."""
-    path = args.ckpt or max(glob.glob(os.path.join("runs", "*", "ckpt.pt")), key=os.path.getmtime, default=None)
-    if path is None:  # a fresh clone: the small CIFAR-10 model that ships in samples/
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples", "cifar10_small.pt")
-        if not os.path.isfile(path):
-            raise UserError("no checkpoint found in runs/*/ckpt.pt: train one first, or pass --ckpt")
-        print(f"no runs/*/ckpt.pt: sampling from the bundled CIFAR-10 model {path}", file=sys.stderr)
+    path = find_checkpoint(args.ckpt)
     model, diffusion, classes, cfg = load_sampler(path, device)
     T = diffusion.num_timesteps
     options = sampler_options(args, device, cfg, T)
@@ -1376,6 +1437,17 @@ def sampler_from_args(args, device, n, rows):
     precision = resolve_precision(args.precision, device, "sample")
     return argparse.Namespace(path=path, model=forward, diffusion=diffusion, cfg=cfg, options=options, labels=labels,
                               n=n, nrow=nrow, batch_size=batch_size, draw=draw, name=name, precision=precision)
+
+
+def find_checkpoint(ckpt):
+    """--ckpt, else the newest runs/*/ckpt.pt, else the bundled model (with a note), or UserError."""
+    path = ckpt or max(glob.glob(os.path.join("runs", "*", "ckpt.pt")), key=os.path.getmtime, default=None)
+    if path is None:  # a fresh clone: the small CIFAR-10 model that ships in samples/
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples", "cifar10_small.pt")
+        if not os.path.isfile(path):
+            raise UserError("no checkpoint found in runs/*/ckpt.pt: train one first, or pass --ckpt")
+        print(f"no runs/*/ckpt.pt: sampling from the bundled CIFAR-10 model {path}", file=sys.stderr)
+    return path
 
 
 def sampler_options(args, device, cfg, T):
@@ -1513,6 +1585,59 @@ def cmd_fid(args):
     return 0
 
 
+def cmd_nll(args):
+    """The variational bound of a checkpoint's EMA model on the images of a data set, in bits/dim (Table 2)."""
+    device = get_device(args.device)
+    path = find_checkpoint(args.ckpt)
+    model, _, _, cfg = load_sampler(path, device)
+    diffusion = Diffusion(cfg["timesteps"], cfg["schedule"], args.variance, device=device)
+    T = diffusion.num_timesteps
+    if args.t_samples is not None and args.t_samples > T - 1:
+        raise UserError(f"--t-samples {args.t_samples}: the model has T − 1 = {T - 1} terms with t ≥ 1 to draw from")
+    data = args.data or cfg["data"]
+    folder = data not in NATIVE_SIZE
+    if folder and args.split:
+        raise UserError(f"--split {args.split}: --data {data} is a folder, scored whole; --split is for "
+                        f"{', '.join(NATIVE_SIZE)}")
+    images = load_images(data, args.data_root, NATIVE_SIZE.get(data), args.num_workers, nll_subset(args.n, args.seed),
+                         train=args.split == "train")[0]
+    want = (cfg["channels"], cfg["image_size"], cfg["image_size"])
+    if tuple(images.shape[1:]) != want:
+        raise UserError(f"--data {data}: its images are {'×'.join(map(str, images.shape[1:]))} (channels × pixels), "
+                        f"the model's are {'×'.join(map(str, want))}")
+    if args.t_samples is None and device.type == "cpu":  # measured: docs/measurements.md
+        args.t_samples = min(NLL_CPU_T_SAMPLES, T - 1)
+    if args.t_samples == T - 1:
+        args.t_samples = None  # every term: exact
+    batch_size = args.batch_size or (1024 if device.type == "cuda" else 64)
+    with autocast(device, args.precision):
+        prior, decoder, kl = bits_per_dim(model, diffusion, images, batch_size, args.t_samples, args.seed or 0)
+    total = prior + decoder + kl
+    how = "all terms" if args.t_samples is None else f"{args.t_samples} of the {T - 1} KL terms an image, estimated"
+    split = "" if folder else f" ({args.split or 'test'} split)"
+    result = dict(bpd=round(total.mean().item(), 4), se=round(total.std().item() / len(total) ** 0.5, 4),
+                  prior=round(prior.mean().item(), 6), decoder=round(decoder.mean().item(), 4),
+                  kl=round(kl.mean().item(), 4), n=len(total), terms=how, exact=args.t_samples is None, ckpt=path,
+                  data=data + split, precision=args.precision, variance=args.variance, seed=args.seed or 0)
+    print(json.dumps(result) if args.json else f"NLL ≤ {result['bpd']:.3f} ± {result['se']:.3f} bits/dim of "
+          f"{len(total)} images of {data}{split} (prior {result['prior']:.5f}, decoder {result['decoder']:.3f}, KL "
+          f"terms {result['kl']:.3f}; {how}) from {path}, {args.precision}, {args.variance}")
+    return 0
+
+
+def nll_subset(n, seed):
+    """`nll --n`: a fixed random n of the data's images, as `fid --n` picks them, or all; n over them: UserError."""
+    pick = random_subset(n, seed or 0)
+    if pick is None:
+        return None
+
+    def checked(total):
+        if n > total:
+            raise UserError(f"--n {n}: the data has only {total} images")
+        return pick(total)
+    return checked
+
+
 def cmd_forward(args):
     pictures = need("pictures", "forward")
     size = args.image_size or NATIVE_SIZE.get(args.data, 32)
@@ -1610,6 +1735,7 @@ def build_parser():
         ("--process", "switch", None, "write the reverse process instead: NAME.gif (x_t beside its predicted x_0, 10 "
          "steps) and NAME.png (those steps, up to 8 samples) for --out NAME.png")])
     add_fid_parser(sub, [common, sampling])
+    add_nll_parser(sub)
     fw = sub.add_parser("forward", help="picture the forward process q(x_t | x_0): training images turning into noise")
     fw.set_defaults(func=cmd_forward)
     _add_options(fw, [
@@ -1656,6 +1782,31 @@ def add_fid_parser(sub, parents):
         ("--inception", str, None, "local copy of torch-fidelity's Inception weights, for offline use (default: "
          "$DDPM_INCEPTION, else downloaded once)"),
         ("--data-root", str, "./data", "download folder for --ref cifar10/mnist, and the cache"),
+        ("--num-workers", _num(int, 1, 256), 4, "decoding threads"),
+        ("--json", "switch", None, "print the result as one JSON object")])
+
+
+def add_nll_parser(sub):
+    nl = sub.add_parser("nll", help="the variational bound in bits/dim (Ho et al.'s Table 2) of a checkpoint on a "
+                        "data set's test images")
+    nl.set_defaults(func=cmd_nll)
+    _add_options(nl, [
+        ("--device", str, None, "cuda, cuda:N, mps or cpu (default: the best found)"),
+        ("--precision", ("fp32", "bf16"), "fp32", "the network's precision: fp32, as L_0 turns on ε̂ to within a bin "
+         "of 2/255, finer than bf16's 8-bit mantissa resolves over the whole range; bf16 is faster and biased"),
+        ("--seed", _num(int, 0, 2 ** 62), 0, "picks the images, the t and ε"),
+        ("--batch-size", _num(int, 1, 65536), None, "(image, t) pairs a network call (default: 1024 on CUDA, 64)"),
+        ("--ckpt", str, None, "checkpoint (default: the newest runs/*/ckpt.pt, else samples/cifar10_small.pt)"),
+        ("--data", str, None, "cifar10, mnist, fashion-mnist or an image folder, scored whole (default: the model's "
+         "training data)"),
+        ("--split", ("train", "test"), None, "the split of cifar10, mnist or fashion-mnist (default: test)"),
+        ("--data-root", str, "./data", "download folder"),
+        ("--n", _num(int, 2, 10 ** 7), None, "a fixed random subset of the images, as fid --n (default: all)"),
+        ("--t-samples", _num(int, 1, 10 ** 5), None, "estimate the sum of the KL terms from K of them an image: "
+         "t = 1 … K/2 exactly, K/2 of the rest drawn uniformly and scaled; unbiased, and the prior and decoder stay "
+         f"exact (default: all T − 1 on a GPU, {NLL_CPU_T_SAMPLES} on a CPU)"),
+        ("--variance", ("fixedlarge", "fixedsmall"), "fixedlarge", "σ²_t of p_θ: β_t (Ho et al.'s CIFAR-10 model) or "
+         "the posterior's β̃_t"),
         ("--num-workers", _num(int, 1, 256), 4, "decoding threads"),
         ("--json", "switch", None, "print the result as one JSON object")])
 
