@@ -8,7 +8,7 @@ ddpm.py: Denoising Diffusion Probabilistic Models in one file. The method first,
     cosine  Nichol & Dhariwal 2021, https://arxiv.org/abs/2102.09672  (cosine noise schedule)
 
 The method, top to bottom: schedule and math, samplers, U-Net, EMA, Algorithm 1's step. It needs
-only torch and tqdm. Below the divider, the tool runs it: ddpm.py train|sample|fid|nll|forward --help
+only torch and tqdm. Below the divider the tool runs it: ddpm.py train|sample|fid|nll|forward --help
 
 Notation: T steps, 0-based in code: code t is the paper's t + 1 (t = 0: the last denoising step).
 β_t is the noise variance of step t, α_t = 1 − β_t, ᾱ_t = ∏_{s≤t} α_s. Data x_0 is in [-1, 1];
@@ -39,8 +39,7 @@ def make_betas(schedule, timesteps):
         betas = 1 - f[1:] / f[:-1]                                  # β_t = 1 − ᾱ_t / ᾱ_{t−1}
     else:
         raise ValueError(f"unknown schedule {schedule!r}: use 'linear' or 'cosine'")
-    # β = 1 would make ᾱ = 0 and x̂_0 undefined (cosine's last steps, tiny T)
-    return betas.clamp(max=0.999)
+    return betas.clamp(max=0.999)  # β = 1 would make ᾱ = 0, x̂_0 undefined (cosine, tiny T)
 
 
 def _extract(a, t, x):
@@ -68,9 +67,8 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
 
 
 class Diffusion:
-    """Forward process q, reverse process p_θ, the loss, and the samplers.
-    Schedules: (T,) float32, computed in float64. t: LongTensor (B,) of 0-based steps.
-    x: (B, C, H, W) in [-1, 1]. `model(x_t, t, y)` returns ε̂ shaped as x_t."""
+    """q, p_θ, the loss, the bound, the samplers. Schedules: (T,) float32 made in float64; t: (B,)
+    LongTensor of 0-based steps; x: (B, C, H, W) in [-1, 1]; `model(x_t, t, y)` → ε̂ shaped as x."""
     def __init__(self, timesteps=1000, schedule="linear", variance="fixedlarge", device=None):
         self.num_timesteps = timesteps
         betas = make_betas(schedule, timesteps)
@@ -78,12 +76,11 @@ class Diffusion:
         alphas_cumprod_prev = F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)  # ᾱ_{t−1}, 1 at t = 0
         # Eq. 7: β̃_t = (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · β_t; 0 at t = 0, where x_1 determines x_0.
         posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)
-        # σ²_t of p_θ (Sec. 3.2): β_t ("fixedlarge", Ho et al.'s CIFAR-10) or β̃_t ("fixedsmall").
-        # fixedlarge puts β̃ of code t = 1 at t = 0, as their code does: log σ² stays finite there.
-        fixedlarge = torch.cat([posterior_variance[1:2], betas[1:]])
-        variances = {"fixedlarge": fixedlarge, "fixedsmall": posterior_variance}
+        # σ²_t of p_θ (Sec. 3.2): β_t ("fixedlarge", Ho et al.'s CIFAR-10) or β̃_t ("fixedsmall");
+        # β̃ of code t = 1 stands in at t = 0, as in their code: log σ² stays finite there.
+        clipped = posterior_variance[1:2]
+        variances = dict(fixedlarge=torch.cat([clipped, betas[1:]]), fixedsmall=posterior_variance)
         model_variance = variances[variance]  # KeyError for any other name
-        clipped = posterior_variance[1:2]  # β̃ of code t = 1 stands in for β̃_0 = 0 in log σ²
         tensors = dict(
             betas=betas,
             alphas_cumprod=alphas_cumprod,
@@ -107,9 +104,8 @@ class Diffusion:
             setattr(self, name, value.to(device, torch.float32))
 
     def q_sample(self, x0, t, noise):
-        """x_t ~ q(x_t | x_0) for the given ε = noise."""
+        """x_t ~ q(x_t | x_0) for ε = noise. Eq. 4: x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε"""
         signal = _extract(self.sqrt_alphas_cumprod, t, x0) * x0
-        # Eq. 4: x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε
         return signal + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
 
     def predict_x0_from_eps(self, x_t, t, eps):
@@ -151,9 +147,8 @@ class Diffusion:
                       loss="l2"):
         """Algorithm 1's loss: t ~ U{0, …, T−1}, ε ~ N(0, I), ‖ε − ε_θ(x_t, t)‖², the pixel mean
         (Eq. 14; "l1": |ε − ε̂|; "huber": smooth L1, β = 1). A label becomes the null label with
-        probability p_uncond: one network learns both ε_c and the ε_u that guidance needs. t, ε
-        and the drops are drawn for the whole batch, the loss is over x0[part] (processes share
-        the draws)."""
+        probability p_uncond: one network learns ε_c and guidance's ε_u. t, ε and the drops are
+        drawn for the whole batch, the loss is over x0[part] (processes share the draws)."""
         batch = x0.shape[:1]
         t = torch.randint(0, self.num_timesteps, batch, generator=generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device)
@@ -188,9 +183,8 @@ class Diffusion:
 
     def sampling_steps(self, steps=None, spacing="uniform"):
         """The t a sampler visits, ascending from 0 to T − 1: all T (steps=None), or `steps` of
-        them spaced "uniform" in t, "quadratic" in t (DDIM's CIFAR-10 figures: dense near the
-        data), or "logsnr": uniform in λ_t = log(sqrt(ᾱ_t) / sqrt(1 − ᾱ_t)), which DPM-Solver's
-        authors recommend for low resolutions."""
+        them spaced "uniform" or "quadratic" in t (DDIM's CIFAR-10 figures: dense near the data),
+        or "logsnr": uniform in λ_t = log(sqrt(ᾱ_t) / sqrt(1 − ᾱ_t)) (DPM-Solver's authors)."""
         T = self.num_timesteps
         if steps is None:
             return list(range(T))
@@ -219,10 +213,13 @@ class Diffusion:
     # ---- then x_0. callback(t, x_t, x̂_0) is called at every step; at t = 0, x̂_0 is the result.
     @torch.inference_mode()
     def sample(self, model, n, y=None, guidance=1.0, steps=None, eta=0.0, generator=None,
-               noise=None, progress=False, callback=None, sampler=None, spacing="uniform"):
+               noise=None, progress=False, callback=None, sampler=None, spacing="uniform",
+               known=None, image=None, strength=1.0):
         """n images (n, C, H, W) in [-1, 1] from x_{T−1} = noise ~ N(0, I). sampler: "ancestral"
         (the default for steps=None: Algorithm 2 over all T steps), "ddim" (the default for steps=S:
-        the S steps of sampling_steps(S, spacing)) or "dpm++" (DPM-Solver++(2M) over them)."""
+        the S steps of sampling_steps(S, spacing)) or "dpm++" (DPM-Solver++(2M) over them). known:
+        inpaint (paste_known). image, strength: SDEdit (Meng et al. 2021), from image noised by
+        q(x_t | x_0) to t = strength · (T − 1); strength 0 returns the image."""
         if sampler is None:
             sampler = "ancestral" if steps is None else "ddim"
         loops = {"ancestral": self.p_sample_loop, "ddim": self.ddim_sample_loop,
@@ -235,11 +232,18 @@ class Diffusion:
         x = noise if noise is not None else torch.randn(shape, generator=generator, device=device)
         x = x.to(device)
         ts = self.sampling_steps(steps, spacing)
+        if image is not None and strength == 0:
+            return image.to(device)
+        if image is not None and strength < 1:  # at 1, x_{T−1} is the noise: plain sampling
+            t_start = round(strength * (self.num_timesteps - 1))
+            ts = [t for t in ts if t < t_start] + [t_start]
+            x = self.q_sample(image.to(device), torch.full((n,), t_start, device=device), x)
         options = {"eta": eta} if sampler == "ddim" else {}
-        return loops[sampler](model, x, ts, y, guidance, generator, callback, progress, **options)
+        return loops[sampler](model, x, ts, y, guidance, generator, callback, progress, known,
+                              **options)
 
     def p_sample_loop(self, model, x, ts, y=None, guidance=1.0, generator=None, callback=None,
-                      progress=False):
+                      progress=False, known=None):
         """Algorithm 2: x_{t−1} = μ_θ(x_t, t) + σ_t z over all T steps (ts: every t)."""
         for i, t in _countdown(ts, x, progress):
             # z ~ N(0, I), and no noise at the last step
@@ -248,11 +252,11 @@ class Diffusion:
             x_prev = mean + var.sqrt() * z
             if callback is not None:
                 callback(ts[i], x, pred_x0)
-            x = x_prev
+            x = self.paste_known(x_prev, ts, i, known, generator)
         return x
 
     def ddim_sample_loop(self, model, x, ts, y=None, guidance=1.0, generator=None, callback=None,
-                         progress=False, eta=0.0):
+                         progress=False, known=None, eta=0.0):
         """DDIM (Song et al.) over the steps ts: eta 0 deterministic, 1 DDPM-like (σ²_t = β_t, the
         ancestral sampler's, is very bad with few steps: their Table 1)."""
         alphas_cumprod = self.alphas_cumprod.tolist()  # floats: no device syncs in the loop
@@ -271,16 +275,14 @@ class Diffusion:
             x_prev = a_prev ** 0.5 * pred_x0 + direction + sigma * z
             if callback is not None:
                 callback(ts[i], x, pred_x0)
-            x = x_prev
+            x = self.paste_known(x_prev, ts, i, known, generator)
         return x
 
     def dpm_solver_sample_loop(self, model, x, ts, y=None, guidance=1.0, generator=None,
-                               callback=None, progress=False):
-        """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) over the steps ts. With α = sqrt(ᾱ),
-        σ = sqrt(1 − ᾱ) and λ = log(α/σ), each step solves the probability-flow ODE exactly for
-        x̂_0 linear in λ through this step's x̂_0 and the last one's. The first step, and below 15
-        steps the one into t = 0, are first order, DDIM with η = 0 (their code: there a small
-        r over-extrapolates)."""
+                               callback=None, progress=False, known=None):
+        """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) over ts: with α = sqrt(ᾱ), σ = sqrt(1 − ᾱ),
+        λ = log(α/σ), each step solves the flow ODE for x̂_0 linear in λ through this and the last
+        x̂_0. First order (DDIM, η = 0): the first step, and below 15 steps the one into t = 0."""
         alphas_cumprod = self.alphas_cumprod.tolist()
         last_x0 = None  # x̂_0 and h of the previous step
         h_last = None
@@ -303,8 +305,31 @@ class Diffusion:
             last_x0 = pred_x0
             if callback is not None:
                 callback(ts[i], x, pred_x0)
-            x = x_prev
+            x = self.paste_known(x_prev, ts, i, known, generator)
         return x
+
+
+    def paste_known(self, x_prev, ts, i, known=None, generator=None):
+        """Inpainting: x_{t−1}'s known pixels (t − 1 = ts[i − 1]) drawn from q(x_{t−1} | x_known)
+        (Eq. 4); x_known itself after the last step. known: (x_known, mask: 1 known) or None."""
+        if known is None:
+            return x_prev
+        x_known, mask = known
+        if i > 0:
+            t = torch.full((len(x_prev),), ts[i - 1], device=x_prev.device, dtype=torch.long)
+            noise = torch.randn(x_prev.shape, generator=generator, device=x_prev.device)
+            x_known = self.q_sample(x_known, t, noise)
+        return torch.where(mask > 0, x_known, x_prev)
+
+
+def slerp(z1, z2, lam):
+    """Spherical interpolation of two noises: sin((1 − λ)θ)/sin θ · z1 + sin(λθ)/sin θ · z2, θ their
+    angle. A linear mix would shrink the norm a Gaussian noise has, and blur the samples."""
+    cos = z1.flatten() @ z2.flatten() / (z1.norm() * z2.norm())
+    theta = math.acos(cos.clamp(-1, 1).item())
+    a = math.sin((1 - lam) * theta) / math.sin(theta)  # exactly 1 at λ = 0, and 0 at λ = 1
+    b = math.sin(lam * theta) / math.sin(theta)
+    return a * z1 + b * z2
 
 
 def _countdown(ts, x, progress=False):
@@ -329,6 +354,16 @@ def _norm(ch):
     but ≥ 4 channels a group: a one-channel group would subtract the per-channel constant that the
     time embedding adds, blinding the block to t."""
     return nn.GroupNorm(math.gcd(32, max(ch // 4, 1)), ch)
+
+
+class Downsample(nn.Conv2d):
+    """Stride-2 3×3 convolution; same: Ho et al.'s TensorFlow "SAME" padding, 0 before, 1 after."""
+    def __init__(self, ch, same=True):
+        super().__init__(ch, ch, 3, stride=2, padding=0 if same else 1)
+        self.same = same
+
+    def forward(self, x):
+        return super().forward(F.pad(x, (0, 1, 0, 1)) if self.same else x)
 
 
 class AttnBlock(nn.Module):
@@ -376,7 +411,8 @@ class UNet(nn.Module):
     parameters: 32→16→8→4 px at 128/256/256/256 channels, num_res_blocks blocks a level down and one
     more up (each takes a skip), attention at attn_resolutions and in the middle."""
     def __init__(self, in_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
-                 attn_resolutions=(16,), dropout=0.1, image_size=32, num_classes=None):
+                 attn_resolutions=(16,), dropout=0.1, image_size=32, num_classes=None,
+                 same_padding=True, norm_eps=1e-6):
         super().__init__()
         if not ch_mult:
             raise ValueError("ch_mult needs at least one level")
@@ -390,8 +426,7 @@ class UNet(nn.Module):
         self.num_classes = num_classes
         emb_ch = 4 * ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
-        # The class embedding's last row is the null label's.
-        self.class_emb = nn.Embedding(num_classes + 1, emb_ch) if num_classes else None
+        self.class_emb = nn.Embedding(num_classes + 1, emb_ch) if num_classes else None  # + null
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
         self.up = nn.ModuleList()
@@ -405,7 +440,7 @@ class UNet(nn.Module):
                 cur = ch * mult
                 skips.append(cur)
             if level < len(ch_mult) - 1:
-                self.down.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1))  # downsample
+                self.down.append(Downsample(cur, same_padding))
                 res //= 2
                 skips.append(cur)
         self.mid = nn.ModuleList([ResBlock(cur, cur, emb_ch, dropout, attn=True),
@@ -420,6 +455,9 @@ class UNet(nn.Module):
                                              nn.Conv2d(cur, cur, 3, padding=1)))
                 res *= 2
         self.out = nn.Sequential(_norm(cur), nn.SiLU(), nn.Conv2d(cur, in_channels, 3, padding=1))
+        for m in self.modules():  # GroupNorm's ε: 1e-6 in Ho et al.'s TensorFlow, 1e-5 in torch
+            if isinstance(m, nn.GroupNorm):
+                m.eps = norm_eps
         self.initialize()
 
     def initialize(self):
@@ -552,7 +590,7 @@ def need(name, what):
 
 def missing(error, what):  # the line for an ImportError
     name = (error.name or str(error)).split(".")[0]
-    if name in ("fid", "pictures"):
+    if name in ("fid", "pictures", "convert"):
         return f"{what} needs {name}.py, which comes with ddpm.py: put it beside ddpm.py"
     return f"{what} needs {name}: pip install {name.replace('_', '-')}"
 
@@ -622,7 +660,11 @@ def hold(folder):
 
 def load_checkpoint(path, mmap=False):
     """Load with weights_only=True (tensors and plain values only: a crafted file cannot run code), or UserError.
-    mmap: the tensors are mapped from the file, not read, until used (for a look at the config only)."""
+    mmap: the tensors are mapped from the file, not read, until used (for a look at the config only). A folder or a
+    hub id owner/name (whose owner is no local folder) is a diffusers model, read by convert.py."""
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not os.path.exists(path.split("/")[0])
+    if os.path.isdir(path) or (hub_id and not path.endswith(".pt")):
+        return load_diffusers(path)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} not found")
     try:
@@ -634,13 +676,27 @@ def load_checkpoint(path, mmap=False):
         raise UserError(f"{path}: not a readable checkpoint, truncated or corrupt ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or not {"config", "classes", "ema", "step"} <= ckpt.keys():
         raise UserError(f"{path}: not a ddpm.py checkpoint")
-    ckpt["config"] = {"channels": 3, "flip": None, "eta": 0.0, **ckpt["config"]}  # keys older runs lack, as they ran
+    # Keys older runs lack, as they ran: among them the network's padding and GroupNorm ε before Ho et al.'s exact ones
+    old = {"channels": 3, "flip": None, "eta": 0.0, "same_padding": False, "norm_eps": 1e-5, "variance": "fixedlarge"}
+    ckpt["config"] = {**old, **ckpt["config"]}
     return ckpt
+
+
+def load_diffusers(path):
+    """A diffusers UNet2DModel (a folder, or a hub id fetched when online) as a checkpoint dict, or UserError."""
+    convert = need("convert", "a diffusers model")
+    try:
+        return convert.load_diffusers(path)
+    except ImportError as e:
+        raise UserError(missing(e, "a diffusers model")) from None
+    except convert.ConvertError as e:
+        raise UserError(str(e)) from None
 
 
 def unet_from_config(cfg, num_classes):
     return UNet(cfg["channels"], cfg["ch"], tuple(cfg["ch_mult"]), cfg["num_res_blocks"], tuple(cfg["attn_res"]),
-                cfg["dropout"], cfg["image_size"], None if cfg["unconditional"] else num_classes)
+                cfg["dropout"], cfg["image_size"], None if cfg["unconditional"] else num_classes,
+                cfg["same_padding"], cfg["norm_eps"])
 
 
 def export_model(path, out):
@@ -855,7 +911,7 @@ def load_sampler(path, device):
     model = unet_from_config(cfg, len(ckpt["classes"]))
     model.load_state_dict(ckpt["ema"]["model"])
     model.to(device, memory_format=torch.contiguous_format if device.type == "mps" else torch.channels_last).eval()
-    return model, Diffusion(cfg["timesteps"], cfg["schedule"], device=device), ckpt["classes"], cfg
+    return model, Diffusion(cfg["timesteps"], cfg["schedule"], cfg["variance"], device=device), ckpt["classes"], cfg
 
 
 def sample_images(model, diffusion, labels, n, batch_size, pad=False, **kwargs):
@@ -926,6 +982,53 @@ def bits_per_dim(model, diffusion, images, batch_size=64, t_samples=None, seed=0
     return prior, terms[:, 0], kl
 
 
+def edit_inputs(path, flag, cfg, classes, n, seed=0):
+    """The images of --inpaint or --from IMAGE, decoded as training decodes them at the model's size, in [-1, 1]:
+    the file, or a random n of the folder's images → (images (k, C, S, S), their labels if the folder's classes
+    are the model's, else None). A grey image goes to a grey model only, and colour to colour."""
+    size = cfg["image_size"]
+    labels = None
+    if os.path.isfile(path):
+        images = decode_images([path], size, 1)
+    elif os.path.isdir(path):
+        images, labels, names = load_images(path, image_size=size, pick=random_subset(n, seed), flag=flag)
+        if set(names) <= set(classes):
+            labels = torch.tensor([classes.index(names[c]) for c in labels.tolist()])
+        else:
+            labels = None
+    else:
+        raise UserError(f"{flag} {path}: no such file or folder")
+    kinds = {1: "grey", 3: "colour"}
+    if images.shape[1] != cfg["channels"]:
+        raise UserError(f"{flag} {path}: {kinds[images.shape[1]]} images; the model makes {kinds[cfg['channels']]} "
+                        "ones")
+    return images.float() / 127.5 - 1, labels
+
+
+def load_mask(path, size, image=None):
+    """--mask: a PNG, white where the model paints, of the model's size, or of --inpaint's image (then resized and
+    cropped as it is) → (1, 1, S, S): 1 where a pixel is known. None: the centre square of half the side."""
+    import torchvision.transforms.functional as TF
+    known = torch.ones(1, 1, size, size)
+    if path is None:
+        known[..., size // 4:size // 4 + size // 2, size // 4:size // 4 + size // 2] = 0
+        return known
+    try:
+        with Image.open(path) as im:
+            mask = im.convert("L")
+    except Exception as e:
+        raise UserError(f"--mask {path}: cannot read it as an image ({type(e).__name__})") from None
+    image_size = None
+    if image is not None and os.path.isfile(image):
+        with Image.open(image) as im:
+            image_size = im.size
+    if mask.size not in ((size, size), image_size):
+        wanted = f"{size}×{size}" if image_size is None else f"{size}×{size} or {image_size[0]}×{image_size[1]}"
+        raise UserError(f"--mask {path}: {mask.size[0]}×{mask.size[1]} pixels; it must be {wanted}")
+    mask = TF.center_crop(TF.resize(mask, size, TF.InterpolationMode.NEAREST), size)
+    return (TF.pil_to_tensor(mask)[None] < 128).float()
+
+
 def fid_reference(fid, net, ref, root="./data", image_size=32, n=None, workers=4, channels=None):
     """fid.reference_stats of --ref: an .npz with mu and sigma, or cifar10, mnist, an image folder decoded as training
     decodes it at image_size (all its images or a fixed random n), their statistics cached in root/fid/."""
@@ -952,7 +1055,8 @@ TRAIN_DEFAULTS = dict(  # Ho et al.'s CIFAR-10 run; every value is a `train` fla
     attn_res=(16,), dropout=0.1, timesteps=1000, schedule="linear", ema_decay=0.9999, p_uncond=0.1, eta=0.0,
     save_every=5000, keep_every=0, sample_every=10000, log_every=100, seed=0, device=None, num_workers=4,
     precision="auto", compile=None, fid_every=0, fid_n=1000, fid_ref=None, inception=None, init=None,
-    micro_batch=None, loss="l2", report_to=())
+    micro_batch=None, loss="l2", report_to=(),
+    same_padding=True, norm_eps=1e-6, variance="fixedlarge")  # not flags: Ho et al.'s network and σ²_t
 PRESETS = {"paper": {}, "small": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(), dropout=0.0, lr=1e-3,
                                       batch_size=32, warmup=200, steps=1150, ema_decay=0.999, eta=1.0, log_every=50)}
 # The network for larger images when --ch-mult is not given: at 256 px Ho et al.'s LSUN and CelebA-HQ one (114M
@@ -960,7 +1064,8 @@ PRESETS = {"paper": {}, "small": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1
 # multipliers of guided-diffusion's script_util, with attention at 16 and 8 px as improved-diffusion's default.
 NET_BY_SIZE = {64: dict(ch_mult=(1, 2, 3, 4), attn_res=(16, 8)), 128: dict(ch_mult=(1, 1, 2, 3, 4), attn_res=(16, 8)),
                256: dict(ch_mult=(1, 1, 2, 2, 4, 4), attn_res=(16,), lr=2e-5, batch_size=64, dropout=0.0)}
-INIT_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_res", "timesteps", "schedule", "unconditional")  # --init's
+INIT_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_res", "timesteps", "schedule", "unconditional", "same_padding",
+             "norm_eps")  # --init's network
 # What a resumed run may change; everything else must match the checkpoint, or the run would silently differ.
 RESUMABLE = {"steps", "save_every", "keep_every", "sample_every", "log_every", "device", "num_workers", "eta",
              "precision", "compile", "data", "data_root", "out", "fid_every", "fid_n", "fid_ref", "inception",
@@ -1415,14 +1520,14 @@ def train_config(args, given, out):
     return cfg, ckpt
 
 
-def sampler_from_args(args, device, n, rows):
+def sampler_from_args(args, device, n, rows, deterministic=False):
     """What `sample` and `fid` share: the checkpoint (--ckpt, else the newest runs/*/ckpt.pt, else the bundled model),
     its EMA U-Net (compiled for long runs), the sampler's options from the flags and the labels of n samples: --class,
     else the classes in turn (rows: whole rows of a grid, n rounded up; else exactly n) → a Namespace of them."""
     path = find_checkpoint(args.ckpt)
     model, diffusion, classes, cfg = load_sampler(path, device)
     T = diffusion.num_timesteps
-    options = sampler_options(args, device, cfg, T)
+    options = sampler_options(args, device, cfg, T, deterministic)
     labels, nrow, name = labels_from_args(args, cfg, classes, path, n, rows)
     n = n if labels is None else len(labels)
     compiled = args.compile
@@ -1436,7 +1541,8 @@ def sampler_from_args(args, device, n, rows):
         return sample_images(forward, diffusion, labels, n, batch_size, compiled, **options, **extra)
     precision = resolve_precision(args.precision, device, "sample")
     return argparse.Namespace(path=path, model=forward, diffusion=diffusion, cfg=cfg, options=options, labels=labels,
-                              n=n, nrow=nrow, batch_size=batch_size, draw=draw, name=name, precision=precision)
+                              n=n, nrow=nrow, batch_size=batch_size, draw=draw, name=name, precision=precision,
+                              classes=classes)
 
 
 def find_checkpoint(ckpt):
@@ -1450,15 +1556,20 @@ def find_checkpoint(ckpt):
     return path
 
 
-def sampler_options(args, device, cfg, T):
-    """--sampler, --steps, --spacing, --eta and --guidance → the keyword arguments of Diffusion.sample."""
+def sampler_options(args, device, cfg, T, deterministic=False):
+    """--sampler, --steps, --spacing, --eta and --guidance → the keyword arguments of Diffusion.sample.
+    deterministic (interpolation): DDIM with η = 0 or DPM-Solver++, whose sample is a function of its noise."""
     if args.steps is not None and args.steps > T:
         raise UserError(f"--steps {args.steps}: the model has only T = {T} steps")
+    if deterministic and (args.sampler == "ancestral" or args.steps == 0 or args.eta):
+        raise UserError("--interpolate needs a deterministic sampler: --sampler dpm++, or ddim with --eta 0")
     # --steps N alone is DDIM, 'all' (0) ancestral; neither: ancestral on a GPU, and on a CPU, where 1000 steps take
     # an hour, the cheapest sampler as good as 25 DDIM steps (measured: docs/), or for a model saved with train
     # --eta > 0 DDIM with that noise (a deterministic solver leaves speckle on the MNIST preset's digits)
     if args.sampler:
         sampler = args.sampler
+    elif deterministic:
+        sampler = "ddim" if args.steps else CPU_SAMPLER
     elif args.steps == 0 or (args.steps is None and device.type != "cpu"):
         sampler = "ancestral"
     elif args.steps or cfg["eta"]:
@@ -1474,7 +1585,7 @@ def sampler_options(args, device, cfg, T):
         steps = args.steps or min(SAMPLERS[sampler][0], T)
     spacing = args.spacing or SAMPLERS.get(sampler, (None, "uniform"))[1]
     eta = 0.0
-    if sampler == "ddim":  # by default the model's own (train --eta)
+    if sampler == "ddim" and not deterministic:  # by default the model's own (train --eta)
         eta = cfg["eta"] if args.eta is None else args.eta
     return dict(guidance=args.guidance, steps=steps, eta=eta, sampler=sampler, spacing=spacing)
 
@@ -1516,9 +1627,12 @@ def describe(options, timesteps):
 
 
 def cmd_sample(args):
+    mode = edit_mode(args)
+    if mode:
+        return cmd_edit(args, mode)
     pictures = need("pictures", "sample --process") if args.process else None
     device = get_device(args.device)
-    run = sampler_from_args(args, device, args.n, rows=True)
+    run = sampler_from_args(args, device, args.n or 64, rows=True)
     out = args.out or os.path.join("outputs", f"{run.name}.png")  # not samples/: the repo's pictures stay as they are
     per_file = out.endswith(("/", os.sep)) or os.path.isdir(out)
     ensure_writable(out if per_file else os.path.dirname(out) or ".", "--out")
@@ -1536,6 +1650,130 @@ def cmd_sample(args):
     print(f"wrote {run.n} samples ({describe(run.options, run.diffusion.num_timesteps)}, guidance {args.guidance}, "
           f"{run.precision}) from {run.path} to {out}", file=sys.stderr)
     return 0
+
+
+def edit_mode(args):
+    """"inpaint", "interpolate", "from" or None (plain sampling); flags that mean nothing together are refused."""
+    given = {"inpaint": args.inpaint, "interpolate": args.interpolate, "from": args.from_image}
+    modes = [mode for mode, value in given.items() if value is not None]
+    if len(modes) > 1:
+        raise UserError(f"--{modes[0]} and --{modes[1]}: one at a time")
+    mode = modes[0] if modes else None
+    if args.process and mode:
+        raise UserError(f"--process and --{mode}: one at a time")
+    if args.mask is not None and mode != "inpaint":
+        raise UserError("--mask goes with --inpaint IMAGE")
+    if args.strength is not None and mode != "from":
+        raise UserError("--strength goes with --from IMAGE")
+    if mode == "interpolate" and args.n is not None:
+        raise UserError("--n: --interpolate draws one row for --class, else one row per class")
+    return mode
+
+
+def cmd_edit(args, mode):
+    """sample --inpaint, --interpolate or --from: a labelled strip (or a PNG per result for --out DIR/)."""
+    pictures = need("pictures", f"sample --{mode}")
+    device = get_device(args.device)
+    run = sampler_from_args(args, device, 1, rows=True, deterministic=mode == "interpolate")  # a row per class
+    cfg = run.cfg
+    out = args.out or os.path.join("outputs", f"{mode}.png")
+    per_file = out.endswith(("/", os.sep)) or os.path.isdir(out)
+    ensure_writable(out if per_file else os.path.dirname(out) or ".", "--out")
+    if mode != "interpolate":
+        flag = f"--{mode}"
+        inputs, labels = edit_inputs(getattr(args, "from_image" if mode == "from" else mode), flag, cfg, run.classes,
+                                     args.n or (8 if mode == "inpaint" else 1), args.seed or 0)
+        labels = edit_labels(args, run, len(inputs), labels)
+    torch.manual_seed(args.seed or 0)
+    with autocast(device, run.precision):
+        if mode == "inpaint":
+            mask = load_mask(args.mask, cfg["image_size"], args.inpaint)
+            results, strip = inpaint(pictures, run, inputs, labels, mask, args.n or 8)
+        elif mode == "interpolate":
+            results, strip = interpolate(pictures, run, args.interpolate, args.seed or 0)
+        else:
+            results, strip = image_to_image(pictures, run, inputs, labels, args.strength or [0.5], args.n or 4)
+    if per_file:
+        for i, image in enumerate(results):
+            save_atomic(os.path.join(out, f"{i:06d}.png"), to_image(image[None], 1).save)
+    else:
+        save_atomic(out, strip.save)
+    print(f"wrote {len(results)} results of sample --{mode} ({describe(run.options, run.diffusion.num_timesteps)}, "
+          f"guidance {args.guidance}, {run.precision}) from {run.path} to {out}", file=sys.stderr)
+    return 0
+
+
+def edit_labels(args, run, n, labels):
+    """The labels for n edited images: --class; else each image's own class where its folder names one of the
+    model's classes (a CIFAR-10 test folder); else the null label, the unconditional model."""
+    if getattr(args, "class") is not None:
+        return labels_from_args(args, run.cfg, run.classes, run.path, n, rows=False)[0]
+    if run.cfg["unconditional"] or labels is None:
+        return None
+    return labels
+
+
+def draw_in_batches(run, n, **per_image):
+    """n samples of run's model in batches of run.batch_size, with the sampler's options of run and the keywords
+    per_image of Diffusion.sample: a tensor of n rows (or a pair of them: known) is sliced along."""
+    device = next(run.model.parameters()).device
+    results = []
+    for start in range(0, n, run.batch_size):
+        rows = slice(start, min(n, start + run.batch_size))
+        kwargs = {}
+        for name, value in per_image.items():  # tensors and pairs of them are sliced, anything else passed on
+            if isinstance(value, tuple):
+                value = tuple(v[rows].to(device) for v in value)
+            elif isinstance(value, torch.Tensor):
+                value = value[rows].to(device)
+            kwargs[name] = value
+        y = kwargs.pop("y", None)
+        results.append(run.diffusion.sample(run.model, rows.stop - start, y, **run.options, **kwargs).float().cpu())
+    return torch.cat(results)
+
+
+def inpaint(pictures, run, inputs, labels, mask, n):
+    """n rows (the inputs in turn): input, mask, the input's unmasked pixels completed by the model."""
+    index = torch.arange(n) % len(inputs)
+    x_known = inputs[index]
+    known = mask.expand(n, *x_known.shape[1:])
+    y = None if labels is None else labels[index]
+    results = draw_in_batches(run, n, y=y, known=(x_known, known))
+    shown_mask = (1 - known) * 2 - 1  # white where the model paints
+    rows = [[to_uint8(x_known[i]), to_uint8(shown_mask[i]), to_uint8(results[i])] for i in range(n)]
+    return results, pictures.editing_strip(rows, ["input", "mask", "inpainted"])
+
+
+def interpolate(pictures, run, frames, seed):
+    """frames samples a row from the slerp of two seeded noises: one row for --class, or one per class."""
+    C, S = run.cfg["channels"], run.cfg["image_size"]
+    g = torch.Generator().manual_seed(seed)
+    z1 = torch.randn((C, S, S), generator=g)
+    z2 = torch.randn((C, S, S), generator=g)
+    lams = [j / (frames - 1) for j in range(frames)]
+    row = torch.stack([slerp(z1, z2, lam) for lam in lams])
+    rows = 1 if run.labels is None else len(run.labels)
+    y = None if run.labels is None else run.labels.repeat_interleave(frames)
+    results = draw_in_batches(run, rows * frames, y=y, noise=row.repeat(rows, 1, 1, 1))
+    names = [] if run.labels is None else [run.classes[c][:7] for c in run.labels.tolist()]
+    grid = [[to_uint8(x) for x in results[r * frames:(r + 1) * frames]] for r in range(rows)]
+    return results, pictures.editing_strip(grid, [f"λ={lam:.2f}" for lam in lams], names)
+
+
+def image_to_image(pictures, run, inputs, labels, strengths, per):
+    """For each input and strength a row: the input, then `per` results of SDEdit from it."""
+    results = []
+    grid = []
+    names = []
+    for i, image in enumerate(inputs):
+        y = None if labels is None else labels[i].repeat(per)
+        for s in strengths:
+            drawn = draw_in_batches(run, per, y=y, image=image.expand(per, -1, -1, -1), strength=s)
+            results.append(drawn)
+            grid.append([to_uint8(image)] + [to_uint8(x) for x in drawn])
+            names.append(f"s={s:g}")
+    columns = ["input"] + [f"seed {k + 1}" for k in range(per)]
+    return torch.cat(results), pictures.editing_strip(grid, columns, names)
 
 
 def write_process(pictures, run, base):
@@ -1590,11 +1828,14 @@ def cmd_nll(args):
     device = get_device(args.device)
     path = find_checkpoint(args.ckpt)
     model, _, _, cfg = load_sampler(path, device)
-    diffusion = Diffusion(cfg["timesteps"], cfg["schedule"], args.variance, device=device)
+    variance = args.variance or cfg["variance"]
+    diffusion = Diffusion(cfg["timesteps"], cfg["schedule"], variance, device=device)
     T = diffusion.num_timesteps
     if args.t_samples is not None and args.t_samples > T - 1:
         raise UserError(f"--t-samples {args.t_samples}: the model has T − 1 = {T - 1} terms with t ≥ 1 to draw from")
     data = args.data or cfg["data"]
+    if data is None:
+        raise UserError(f"--data: {path} does not say what it was trained on; pass cifar10, mnist or a folder")
     folder = data not in NATIVE_SIZE
     if folder and args.split:
         raise UserError(f"--split {args.split}: --data {data} is a folder, scored whole; --split is for "
@@ -1618,10 +1859,10 @@ def cmd_nll(args):
     result = dict(bpd=round(total.mean().item(), 4), se=round(total.std().item() / len(total) ** 0.5, 4),
                   prior=round(prior.mean().item(), 6), decoder=round(decoder.mean().item(), 4),
                   kl=round(kl.mean().item(), 4), n=len(total), terms=how, exact=args.t_samples is None, ckpt=path,
-                  data=data + split, precision=args.precision, variance=args.variance, seed=args.seed or 0)
+                  data=data + split, precision=args.precision, variance=variance, seed=args.seed or 0)
     print(json.dumps(result) if args.json else f"NLL ≤ {result['bpd']:.3f} ± {result['se']:.3f} bits/dim of "
           f"{len(total)} images of {data}{split} (prior {result['prior']:.5f}, decoder {result['decoder']:.3f}, KL "
-          f"terms {result['kl']:.3f}; {how}) from {path}, {args.precision}, {args.variance}")
+          f"terms {result['kl']:.3f}; {how}) from {path}, {args.precision}, {variance}")
     return 0
 
 
@@ -1636,6 +1877,32 @@ def nll_subset(n, seed):
             raise UserError(f"--n {n}: the data has only {total} images")
         return pick(total)
     return checked
+
+
+def cmd_export(args):
+    """A checkpoint's EMA model → an fp16 file to share (ckpt-like, loads with weights_only), or a DDPMPipeline folder
+    (--format diffusers) that diffusers loads and samples from."""
+    out = args.out.rstrip("/" + os.sep) or args.out
+    if os.path.exists(out):
+        raise UserError(f"--out {out} exists: choose a new path")
+    ensure_writable(os.path.dirname(os.path.abspath(out)), "--out")
+    if args.format == "fp16":
+        export_model(find_checkpoint(args.ckpt), out)
+    else:
+        convert = need("convert", "export --format diffusers")
+        ckpt = load_checkpoint(find_checkpoint(args.ckpt))
+        tmp = f"{out}.tmp{os.getpid()}"
+        try:
+            convert.save_diffusers(ckpt, tmp, args.keep_classes)
+            os.replace(tmp, out)
+        except ImportError as e:
+            raise UserError(missing(e, "export --format diffusers")) from None
+        except convert.ConvertError as e:
+            raise UserError(f"export --format diffusers: {e}") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote the EMA model of {find_checkpoint(args.ckpt)} to {out} ({args.format})", file=sys.stderr)
+    return 0
 
 
 def cmd_forward(args):
@@ -1690,6 +1957,10 @@ def _steps(text):  # "all" → 0 (every step), else a whole number of steps
     return _num(int, 1, 10 ** 5)(text)
 
 
+def _strengths(text):  # "0.25,0.5" → [0.25, 0.5], each in [0, 1]
+    return [_num(float, 0, 1)(v) for v in text.split(",") if v.strip()]
+
+
 def _trackers(text):  # "tensorboard,wandb" → ("tensorboard", "wandb"); "none" → ()
     names = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip() not in ("", "none")))
     if set(names) - set(TRACKERS):
@@ -1727,15 +1998,10 @@ def build_parser():
         ("--compile", "on/off", None, "torch.compile (default: on CUDA)")])
     add_train_parser(sub, common)
     sampling = sampling_parser()
-    sa = sub.add_parser("sample", parents=[common, sampling], help="sample a PNG grid (or a PNG per image)")
-    sa.set_defaults(func=cmd_sample, precision="auto")
-    _add_options(sa, [
-        ("--n", _num(int, 1, 10 ** 7), 64, "number of samples"),
-        ("--out", str, None, "a PNG grid, or a folder/ for a PNG each (default: outputs/<class>.png)"),
-        ("--process", "switch", None, "write the reverse process instead: NAME.gif (x_t beside its predicted x_0, 10 "
-         "steps) and NAME.png (those steps, up to 8 samples) for --out NAME.png")])
+    add_sample_parser(sub, [common, sampling])
     add_fid_parser(sub, [common, sampling])
     add_nll_parser(sub)
+    add_export_parser(sub)
     fw = sub.add_parser("forward", help="picture the forward process q(x_t | x_0): training images turning into noise")
     fw.set_defaults(func=cmd_forward)
     _add_options(fw, [
@@ -1746,6 +2012,41 @@ def build_parser():
         ("--seed", _num(int, 0, 2 ** 62), 0, "picks the images and ε"),
         ("--out", str, None, "PNG file (default: outputs/forward_<data>.png)")])
     return parser
+
+
+def add_sample_parser(sub, parents):
+    sa = sub.add_parser("sample", parents=parents, help="sample a PNG grid (or a PNG per image)")
+    sa.set_defaults(func=cmd_sample, precision="auto")
+    _add_options(sa, [
+        ("--n", _num(int, 1, 10 ** 7), None, "number of samples (default: 64); with --inpaint the rows (8), with "
+         "--from the results for each input and strength (4)"),
+        ("--out", str, None, "a PNG grid, or a folder/ for a PNG each (default: outputs/<class>.png, "
+         "outputs/<mode>.png)"),
+        ("--process", "switch", None, "write the reverse process instead: NAME.gif (x_t beside its predicted x_0, 10 "
+         "steps) and NAME.png (those steps, up to 8 samples) for --out NAME.png"),
+        ("--inpaint", str, None, "fill in an image (a file, or a random --n of a folder's): its known pixels are "
+         "pasted back, drawn from q, after every step; rows of input, mask, result"),
+        ("--mask", str, None, "with --inpaint: a PNG, white where the model paints, of the model's or the image's "
+         "size (default: the centre square of half the side)"),
+        ("--interpolate", _num(int, 2, 1000), None, "N frames from the slerp of two seeded noises, sampled "
+         "deterministically: a row for --class, else one per class"),
+        ("--strength", _strengths, None, "with --from: 0 returns the input, 1 is plain sampling; several, comma-"
+         "separated, give a row each (default: 0.5)")])
+    sa.add_argument("--from", dest="from_image", metavar="IMAGE", help="image-to-image (SDEdit): noise an image (a "
+                    "file, or a random --n of a folder's) to t = strength · (T − 1), then sample from there")
+
+
+def add_export_parser(sub):
+    ex = sub.add_parser("export", help="a checkpoint's EMA model, to share (fp16) or for diffusers' DDPMPipeline")
+    ex.set_defaults(func=cmd_export)
+    _add_options(ex, [
+        ("--ckpt", str, None, "checkpoint or diffusers model (default: the newest runs/*/ckpt.pt)"),
+        ("--out", str, ..., "the file (fp16) or folder (diffusers) to write; it must not exist"),
+        ("--format", ("fp16", "diffusers"), "fp16", "fp16: EMA weights, config and classes, a quarter of ckpt.pt; "
+         "diffusers: a DDPMPipeline folder (UNet2DModel + DDPMScheduler), a class-conditional model as the "
+         "unconditional one guidance uses"),
+        ("--keep-classes", "switch", None, "with --format diffusers: keep the class embedding (num_class_embeds = "
+         "classes + 1, the last the null label) for those who call the U-Net with class_labels")])
 
 
 def sampling_parser():
@@ -1805,8 +2106,8 @@ def add_nll_parser(sub):
         ("--t-samples", _num(int, 1, 10 ** 5), None, "estimate the sum of the KL terms from K of them an image: "
          "t = 1 … K/2 exactly, K/2 of the rest drawn uniformly and scaled; unbiased, and the prior and decoder stay "
          f"exact (default: all T − 1 on a GPU, {NLL_CPU_T_SAMPLES} on a CPU)"),
-        ("--variance", ("fixedlarge", "fixedsmall"), "fixedlarge", "σ²_t of p_θ: β_t (Ho et al.'s CIFAR-10 model) or "
-         "the posterior's β̃_t"),
+        ("--variance", ("fixedlarge", "fixedsmall"), None, "σ²_t of p_θ: β_t (Ho et al.'s CIFAR-10 model) or the "
+         "posterior's β̃_t (default: the model's, fixedlarge for ddpm.py's)"),
         ("--num-workers", _num(int, 1, 256), 4, "decoding threads"),
         ("--json", "switch", None, "print the result as one JSON object")])
 

@@ -116,3 +116,11 @@ def schedule_chart(alphas_cumprod, steps, label, grey=(), grey_label="", size=(6
     ax.set(xlabel="t", ylim=(0, 1.02), title=f"dots: the t of {label}")
     ax.legend(fontsize=7, loc="center right")
     return fig
+
+
+def editing_strip(rows, col_labels, row_labels=()):
+    """What `sample --inpaint`, `--interpolate` and `--from` show: rows of uint8 images (C, H, W), labelled; a grey
+    tile (a mask) beside colour ones is repeated into R, G and B."""
+    channels = max(x.shape[0] for row in rows for x in row)
+    rows = [[x.expand(channels, -1, -1) for x in row] for row in rows]
+    return labelled_grid(rows, col_labels, row_labels)

@@ -1,0 +1,286 @@
+"""
+convert.py: ddpm.py's U-Net to and from diffusers' UNet2DModel, exactly or not at all.
+
+Ho et al.'s network, as ddpm.py builds it for new runs, is the function google/ddpm-cifar10-32 computes: the same
+layers, TensorFlow's "SAME" downsampling padding, GroupNorm ε 1e-6, one attention head, the sinusoidal embedding
+[sin, cos] with exp(−log(10⁴)·i/(half − 1)). from_diffusers reads a folder (a DDPMPipeline's unet/ and scheduler/, or
+a bare UNet2DModel) or a hub id through diffusers' own UNet2DModel.from_pretrained, so legacy key names are renamed;
+it never builds a pipeline or a class a folder names. to_diffusers writes a DDPMPipeline folder. A setting ddpm.py
+does not compute exactly is refused with a ConvertError naming it. It imports nothing from ddpm.py: the keys of
+ddpm.py's U-Net are spelled out here (time_mlp, class_emb, conv_in, down, mid, up, out), as are its config keys.
+"""
+import inspect, json, os, re
+
+import torch
+
+DOWN, ATTN_DOWN, UP, ATTN_UP = "DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D"
+
+
+class ConvertError(ValueError):
+    """A model that cannot be converted exactly: the message names the setting."""
+
+
+def groups(channels):
+    """The GroupNorm group count ddpm.py's U-Net uses for `channels` (its _norm)."""
+    from math import gcd
+    return gcd(32, max(channels // 4, 1))
+
+
+def unet_plan(cfg):
+    """ddpm.py's U-Net, module by module → ([(our prefix, diffusers prefix, how)], the channel counts its GroupNorms
+    see). how: None (the same tensors), "1x1" (a 1×1 convolution diffusers holds as a linear layer) or "qkv" (our
+    fused q, k, v convolution; the diffusers prefix is then the list of to_q, to_k, to_v)."""
+    ch, mult = cfg["ch"], list(cfg["ch_mult"])
+    pairs = [("time_mlp.0", "time_embedding.linear_1", None), ("time_mlp.2", "time_embedding.linear_2", None),
+             ("conv_in", "conv_in", None), ("out.0", "conv_norm_out", None), ("out.2", "conv_out", None)]
+    norms = [ch]
+    blocks = []  # (ours, diffusers block, index in it, attention?)
+    res = cfg["image_size"]
+    cur = ch
+    skips = [ch]
+    for level, m in enumerate(mult):
+        for j in range(cfg["num_res_blocks"]):
+            blocks.append((f"down.{len(blocks)}", f"down_blocks.{level}", j, res in cfg["attn_res"]))
+            norms += [cur, ch * m]
+            cur = ch * m
+            skips.append(cur)
+        if level < len(mult) - 1:
+            pairs.append((f"down.{len(blocks)}", f"down_blocks.{level}.downsamplers.0.conv", None))
+            blocks.append(None)  # the downsampling layer's place in our list
+            res //= 2
+            skips.append(cur)
+    blocks = [b for b in blocks if b] + [("mid.0", "mid_block", 0, True), ("mid.1", "mid_block", 1, False)]
+    norms += [cur] * 4
+    i = 0
+    for level in reversed(range(len(mult))):
+        block = f"up_blocks.{len(mult) - 1 - level}"
+        for j in range(cfg["num_res_blocks"] + 1):
+            blocks.append((f"up.{i}", block, j, res in cfg["attn_res"]))
+            norms += [cur + skips.pop(), ch * mult[level]]
+            cur = ch * mult[level]
+            i += 1
+        if level > 0:
+            pairs.append((f"up.{i}.1", f"{block}.upsamplers.0.conv", None))
+            res *= 2
+            i += 1
+    for ours, theirs, j, attn in blocks:
+        resnet = f"{theirs}.resnets.{j}"
+        for a, b in [("norm1", "norm1"), ("conv1", "conv1"), ("emb_proj", "time_emb_proj"), ("norm2", "norm2"),
+                     ("conv2", "conv2"), ("skip", "conv_shortcut")]:
+            pairs.append((f"{ours}.{a}", f"{resnet}.{b}", None))
+        if attn:
+            at = f"{theirs}.attentions.{j}"
+            pairs += [(f"{ours}.attn.norm", f"{at}.group_norm", None), (f"{ours}.attn.proj", f"{at}.to_out.0", "1x1"),
+                      (f"{ours}.attn.qkv", [f"{at}.to_q", f"{at}.to_k", f"{at}.to_v"], "qkv")]
+    return pairs, norms
+
+
+def to_diffusers_state(ours, cfg, fold_null=True):
+    """Our EMA state dict → UNet2DModel's. fold_null: the null label's class-embedding row is added to
+    time_embedding.linear_2.bias, giving the unconditional model guidance uses (DDPMPipeline passes no labels)."""
+    state = {}
+    for mine, theirs, how in unet_plan(cfg)[0]:
+        for leaf in ("weight", "bias"):
+            value = ours.get(f"{mine}.{leaf}")
+            if value is None:
+                continue
+            if how == "qkv":
+                for name, part in zip(theirs, value.chunk(3)):
+                    state[f"{name}.{leaf}"] = part.flatten(1) if leaf == "weight" else part
+            else:
+                state[f"{theirs}.{leaf}"] = value.flatten(1) if how == "1x1" and leaf == "weight" else value
+    if "class_emb.weight" in ours and fold_null:
+        bias = state["time_embedding.linear_2.bias"]
+        state["time_embedding.linear_2.bias"] = bias + ours["class_emb.weight"][-1].to(bias.dtype)
+    elif "class_emb.weight" in ours:
+        state["class_embedding.weight"] = ours["class_emb.weight"]
+    return state
+
+
+def from_diffusers_state(theirs, cfg):
+    """UNet2DModel's state dict → ours: the inverse of to_diffusers_state without folding."""
+    state = {}
+    for mine, name, how in unet_plan(cfg)[0]:
+        for leaf in ("weight", "bias"):
+            if how == "qkv":
+                value = torch.cat([theirs[f"{n}.{leaf}"] for n in name])
+            else:
+                value = theirs.get(f"{name}.{leaf}")
+            if value is None:
+                continue
+            state[f"{mine}.{leaf}"] = value[:, :, None, None] if how and leaf == "weight" else value
+    if "class_embedding.weight" in theirs:
+        state["class_emb.weight"] = theirs["class_embedding.weight"]
+    return state
+
+
+def diffusers_config(cfg, num_classes=None, keep_classes=False):
+    """Our config → UNet2DModel's, or ConvertError where diffusers cannot express our network exactly."""
+    _, norms = unet_plan(cfg)
+    if len({groups(c) for c in norms}) > 1:
+        raise ConvertError(f"its GroupNorms have {sorted({groups(c) for c in norms})} groups (ddpm.py uses gcd(32, "
+                           "C/4)); diffusers has one norm_num_groups for the whole network: only networks whose "
+                           "channel counts are all multiples of 128 convert exactly")
+    S, mult = cfg["image_size"], cfg["ch_mult"]
+    attn = [S // 2 ** level in cfg["attn_res"] for level in range(len(mult))]
+    classes = num_classes + 1 if num_classes and keep_classes else None
+    return dict(sample_size=S, in_channels=cfg["channels"], out_channels=cfg["channels"],
+                block_out_channels=[cfg["ch"] * m for m in mult], layers_per_block=cfg["num_res_blocks"],
+                down_block_types=[ATTN_DOWN if a else DOWN for a in attn],
+                up_block_types=[ATTN_UP if a else UP for a in reversed(attn)],
+                downsample_padding=0 if cfg["same_padding"] else 1, norm_num_groups=groups(norms[0]),
+                norm_eps=cfg["norm_eps"], attention_head_dim=None, flip_sin_to_cos=False, freq_shift=1,
+                dropout=cfg["dropout"], act_fn="silu", time_embedding_type="positional", num_class_embeds=classes,
+                mid_block_scale_factor=1, add_attention=True, center_input_sample=False)
+
+
+def diffusers_scheduler(cfg):
+    """Our schedule and variance → DDPMScheduler's config (Ho et al.'s ancestral sampler, x̂_0 clipped)."""
+    T = cfg["timesteps"]
+    variance = {"fixedlarge": "fixed_large", "fixedsmall": "fixed_small"}[cfg.get("variance", "fixedlarge")]
+    schedule = dict(beta_schedule="squaredcos_cap_v2")
+    if cfg["schedule"] == "linear":  # ddpm.py's linear schedule: 1e-4 → 0.02, scaled by 1000/T
+        schedule = dict(beta_schedule="linear", beta_start=1000 / T * 1e-4, beta_end=1000 / T * 0.02)
+    return dict(num_train_timesteps=T, variance_type=variance, clip_sample=True, clip_sample_range=1.0,
+                prediction_type="epsilon", **schedule)
+
+
+def save_diffusers(ckpt, out, keep_classes=False):
+    """A ddpm.py checkpoint's EMA model → a DDPMPipeline folder `out` (DDPMPipeline.from_pretrained(out) samples
+    from it). A class-conditional model becomes the unconditional one guidance uses, unless keep_classes: then
+    num_class_embeds = classes + 1 (the last: the null label), for those who call the U-Net with labels."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    cfg = ckpt["config"]
+    num_classes = None if cfg["unconditional"] else len(ckpt["classes"])
+    unet = UNet2DModel(**diffusers_config(cfg, num_classes, keep_classes))
+    ema = {k: v.float() for k, v in ckpt["ema"]["model"].items()}
+    unet.load_state_dict(to_diffusers_state(ema, cfg, fold_null=not keep_classes))
+    pipeline = DDPMPipeline(unet=unet.eval(), scheduler=DDPMScheduler(**diffusers_scheduler(cfg)))
+    pipeline.save_pretrained(out)
+
+
+def refuse_pickles(folder):
+    """Every .bin in folder loaded with weights_only=True first: one with a pickled object that would run code
+    is refused here, before diffusers opens anything."""
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".bin"):
+            continue
+        try:
+            torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
+        except Exception as e:
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            what = f"a pickled Python object ({found[1]})" if found else f"no readable weights ({type(e).__name__})"
+            raise ConvertError(f"{os.path.join(folder, name)}: refused, it holds {what}") from None
+
+
+def locate(path):
+    """A folder or a hub id → (the UNet2DModel's folder, the scheduler's config file or None)."""
+    if not os.path.isdir(path):
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+            raise ConvertError(f"{path}: no such file or folder, nor a hub id owner/name")
+        from huggingface_hub import snapshot_download
+        try:
+            path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.bin"])
+        except Exception as e:
+            raise ConvertError(f"{path}: could not fetch it from the Hugging Face hub ({type(e).__name__}); "
+                               "offline, download it elsewhere and pass its folder") from None
+    if os.path.isfile(os.path.join(path, "unet", "config.json")):  # a DDPMPipeline's folder
+        return os.path.join(path, "unet"), os.path.join(path, "scheduler", "scheduler_config.json")
+    if os.path.isfile(os.path.join(path, "config.json")):  # a bare UNet2DModel's
+        return path, os.path.join(path, "scheduler_config.json")
+    raise ConvertError(f"{path}: neither a checkpoint file nor a diffusers folder (no config.json, unet/config.json)")
+
+
+def our_schedule(scheduler_file):
+    """The scheduler's config → (T, schedule, variance) of ddpm.py, or ConvertError; none: Ho et al.'s."""
+    if not os.path.isfile(scheduler_file):
+        return 1000, "linear", "fixedlarge"
+    with open(scheduler_file) as f:
+        s = json.load(f)
+    T = s.get("num_train_timesteps", 1000)
+    refuse = [(s.get("prediction_type", "epsilon") != "epsilon", f"prediction_type {s.get('prediction_type')}"),
+              (s.get("trained_betas") is not None, "trained_betas"),
+              (str(s.get("variance_type")).startswith("learned"), f"variance_type {s.get('variance_type')} (learned)"),
+              (not s.get("clip_sample", True), "clip_sample false (ddpm.py's samplers clip x̂_0 to [-1, 1])"),
+              (s.get("clip_sample_range", 1.0) != 1.0, f"clip_sample_range {s.get('clip_sample_range')}"),
+              (s.get("thresholding", False), "thresholding")]
+    schedule = {"linear": "linear", "squaredcos_cap_v2": "cosine"}.get(s.get("beta_schedule", "linear"))
+    refuse.append((schedule is None, f"beta_schedule {s.get('beta_schedule')} (ddpm.py: linear or squaredcos_cap_v2)"))
+    if schedule == "linear":
+        start, end = s.get("beta_start", 1e-4), s.get("beta_end", 0.02)
+        ours = (1000 / T * 1e-4, 1000 / T * 0.02)
+        off = abs(start - ours[0]) > 1e-12 or abs(end - ours[1]) > 1e-12
+        refuse.append((off, f"linear betas {start} → {end} (ddpm.py's for T = {T}: {ours[0]:g} → {ours[1]:g})"))
+    for bad, what in refuse:
+        if bad:
+            raise ConvertError(f"{scheduler_file}: {what}: ddpm.py cannot compute it exactly")
+    variance = "fixedsmall" if str(s.get("variance_type")).startswith("fixed_small") else "fixedlarge"
+    return T, schedule, variance
+
+
+def our_config(c, where):
+    """UNet2DModel's (complete) config → ddpm.py's network keys, or ConvertError naming what differs."""
+    bc = list(c["block_out_channels"])
+    ch = bc[0]
+    S = c["sample_size"] if isinstance(c["sample_size"], int) else c["sample_size"][0]
+    attn = [t == ATTN_DOWN for t in c["down_block_types"]]
+    cfg = dict(channels=c["in_channels"], ch=ch, ch_mult=tuple(b // ch for b in bc), image_size=S,
+               num_res_blocks=c["layers_per_block"], attn_res=tuple(S // 2 ** i for i, a in enumerate(attn) if a),
+               dropout=c.get("dropout", 0.0), same_padding=c["downsample_padding"] == 0, norm_eps=c["norm_eps"],
+               unconditional=c.get("num_class_embeds") is None)
+    heads = [b // (c["attention_head_dim"] or b) for b in bc]
+    _, norms = unet_plan(cfg)
+    refuse = [
+        (any(b % ch for b in bc), f"block_out_channels {bc} (each a multiple of the first)"),
+        (set(c["down_block_types"]) - {DOWN, ATTN_DOWN}, f"down_block_types {c['down_block_types']}"),
+        (list(c["up_block_types"]) != [ATTN_UP if a else UP for a in reversed(attn)],
+         f"up_block_types {c['up_block_types']} (the mirror of the down blocks)"),
+        (c["out_channels"] != c["in_channels"], "out_channels ≠ in_channels"),
+        (any(h != 1 for h in heads), f"attention_head_dim {c['attention_head_dim']}: more than one attention head"),
+        (c["flip_sin_to_cos"], "flip_sin_to_cos true"), (c["freq_shift"] != 1, f"freq_shift {c['freq_shift']}"),
+        (c["resnet_time_scale_shift"] != "default", f"resnet_time_scale_shift {c['resnet_time_scale_shift']}"),
+        (c["time_embedding_type"] != "positional", f"time_embedding_type {c['time_embedding_type']}"),
+        (c.get("class_embed_type") is not None, f"class_embed_type {c.get('class_embed_type')}"),
+        (c["act_fn"] != "silu", f"act_fn {c['act_fn']}"), (c["center_input_sample"], "center_input_sample"),
+        (c["mid_block_scale_factor"] != 1, f"mid_block_scale_factor {c['mid_block_scale_factor']}"),
+        (not c.get("add_attention", True), "add_attention false"),
+        (c.get("attn_norm_num_groups") not in (None, c["norm_num_groups"]), "attn_norm_num_groups"),
+        (c["downsample_padding"] not in (0, 1), f"downsample_padding {c['downsample_padding']}"),
+        (c.get("downsample_type", "conv") != "conv" or c.get("upsample_type", "conv") != "conv", "resnet resampling"),
+        ({groups(n) for n in norms} != {c["norm_num_groups"]},
+         f"norm_num_groups {c['norm_num_groups']}: ddpm.py's U-Net builds {sorted({groups(n) for n in norms})} groups"),
+    ]
+    for bad, what in refuse:
+        if bad:
+            raise ConvertError(f"{where}: {what}: ddpm.py cannot compute it exactly")
+    return cfg
+
+
+def load_diffusers(path):
+    """A diffusers UNet2DModel (a DDPMPipeline's folder, a bare UNet2DModel's, or a hub id owner/name) → a
+    ddpm.py checkpoint: {config, classes, ema: {model}, step}. Classes: "0" … for num_class_embeds − 1 labels
+    (the last embedding: the null label), none for an unconditional model (google/ddpm-cifar10-32)."""
+    from diffusers import UNet2DModel
+    from diffusers.utils import logging
+    logging.set_verbosity_error()  # its notes (accelerate, deprecations) would break our one-line messages
+    folder, scheduler_file = locate(path)
+    with open(os.path.join(folder, "config.json")) as f:
+        name = json.load(f).get("_class_name", "UNet2DModel")
+    if name != "UNet2DModel":
+        raise ConvertError(f"{folder}: a {name}; ddpm.py reads UNet2DModel only")
+    T, schedule, variance = our_schedule(scheduler_file)
+    given = UNet2DModel.extract_init_dict(UNet2DModel.load_config(folder))[0]  # legacy keys renamed
+    signature = inspect.signature(UNet2DModel.__init__).parameters.values()
+    defaults = {p.name: p.default for p in signature if p.default is not inspect.Parameter.empty}
+    cfg = our_config({**defaults, **given}, folder)  # refused before any weights are read
+    refuse_pickles(folder)
+    try:
+        unet = UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False)
+    except Exception as e:
+        raise ConvertError(f"{folder}: diffusers could not load it ({type(e).__name__}: {str(e)[:200]})") from None
+    if our_config(dict(unet.config), folder) != cfg:
+        raise ConvertError(f"{folder}: its config reads differently once loaded")
+    cfg.update(timesteps=T, schedule=schedule, variance=variance, data=None, eta=0.0, flip=None, steps=0)
+    classes = [] if cfg["unconditional"] else [str(k) for k in range(unet.config["num_class_embeds"] - 1)]
+    state = from_diffusers_state(unet.state_dict(), cfg)
+    return dict(config=cfg, classes=classes, ema=dict(model=state), step=0, source=path)

@@ -1,0 +1,184 @@
+"""Tests for Ho et al.'s exact network and the way to and from diffusers (convert.py, `--ckpt FOLDER`, `export
+--format diffusers`): the downsampling padding against TensorFlow's "SAME" rule written out by hand, ε̂ against
+diffusers' UNet2DModel in both directions, the ancestral sampler against DDPMPipeline, and each refusal in one line.
+CPU only; nothing is downloaded (HF_HUB_OFFLINE)."""
+import json, os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ddpm
+from conftest import randomize, run_main
+
+diffusers = pytest.importorskip("diffusers") if not os.environ.get("DDPM_CI") else __import__("diffusers")
+GOOGLE_CIFAR10 = dict(  # google/ddpm-cifar10-32's config.json (Ho et al.'s CIFAR-10 network, converted)
+    sample_size=32, in_channels=3, out_channels=3, block_out_channels=[128, 256, 256, 256], layers_per_block=2,
+    down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], downsample_padding=0,
+    norm_num_groups=32, norm_eps=1e-6, attention_head_dim=None, flip_sin_to_cos=False, freq_shift=1, act_fn="silu",
+    center_input_sample=False, mid_block_scale_factor=1, time_embedding_type="positional")
+SMALL = dict(GOOGLE_CIFAR10, sample_size=8, block_out_channels=[128, 128], layers_per_block=1,
+             down_block_types=["AttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "AttnUpBlock2D"])
+SCHEDULER = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                 variance_type="fixed_large", clip_sample=True)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def random_unet(config, seed=0):
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DModel(**config)
+    with torch.no_grad():
+        for p in unet.parameters():  # diffusers zero-initialises nothing we rely on; random everywhere
+            p.copy_(torch.randn(p.shape) * 0.05)
+    return unet.eval()
+
+
+def save_pipeline(tmp_path, config, scheduler=SCHEDULER, name="pipe", seed=0):
+    folder = tmp_path / name
+    unet = random_unet(config, seed)
+    diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(**scheduler)).save_pretrained(folder)
+    return str(folder)
+
+
+def test_same_padding_is_tensorflows_stride_2_convolution_written_out():
+    """A stride-2 3×3 convolution with TensorFlow's "SAME" rule on an even size: out[i, j] = Σ w[a, b] x[2i + a,
+    2j + b] over a, b in 0..2, with x zero past the bottom and right edges (0 rows before, 1 after)."""
+    torch.manual_seed(0)
+    down = ddpm.Downsample(2, same=True)
+    x = torch.randn(1, 2, 6, 6)
+    w, b = down.weight.detach(), down.bias.detach()
+    padded = torch.zeros(1, 2, 7, 7)
+    padded[..., :6, :6] = x
+    expected = torch.zeros(1, 2, 3, 3)
+    for o in range(2):
+        for i in range(3):
+            for j in range(3):
+                expected[0, o, i, j] = b[o] + sum(w[o, c, a, d] * padded[0, c, 2 * i + a, 2 * j + d]
+                                                  for c in range(2) for a in range(3) for d in range(3))
+    assert torch.allclose(down(x), expected, atol=1e-5)
+    old = ddpm.Downsample(2, same=False)
+    old.load_state_dict(down.state_dict())
+    assert not torch.allclose(old(x), expected, atol=1e-2)  # the taps one pixel off
+    assert torch.equal(old(x), F.conv2d(x, w, b, stride=2, padding=1))
+
+
+def test_new_networks_are_hos_and_old_checkpoints_load_as_they_were_trained(ckpts):
+    net = ddpm.UNet()
+    assert all(m.same for m in net.modules() if isinstance(m, ddpm.Downsample))
+    assert {m.eps for m in net.modules() if isinstance(m, torch.nn.GroupNorm)} == {1e-6}
+    bundled = ddpm.load_checkpoint(os.path.join(ddpm.__file__.rsplit("/", 1)[0], "samples", "cifar10_small.pt"))
+    assert bundled["config"]["same_padding"] is False and bundled["config"]["norm_eps"] == 1e-5
+    model = ddpm.unet_from_config(bundled["config"], 10)
+    assert {m.eps for m in model.modules() if isinstance(m, torch.nn.GroupNorm)} == {1e-5}
+    assert ddpm.load_checkpoint(ckpts["cond"])["config"]["same_padding"] is True  # trained here, now
+
+
+def test_google_cifar10_folder_loads_through_ckpt_with_diffusers_eps(tmp_path):
+    unet = random_unet(GOOGLE_CIFAR10)
+    folder = tmp_path / "google"
+    unet.save_pretrained(folder)  # a bare UNet2DModel folder, as google/ddpm-cifar10-32's files are laid out
+    diffusers.DDPMScheduler(**SCHEDULER).save_pretrained(folder)
+    folder = str(folder)
+    model, diffusion, classes, cfg = ddpm.load_sampler(folder, torch.device("cpu"))
+    assert classes == [] and cfg["unconditional"] and sum(p.numel() for p in model.parameters()) == 35_746_307
+    assert cfg["same_padding"] and cfg["norm_eps"] == 1e-6 and diffusion.num_timesteps == 1000
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    t = torch.tensor([3, 917])
+    with torch.no_grad():
+        ours, theirs = model(x, t), unet(x, t).sample
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_ancestral_sampler_equals_ddpm_pipeline(tmp_path):
+    scheduler = dict(SCHEDULER, num_train_timesteps=20, beta_start=1000 / 20 * 1e-4, beta_end=1000 / 20 * 0.02)
+    folder = save_pipeline(tmp_path, SMALL, scheduler)
+    pipe = diffusers.DDPMPipeline.from_pretrained(folder, low_cpu_mem_usage=False)
+    theirs = pipe(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=20,
+                  output_type="np").images
+    model, diffusion, _, _ = ddpm.load_sampler(folder, torch.device("cpu"))
+    ours = diffusion.sample(model, 2, generator=torch.Generator().manual_seed(3))
+    ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    # the same function in float32, in another order ((x − sqrt(1 − ᾱ) ε) / sqrt(ᾱ) there, sqrt(1/ᾱ) x − … here):
+    # rounding, carried through 20 steps of a random network, stays below a tenth of a uint8 level
+    difference = abs(ours - theirs)
+    assert difference.max() <= 1e-3 and float(np.median(difference)) <= 1e-6
+
+
+def test_export_loads_in_ddpm_pipeline_with_equal_eps_and_back_bit_for_bit(tmp_path, capsys):
+    cfg = dict(ddpm.TRAIN_DEFAULTS, ch=128, ch_mult=(1, 1), num_res_blocks=1, attn_res=(8,), image_size=8,
+               channels=3, unconditional=False, timesteps=50, variance="fixedlarge")
+    model = randomize(ddpm.unet_from_config(cfg, 3))
+    ckpt = dict(config=cfg, classes=["a", "b", "c"], step=7, ema=dict(model=model.state_dict()))
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    for keep, out in [(False, "folded"), (True, "kept")]:
+        flags = ["--keep-classes"] if keep else []
+        code, err = run_main(["export", "--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / out),
+                              "--format", "diffusers", *flags], capsys)
+        assert code == 0, err
+        pipe = diffusers.DDPMPipeline.from_pretrained(str(tmp_path / out), low_cpu_mem_usage=False)
+        assert pipe.scheduler.config.num_train_timesteps == 50 and pipe.scheduler.config.beta_end == pytest.approx(0.4)
+        x, t = torch.randn(3, 3, 8, 8), torch.tensor([0, 20, 49])
+        with torch.no_grad():
+            if keep:  # the U-Net with labels, the last one the null label
+                y = torch.tensor([0, 2, 3])
+                assert (pipe.unet(x, t, class_labels=y).sample - model(x, t, y)).abs().max() <= 1e-4
+            else:  # the unconditional model that guidance uses
+                assert (pipe.unet(x, t).sample - model(x, t, None)).abs().max() <= 1e-4
+    back = ddpm.load_checkpoint(str(tmp_path / "kept"))
+    assert back["classes"] == ["0", "1", "2"] and back["config"]["ch_mult"] == (1, 1)
+    ours = model.state_dict()
+    assert back["ema"]["model"].keys() == ours.keys()
+    assert all(torch.equal(back["ema"]["model"][k], ours[k]) for k in ours)
+
+
+def test_a_folder_with_a_pickle_that_would_run_code_is_refused_before_it_runs(tmp_path, capsys):
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(dict(SMALL, _class_name="UNet2DModel")))
+    flag = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {flag}",))
+    torch.save({"w": Evil()}, folder / "diffusion_pytorch_model.bin")  # as a crafted weights file would be
+    code, err = run_main(["sample", "--ckpt", str(folder), "--n", "1", "--steps", "1"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "refused, it holds a pickled Python object" in err
+    assert not flag.exists()
+
+
+def test_refusals_are_one_line(tmp_path, capsys):
+    cases = [
+        (dict(SMALL, attention_head_dim=32), SCHEDULER, "more than one attention head"),
+        (dict(SMALL, flip_sin_to_cos=True), SCHEDULER, "flip_sin_to_cos true"),
+        (dict(SMALL, freq_shift=0), SCHEDULER, "freq_shift 0"),
+        (dict(SMALL, resnet_time_scale_shift="scale_shift"), SCHEDULER, "resnet_time_scale_shift scale_shift"),
+        (dict(SMALL, norm_num_groups=16), SCHEDULER, "norm_num_groups 16"),
+        (dict(SMALL, block_out_channels=[64, 64]), SCHEDULER, "norm_num_groups 32: ddpm.py's U-Net builds [16, 32]"),
+        (SMALL, dict(SCHEDULER, prediction_type="v_prediction"), "prediction_type v_prediction"),
+        (SMALL, dict(SCHEDULER, variance_type="learned_range"), "(learned)"),
+        (SMALL, dict(SCHEDULER, beta_schedule="scaled_linear"), "beta_schedule scaled_linear"),
+        (SMALL, dict(SCHEDULER, beta_end=0.03), "linear betas 0.0001 → 0.03"),
+        (SMALL, dict(SCHEDULER, clip_sample=False), "clip_sample false"),
+    ]
+    for i, (config, scheduler, message) in enumerate(cases):  # refused before any weights are read: none written
+        folder = tmp_path / f"case{i}"
+        (folder / "unet").mkdir(parents=True)
+        (folder / "scheduler").mkdir()
+        (folder / "unet" / "config.json").write_text(json.dumps(dict(config, _class_name="UNet2DModel")))
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+        folder = str(folder)
+        code, err = run_main(["sample", "--ckpt", folder, "--n", "1", "--steps", "1"], capsys)
+        assert code == 2 and err.count("\n") == 1 and message in err and "Traceback" not in err, (message, err)
+    code, err = run_main(["sample", "--ckpt", "google/ddpm-cifar10-32", "--n", "1"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "could not fetch it from the Hugging Face hub" in err
+    bundled = os.path.join(os.path.dirname(ddpm.__file__), "samples", "cifar10_small.pt")
+    code, err = run_main(["export", "--ckpt", bundled, "--out", str(tmp_path / "x"), "--format", "diffusers"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "one norm_num_groups for the whole network" in err
+    assert not os.path.exists(tmp_path / "x") and not [p for p in os.listdir(tmp_path) if ".tmp" in p]
