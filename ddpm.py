@@ -1757,7 +1757,7 @@ def interpolate(pictures, run, frames, seed):
     results = draw_in_batches(run, rows * frames, y=y, noise=row.repeat(rows, 1, 1, 1))
     names = [] if run.labels is None else [run.classes[c][:7] for c in run.labels.tolist()]
     grid = [[to_uint8(x) for x in results[r * frames:(r + 1) * frames]] for r in range(rows)]
-    return results, pictures.editing_strip(grid, [f"λ={lam:.2f}" for lam in lams], names)
+    return results, pictures.editing_strip(grid, [f"{lam:.2f}" for lam in lams], names)  # the font has no λ
 
 
 def image_to_image(pictures, run, inputs, labels, strengths, per):

@@ -182,3 +182,13 @@ def test_refusals_are_one_line(tmp_path, capsys):
     code, err = run_main(["export", "--ckpt", bundled, "--out", str(tmp_path / "x"), "--format", "diffusers"], capsys)
     assert code == 2 and err.count("\n") == 1 and "one norm_num_groups for the whole network" in err
     assert not os.path.exists(tmp_path / "x") and not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+def test_without_diffusers_its_paths_are_one_line(tmp_path, monkeypatch, capsys):
+    folder = save_pipeline(tmp_path, SMALL)
+    monkeypatch.setitem(__import__("sys").modules, "diffusers", None)  # as if it were not installed
+    code, err = run_main(["sample", "--ckpt", folder, "--n", "1", "--steps", "1"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "needs diffusers: pip install diffusers" in err
+    bundled = os.path.join(os.path.dirname(ddpm.__file__), "samples", "cifar10_small.pt")
+    code, err = run_main(["export", "--ckpt", bundled, "--out", str(tmp_path / "d"), "--format", "diffusers"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "needs diffusers: pip install diffusers" in err
