@@ -227,6 +227,8 @@ class Diffusion:
         if sampler not in loops or (sampler == "ancestral" and steps is not None):
             raise ValueError(f"sampler {sampler!r} with steps={steps}: ancestral takes all T "
                              "steps, ddim and dpm++ any")
+        if sampler == "dpm++" and known is not None and len(known) > 2 and known[2] > 1:
+            raise ValueError("resampling needs ancestral or ddim: DPM-Solver++ has a memory")
         shape = (n, model.in_channels, model.image_size, model.image_size)
         device = next(model.parameters()).device
         x = noise if noise is not None else torch.randn(shape, generator=generator, device=device)
@@ -245,14 +247,14 @@ class Diffusion:
     def p_sample_loop(self, model, x, ts, y=None, guidance=1.0, generator=None, callback=None,
                       progress=False, known=None):
         """Algorithm 2: x_{t−1} = μ_θ(x_t, t) + σ_t z over all T steps (ts: every t)."""
-        for i, t in _countdown(ts, x, progress):
+        for i, t, again in _countdown(ts, x, progress, known):
             # z ~ N(0, I), and no noise at the last step
             z = torch.randn(x.shape, generator=generator, device=x.device) if i > 0 else 0
             mean, var, pred_x0 = self.p_mean_variance(model, x, t, y, guidance)
             x_prev = mean + var.sqrt() * z
             if callback is not None:
                 callback(ts[i], x, pred_x0)
-            x = self.paste_known(x_prev, ts, i, known, generator)
+            x = self.paste_known(x_prev, ts, i, known, generator, again)
         return x
 
     def ddim_sample_loop(self, model, x, ts, y=None, guidance=1.0, generator=None, callback=None,
@@ -260,7 +262,7 @@ class Diffusion:
         """DDIM (Song et al.) over the steps ts: eta 0 deterministic, 1 DDPM-like (σ²_t = β_t, the
         ancestral sampler's, is very bad with few steps: their Table 1)."""
         alphas_cumprod = self.alphas_cumprod.tolist()  # floats: no device syncs in the loop
-        for i, t in _countdown(ts, x, progress):
+        for i, t, again in _countdown(ts, x, progress, known):
             noisy = i > 0 and eta > 0
             z = torch.randn(x.shape, generator=generator, device=x.device) if noisy else 0
             pred_x0 = self.predict_x0(model, x, t, y, guidance)
@@ -275,7 +277,7 @@ class Diffusion:
             x_prev = a_prev ** 0.5 * pred_x0 + direction + sigma * z
             if callback is not None:
                 callback(ts[i], x, pred_x0)
-            x = self.paste_known(x_prev, ts, i, known, generator)
+            x = self.paste_known(x_prev, ts, i, known, generator, again)
         return x
 
     def dpm_solver_sample_loop(self, model, x, ts, y=None, guidance=1.0, generator=None,
@@ -286,7 +288,7 @@ class Diffusion:
         alphas_cumprod = self.alphas_cumprod.tolist()
         last_x0 = None  # x̂_0 and h of the previous step
         h_last = None
-        for i, t in _countdown(ts, x, progress):
+        for i, t, again in _countdown(ts, x, progress, known):
             pred_x0 = self.predict_x0(model, x, t, y, guidance)
             a = alphas_cumprod[ts[i]]
             if i == 0:  # to σ = 0: h = ∞, e^{−h} = 0, and the update is x̂_0 itself
@@ -305,21 +307,27 @@ class Diffusion:
             last_x0 = pred_x0
             if callback is not None:
                 callback(ts[i], x, pred_x0)
-            x = self.paste_known(x_prev, ts, i, known, generator)
+            x = self.paste_known(x_prev, ts, i, known, generator, again)
         return x
 
 
-    def paste_known(self, x_prev, ts, i, known=None, generator=None):
+    def paste_known(self, x_prev, ts, i, known=None, generator=None, again=False):
         """Inpainting: x_{t−1}'s known pixels (t − 1 = ts[i − 1]) drawn from q(x_{t−1} | x_known)
-        (Eq. 4); x_known itself after the last step. known: (x_known, mask: 1 known) or None."""
+        (Eq. 4); x_known itself after the last step. known: (x_known, mask: 1 known[, r]) or None.
+        again (RePaint's resampling, Lugmayr et al. 2022): then back to ts[i], to redo the step."""
         if known is None:
             return x_prev
-        x_known, mask = known
+        x_known, mask = known[:2]
         if i > 0:
             t = torch.full((len(x_prev),), ts[i - 1], device=x_prev.device, dtype=torch.long)
             noise = torch.randn(x_prev.shape, generator=generator, device=x_prev.device)
             x_known = self.q_sample(x_known, t, noise)
-        return torch.where(mask > 0, x_known, x_prev)
+        x = torch.where(mask > 0, x_known, x_prev)
+        if again:  # q(x_t | x_t') = N(sqrt(ᾱ_t/ᾱ_t') x_t', (1 − ᾱ_t/ᾱ_t') I), t' = ts[i − 1]
+            ratio = (self.alphas_cumprod[ts[i]] / self.alphas_cumprod[ts[i - 1]]).item()
+            noise = torch.randn(x.shape, generator=generator, device=x.device)
+            x = ratio ** 0.5 * x + (1 - ratio) ** 0.5 * noise
+        return x
 
 
 def slerp(z1, z2, lam):
@@ -332,11 +340,15 @@ def slerp(z1, z2, lam):
     return a * z1 + b * z2
 
 
-def _countdown(ts, x, progress=False):
-    """(i, t) from the last step of ts to ts[0], with t = ts[i] for each of the images x: (B,)."""
+def _countdown(ts, x, progress=False, known=None):
+    """(i, t, again) from the last step of ts to ts[0], t = ts[i] for each image of x: (B,). With
+    known = (x_known, mask, r): each step but the last r times (RePaint), again: to be redone."""
     disable = None if progress else True  # None: a progress bar where the output is a terminal
+    repeats = known[2] if known is not None and len(known) > 2 else 1
     for i in tqdm(reversed(range(len(ts))), "sampling", len(ts), leave=False, disable=disable):
-        yield i, torch.full((len(x),), ts[i], device=x.device, dtype=torch.long)
+        t = torch.full((len(x),), ts[i], device=x.device, dtype=torch.long)
+        for k in range(repeats if i > 0 else 1):
+            yield i, t, i > 0 and k < repeats - 1
 
 
 # ======== 2. U-Net ε_θ(x_t, t, y): Ho et al.'s CIFAR-10 network ("ddpm_cifar10") ===============
@@ -1563,6 +1575,9 @@ def sampler_options(args, device, cfg, T, deterministic=False):
         raise UserError(f"--steps {args.steps}: the model has only T = {T} steps")
     if deterministic and (args.sampler == "ancestral" or args.steps == 0 or args.eta):
         raise UserError("--interpolate needs a deterministic sampler: --sampler dpm++, or ddim with --eta 0")
+    resample = getattr(args, "resample", None) or 1
+    if resample > 1 and args.sampler == "dpm++":
+        raise UserError("--resample needs --sampler ddim or ancestral: DPM-Solver++ steps from its memory")
     # --steps N alone is DDIM, 'all' (0) ancestral; neither: ancestral on a GPU, and on a CPU, where 1000 steps take
     # an hour, the cheapest sampler as good as 25 DDIM steps (measured: docs/), or for a model saved with train
     # --eta > 0 DDIM with that noise (a deterministic solver leaves speckle on the MNIST preset's digits)
@@ -1570,6 +1585,8 @@ def sampler_options(args, device, cfg, T, deterministic=False):
         sampler = args.sampler
     elif deterministic:
         sampler = "ddim" if args.steps else CPU_SAMPLER
+    elif resample > 1 and args.steps != 0:  # as measured: DDIM, 25 steps, η = 1 (docs/measurements.md)
+        sampler = "ddim"
     elif args.steps == 0 or (args.steps is None and device.type != "cpu"):
         sampler = "ancestral"
     elif args.steps or cfg["eta"]:
@@ -1587,6 +1604,8 @@ def sampler_options(args, device, cfg, T, deterministic=False):
     eta = 0.0
     if sampler == "ddim" and not deterministic:  # by default the model's own (train --eta)
         eta = cfg["eta"] if args.eta is None else args.eta
+    if sampler == "ddim" and resample > 1 and args.eta is None:
+        eta = 1.0
     return dict(guidance=args.guidance, steps=steps, eta=eta, sampler=sampler, spacing=spacing)
 
 
@@ -1665,6 +1684,8 @@ def edit_mode(args):
         raise UserError("--mask goes with --inpaint IMAGE")
     if args.strength is not None and mode != "from":
         raise UserError("--strength goes with --from IMAGE")
+    if args.resample is not None and mode != "inpaint":
+        raise UserError("--resample goes with --inpaint IMAGE")
     if mode == "interpolate" and args.n is not None:
         raise UserError("--n: --interpolate draws one row for --class, else one row per class")
     return mode
@@ -1688,7 +1709,7 @@ def cmd_edit(args, mode):
     with autocast(device, run.precision):
         if mode == "inpaint":
             mask = load_mask(args.mask, cfg["image_size"], args.inpaint)
-            results, strip = inpaint(pictures, run, inputs, labels, mask, args.n or 8)
+            results, strip = inpaint(pictures, run, inputs, labels, mask, args.n or 8, args.resample or 1)
         elif mode == "interpolate":
             results, strip = interpolate(pictures, run, args.interpolate, args.seed or 0)
         else:
@@ -1721,9 +1742,9 @@ def draw_in_batches(run, n, **per_image):
     for start in range(0, n, run.batch_size):
         rows = slice(start, min(n, start + run.batch_size))
         kwargs = {}
-        for name, value in per_image.items():  # tensors and pairs of them are sliced, anything else passed on
+        for name, value in per_image.items():  # tensors, also in a tuple, are sliced; anything else passed on
             if isinstance(value, tuple):
-                value = tuple(v[rows].to(device) for v in value)
+                value = tuple(v[rows].to(device) if torch.is_tensor(v) else v for v in value)
             elif isinstance(value, torch.Tensor):
                 value = value[rows].to(device)
             kwargs[name] = value
@@ -1732,13 +1753,14 @@ def draw_in_batches(run, n, **per_image):
     return torch.cat(results)
 
 
-def inpaint(pictures, run, inputs, labels, mask, n):
-    """n rows (the inputs in turn): input, mask, the input's unmasked pixels completed by the model."""
+def inpaint(pictures, run, inputs, labels, mask, n, resample=1):
+    """n rows (the inputs in turn): input, mask, the input's unmasked pixels completed by the model (each step
+    redone `resample` times: RePaint)."""
     index = torch.arange(n) % len(inputs)
     x_known = inputs[index]
     known = mask.expand(n, *x_known.shape[1:])
     y = None if labels is None else labels[index]
-    results = draw_in_batches(run, n, y=y, known=(x_known, known))
+    results = draw_in_batches(run, n, y=y, known=(x_known, known, resample))
     shown_mask = (1 - known) * 2 - 1  # white where the model paints
     rows = [[to_uint8(x_known[i]), to_uint8(shown_mask[i]), to_uint8(results[i])] for i in range(n)]
     return results, pictures.editing_strip(rows, ["input", "mask", "inpainted"])
@@ -2030,6 +2052,8 @@ def add_sample_parser(sub, parents):
          "size (default: the centre square of half the side)"),
         ("--interpolate", _num(int, 2, 1000), None, "N frames from the slerp of two seeded noises, sampled "
          "deterministically: a row for --class, else one per class"),
+        ("--resample", _num(int, 1, 100), None, "with --inpaint: RePaint's resampling, each step redone R times (R "
+         "× the cost; R > 1 samples with DDIM, 25 steps, η = 1 unless given)"),
         ("--strength", _strengths, None, "with --from: 0 returns the input, 1 is plain sampling; several, comma-"
          "separated, give a row each (default: 0.5)")])
     sa.add_argument("--from", dest="from_image", metavar="IMAGE", help="image-to-image (SDEdit): noise an image (a "
