@@ -1908,11 +1908,12 @@ def cmd_export(args):
     if os.path.exists(out):
         raise UserError(f"--out {out} exists: choose a new path")
     ensure_writable(os.path.dirname(os.path.abspath(out)), "--out")
+    path = find_checkpoint(args.ckpt)
     if args.format == "fp16":
-        export_model(find_checkpoint(args.ckpt), out)
+        export_model(path, out)
     else:
         convert = need("convert", "export --format diffusers")
-        ckpt = load_checkpoint(find_checkpoint(args.ckpt))
+        ckpt = load_checkpoint(path)
         tmp = f"{out}.tmp{os.getpid()}"
         try:
             convert.save_diffusers(ckpt, tmp, args.keep_classes)
@@ -1923,7 +1924,7 @@ def cmd_export(args):
             raise UserError(f"export --format diffusers: {e}") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrote the EMA model of {find_checkpoint(args.ckpt)} to {out} ({args.format})", file=sys.stderr)
+    print(f"wrote the EMA model of {path} to {out} ({args.format})", file=sys.stderr)
     return 0
 
 
