@@ -1652,23 +1652,33 @@ def cmd_sample(args):
     pictures = need("pictures", "sample --process") if args.process else None
     device = get_device(args.device)
     run = sampler_from_args(args, device, args.n or 64, rows=True)
-    out = args.out or os.path.join("outputs", f"{run.name}.png")  # not samples/: the repo's pictures stay as they are
-    per_file = out.endswith(("/", os.sep)) or os.path.isdir(out)
-    ensure_writable(out if per_file else os.path.dirname(out) or ".", "--out")
+    out, per_file = sample_out(args.out, f"{run.name}.png")
     torch.manual_seed(args.seed or 0)
     with autocast(device, run.precision), ThreadPoolExecutor(8) as pool:  # PNGs are written while sampling goes on
         if args.process:
             return write_process(pictures, run, os.path.join(out, run.name) if per_file else os.path.splitext(out)[0])
         x = run.draw(progress=run.n <= run.batch_size)
         if per_file:
-            def write(image, i):
-                save_atomic(os.path.join(out, f"{i:06d}.png"), to_image(image[None], 1).save)
-            list(pool.map(write, x, range(run.n)))
+            list(pool.map(lambda image, i: write_png(out, image, i), x, range(run.n)))
         else:
             save_atomic(out, to_image(torch.stack(list(x)), run.nrow).save)
     print(f"wrote {run.n} samples ({describe(run.options, run.diffusion.num_timesteps)}, guidance {args.guidance}, "
           f"{run.precision}) from {run.path} to {out}", file=sys.stderr)
     return 0
+
+
+def sample_out(out, default):
+    """--out of `sample` → (the path, whether it is a folder for a PNG each), proved writable now. Default:
+    outputs/<default>, not samples/: the repo's pictures stay as they are."""
+    out = out or os.path.join("outputs", default)
+    per_file = out.endswith(("/", os.sep)) or os.path.isdir(out)
+    ensure_writable(out if per_file else os.path.dirname(out) or ".", "--out")
+    return out, per_file
+
+
+def write_png(folder, image, i):
+    """Sample i, an image (C, H, W) in [-1, 1], as folder/<i, six digits>.png."""
+    save_atomic(os.path.join(folder, f"{i:06d}.png"), to_image(image[None], 1).save)
 
 
 def edit_mode(args):
@@ -1697,9 +1707,7 @@ def cmd_edit(args, mode):
     device = get_device(args.device)
     run = sampler_from_args(args, device, 1, rows=True, deterministic=mode == "interpolate")  # a row per class
     cfg = run.cfg
-    out = args.out or os.path.join("outputs", f"{mode}.png")
-    per_file = out.endswith(("/", os.sep)) or os.path.isdir(out)
-    ensure_writable(out if per_file else os.path.dirname(out) or ".", "--out")
+    out, per_file = sample_out(args.out, f"{mode}.png")
     if mode != "interpolate":
         flag = f"--{mode}"
         inputs, labels = edit_inputs(getattr(args, "from_image" if mode == "from" else mode), flag, cfg, run.classes,
@@ -1716,7 +1724,7 @@ def cmd_edit(args, mode):
             results, strip = image_to_image(pictures, run, inputs, labels, args.strength or [0.5], args.n or 4)
     if per_file:
         for i, image in enumerate(results):
-            save_atomic(os.path.join(out, f"{i:06d}.png"), to_image(image[None], 1).save)
+            write_png(out, image, i)
     else:
         save_atomic(out, strip.save)
     print(f"wrote {len(results)} results of sample --{mode} ({describe(run.options, run.diffusion.num_timesteps)}, "
@@ -1868,19 +1876,20 @@ def cmd_nll(args):
     if tuple(images.shape[1:]) != want:
         raise UserError(f"--data {data}: its images are {'×'.join(map(str, images.shape[1:]))} (channels × pixels), "
                         f"the model's are {'×'.join(map(str, want))}")
-    if args.t_samples is None and device.type == "cpu":  # measured: docs/measurements.md
-        args.t_samples = min(NLL_CPU_T_SAMPLES, T - 1)
-    if args.t_samples == T - 1:
-        args.t_samples = None  # every term: exact
+    t_samples = args.t_samples
+    if t_samples is None and device.type == "cpu":  # measured: docs/measurements.md
+        t_samples = min(NLL_CPU_T_SAMPLES, T - 1)
+    if t_samples == T - 1:
+        t_samples = None  # every term: exact
     batch_size = args.batch_size or (1024 if device.type == "cuda" else 64)
     with autocast(device, args.precision):
-        prior, decoder, kl = bits_per_dim(model, diffusion, images, batch_size, args.t_samples, args.seed or 0)
+        prior, decoder, kl = bits_per_dim(model, diffusion, images, batch_size, t_samples, args.seed or 0)
     total = prior + decoder + kl
-    how = "all terms" if args.t_samples is None else f"{args.t_samples} of the {T - 1} KL terms an image, estimated"
+    how = "all terms" if t_samples is None else f"{t_samples} of the {T - 1} KL terms an image, estimated"
     split = "" if folder else f" ({args.split or 'test'} split)"
     result = dict(bpd=round(total.mean().item(), 4), se=round(total.std().item() / len(total) ** 0.5, 4),
                   prior=round(prior.mean().item(), 6), decoder=round(decoder.mean().item(), 4),
-                  kl=round(kl.mean().item(), 4), n=len(total), terms=how, exact=args.t_samples is None, ckpt=path,
+                  kl=round(kl.mean().item(), 4), n=len(total), terms=how, exact=t_samples is None, ckpt=path,
                   data=data + split, precision=args.precision, variance=variance, seed=args.seed or 0)
     print(json.dumps(result) if args.json else f"NLL ≤ {result['bpd']:.3f} ± {result['se']:.3f} bits/dim of "
           f"{len(total)} images of {data}{split} (prior {result['prior']:.5f}, decoder {result['decoder']:.3f}, KL "
