@@ -576,9 +576,9 @@ def train_step(model, ema, opt, diffusion, x0, y, step, hp, generator, part=None
 
 # ======== The tool: run files, data, processes, sampling, the Trainer, the command line ========
 # Everything below runs DDPM: none of it is needed to understand or reuse the method above.
-import argparse, errno, glob, importlib, json, os, re, shutil, signal, sys, tempfile, time
+import argparse, errno, glob, importlib, itertools, json, os, re, shutil, signal, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
-from itertools import islice
+from functools import partial
 
 import torch.distributed as dist
 from PIL import Image
@@ -592,15 +592,9 @@ class UserError(Exception):
         self.code = code
 
 
-def need(name, what):
-    """fid.py or pictures.py, imported when `what` needs it (so ddpm.py alone trains and samples), or UserError."""
-    try:
-        return importlib.import_module(name)
-    except ImportError as e:
-        raise UserError(missing(e, what)) from None
-
-
-def missing(error, what):  # the line for an ImportError
+def missing(error, what):
+    """The line for an ImportError: fid.py, pictures.py and convert.py are imported only by the commands that need
+    them, so that ddpm.py alone trains and samples."""
     name = (error.name or str(error)).split(".")[0]
     if name in ("fid", "pictures", "convert"):
         return f"{what} needs {name}.py, which comes with ddpm.py: put it beside ddpm.py"
@@ -644,9 +638,11 @@ def ensure_writable(folder, flag):
 
 
 def hold(folder):
-    """Lock folder/.lock for the life of this process, so that a second run cannot write into the same run folder:
-    flock, which the kernel drops when the process ends however it ends (SIGKILL, a power cut), so no stale lock is
-    left to block a resume. → the open lock file (keep it), or None where the platform cannot lock (with a note)."""
+    """Create the run folder (proved writable) and lock folder/.lock for the life of this process, so that a second
+    run cannot write into it: flock, which the kernel drops when the process ends however it ends (SIGKILL, a power
+    cut), so no stale lock is left to block a resume. → the open lock file (keep it), or None where the platform
+    cannot lock (with a note)."""
+    ensure_writable(folder, "--out")
     try:
         import fcntl
     except ImportError:  # Windows
@@ -676,7 +672,8 @@ def load_checkpoint(path, mmap=False):
     hub id owner/name (whose owner is no local folder) is a diffusers model, read by convert.py."""
     hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not os.path.exists(path.split("/")[0])
     if os.path.isdir(path) or (hub_id and not path.endswith(".pt")):
-        return load_diffusers(path)
+        import convert
+        return convert.load_diffusers(path)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} not found")
     try:
@@ -692,17 +689,6 @@ def load_checkpoint(path, mmap=False):
     old = {"channels": 3, "flip": None, "eta": 0.0, "same_padding": False, "norm_eps": 1e-5, "variance": "fixedlarge"}
     ckpt["config"] = {**old, **ckpt["config"]}
     return ckpt
-
-
-def load_diffusers(path):
-    """A diffusers UNet2DModel (a folder, or a hub id fetched when online) as a checkpoint dict, or UserError."""
-    convert = need("convert", "a diffusers model")
-    try:
-        return convert.load_diffusers(path)
-    except ImportError as e:
-        raise UserError(missing(e, "a diffusers model")) from None
-    except convert.ConvertError as e:
-        raise UserError(str(e)) from None
 
 
 def unet_from_config(cfg, num_classes):
@@ -725,13 +711,16 @@ def to_uint8(x):
     return ((x.float() + 1) / 2).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
 
 
-def random_subset(n, seed=0):
-    """A `pick` for load_images: a fixed random n of the N images (seeded), or all of them for n None."""
+def random_subset(n, generator, flag="--n"):
+    """A `pick` for load_images: a random n of the N images, drawn with generator, or all of them for n None; an n
+    larger than N is a UserError naming flag."""
     if n is None:
         return None
 
     def pick(total):
-        return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+        if n > total:
+            raise UserError(f"{flag} {n}: the data has only {total} images")
+        return torch.randperm(total, generator=generator)[:n]
     return pick
 
 
@@ -880,6 +869,8 @@ def resolve_precision(precision, device, task, cpu=None):
     amx_bf16 or avx512_bf16 (2.0× as fast there; training 1.1×; emulated: 7× slower). cpu: (capability, {flag: on})."""
     if precision != "auto":
         return precision
+    if task == "nll":  # L_0 turns on ε̂ to within a bin of 2/255, finer than bf16's 8-bit mantissa resolves
+        return "fp32"
     if device.type != "cpu":
         return "bf16" if device.type == "cuda" else "fp32"
     if cpu is None:
@@ -915,7 +906,7 @@ def init_processes(batch_size, device_name=None, micro_batch=None):
     return device, rank, world, dist.new_group(backend="gloo")
 
 
-# ======== 8. Sampling from a checkpoint, and FID ======================================================================
+# ======== 8. Sampling from a checkpoint: the sampler's flags, one batched loop, editing inputs, FID =================
 def load_sampler(path, device):
     """Checkpoint → (EMA U-Net in eval mode on device, Diffusion, class names, config)."""
     ckpt = load_checkpoint(path)
@@ -926,14 +917,176 @@ def load_sampler(path, device):
     return model, Diffusion(cfg["timesteps"], cfg["schedule"], cfg["variance"], device=device), ckpt["classes"], cfg
 
 
-def sample_images(model, diffusion, labels, n, batch_size, pad=False, **kwargs):
-    """Yields n samples (C, H, W) on the CPU, drawn in chunks of batch_size; labels: (n,) LongTensor or None.
-    pad=True draws the last chunk at full size too (and drops the extra), so a compiled model sees one shape."""
+def find_checkpoint(ckpt):
+    """--ckpt, else the newest runs/*/ckpt.pt, else the bundled model (with a note), or UserError."""
+    path = ckpt or max(glob.glob(os.path.join("runs", "*", "ckpt.pt")), key=os.path.getmtime, default=None)
+    if path is None:  # a fresh clone: the small CIFAR-10 model that ships in samples/
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples", "cifar10_small.pt")
+        if not os.path.isfile(path):
+            raise UserError("no checkpoint found in runs/*/ckpt.pt: train one first, or pass --ckpt")
+        print(f"no runs/*/ckpt.pt: sampling from the bundled CIFAR-10 model {path}", file=sys.stderr)
+    return path
+
+
+SAMPLERS = {"ancestral": (None, "uniform"), "ddim": (25, "uniform"), "dpm++": (10, "quadratic")}  # steps, spacing
+
+
+def default_sampler(args, device, cfg, deterministic=False, resample=1):
+    """--sampler where it is not given: the first rule that holds."""
+    rules = [
+        (args.steps == 0, "ancestral"),  # --steps all
+        (bool(args.steps), "ddim"),  # --steps N alone
+        (deterministic, "dpm++"),  # interpolate: each sample a function of its noise
+        (resample > 1, "ddim"),  # RePaint's resampling needs noise; measured with DDIM 25 steps, η = 1 (docs/)
+        (device.type != "cpu", "ancestral"),  # a GPU: the paper's Algorithm 2
+        (bool(cfg["eta"]), "ddim"),  # train --eta > 0: a deterministic solver leaves speckle on MNIST's digits
+        (True, "dpm++")]  # a CPU, where 1000 steps take an hour: 10 steps as good as DDIM's 25 (docs/measurements.md)
+    return next(sampler for holds, sampler in rules if holds)
+
+
+def sampler_options(args, device, cfg, T, deterministic=False, resample=1):
+    """--sampler, --steps, --spacing, --eta and --guidance → the keyword arguments of Diffusion.sample, which refuses
+    what it cannot do itself. deterministic (interpolate): DDIM with η = 0 or DPM-Solver++."""
+    sampler = args.sampler or default_sampler(args, device, cfg, deterministic, resample)
+    if args.steps is not None and args.steps > T:
+        raise UserError(f"--steps {args.steps}: the model has only T = {T} steps")
+    if deterministic and (sampler == "ancestral" or args.eta):
+        raise UserError("interpolate needs a deterministic sampler: --sampler dpm++, or ddim with --eta 0")
+    if args.eta and sampler != "ddim":
+        raise UserError(f"--eta {args.eta}: only --sampler ddim takes it ({sampler} draws its own noise or none)")
+    if args.spacing and sampler == "ancestral":
+        raise UserError("--spacing: --sampler ancestral visits all T steps; use ddim or dpm++")
+    steps, spacing = SAMPLERS[sampler]
+    if args.steps is not None:
+        steps = args.steps or None  # 0: all T steps
+    elif steps:
+        steps = min(steps, T)
+    eta = 1.0 if resample > 1 else cfg["eta"]  # by default the model's own (train --eta); RePaint's: as measured
+    if args.eta is not None or deterministic:
+        eta = args.eta or 0.0
+    return dict(guidance=args.guidance, steps=steps, eta=eta, sampler=sampler, spacing=args.spacing or spacing)
+
+
+def load_run(args, deterministic=False, resample=1):
+    """What the sampling commands share: the device, the checkpoint, its EMA U-Net and Diffusion, the sampler's options,
+    the batch size and the precision → a Namespace of them."""
+    device = get_device(args.device)
+    path = find_checkpoint(args.ckpt)
+    model, diffusion, classes, cfg = load_sampler(path, device)
+    options = sampler_options(args, device, cfg, diffusion.num_timesteps, deterministic, resample)
+    # CPU: batches of 16 keep tensors under glibc's 32 MB mmap threshold, so memory is reused, not faulted in anew
+    batch_size = args.batch_size or (1024 if device.type == "cuda" else 16)  # (64 ships, 2 cores: 45 s → 34 s)
+    precision = resolve_precision(args.precision, device, "sample")
+    shape = (cfg["channels"], cfg["image_size"], cfg["image_size"])
+    return argparse.Namespace(path=path, model=model, diffusion=diffusion, classes=classes, cfg=cfg, options=options,
+                              batch_size=batch_size, precision=precision, compile=args.compile, device=device,
+                              shape=shape)
+
+
+def labels_from_args(args, run, n, rows):
+    """The labels of n samples → (labels or None, images a row, the name for the output): --class, else the classes
+    in turn (rows: whole rows of a grid, n rounded up; else exactly n), or None for an unconditional model."""
+    c = getattr(args, "class")
+    classes = run.classes
+    nrow = math.ceil(math.sqrt(n))
+    if c is not None:
+        if run.cfg["unconditional"]:
+            raise UserError(f"--class: {run.path} is an unconditional model")
+        idx = -1
+        if c in classes:
+            idx = classes.index(c)
+        elif c.isdigit():
+            idx = int(c)
+        if not 0 <= idx < len(classes):
+            raise UserError(f"--class {c}: unknown; choose from {', '.join(classes)} (or 0-{len(classes) - 1})")
+        return torch.full((n,), idx), nrow, classes[idx]
+    if run.cfg["unconditional"]:
+        return None, nrow, "all"
+    labels, nrow = class_rows(len(classes), n)
+    if not rows:
+        labels = labels[:n]
+    return labels, nrow, "all"
+
+
+def _rows(value, rows, device):
+    """value[rows] on device for a tensor (also inside a tuple: inpainting's known), else value itself."""
+    if isinstance(value, tuple):
+        return tuple(_rows(v, rows, device) for v in value)
+    if isinstance(value, torch.Tensor):
+        return value[rows].to(device)
+    return value
+
+
+def sample_batches(model, diffusion, n, batch_size, pad=False, progress=False, **kwargs):
+    """Yields n samples of Diffusion.sample(model, …, **kwargs) in batches (b, C, H, W) on the CPU; a tensor of n rows
+    among kwargs (y, noise, image, known's) is sliced along. pad: the last batch is drawn at full size too and cut, so
+    a compiled model sees one shape. Diffusion.sample's refusals (a sampler and steps) become a UserError."""
     device = next(model.parameters()).device
-    for start in tqdm(range(0, n, batch_size), desc="batches", disable=n <= batch_size):
+    for start in tqdm(range(0, n, batch_size), "batches", leave=False, disable=True if n <= batch_size else None):
         size = batch_size if pad else min(batch_size, n - start)
-        y = None if labels is None else labels[torch.arange(start, start + size) % n].to(device)
-        yield from diffusion.sample(model, size, y, **kwargs)[:n - start].float().cpu()
+        batch = {name: _rows(value, torch.arange(start, start + size) % n, device) for name, value in kwargs.items()}
+        try:
+            x = diffusion.sample(model, size, progress=progress, **batch)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        yield x[:n - start].float().cpu()
+
+
+def draw(run, n, **per_image):
+    """sample_batches of run's model with run's sampler: n samples, compiled for long runs (or as --compile says)."""
+    compiled = run.compile
+    if compiled is None:  # compiling takes ~30 s on an H100: for long runs only
+        steps = run.options["steps"] or run.diffusion.num_timesteps
+        compiled = run.device.type == "cuda" and n * steps >= 200_000
+    model = torch.compile(run.model) if compiled else run.model
+    return sample_batches(model, run.diffusion, n, run.batch_size, compiled, n <= run.batch_size, **run.options,
+                          **per_image)
+
+
+def describe(run):
+    """The sampler in words, as the sampling commands report it."""
+    options = run.options
+    name = options["sampler"]
+    steps = options["steps"] or run.diffusion.num_timesteps
+    spacing = "" if options["spacing"] == "uniform" else f" ({options['spacing']})"
+    if name == "ancestral":
+        return f"ancestral {steps} steps"
+    if name == "dpm++":
+        return f"DPM-Solver++(2M) {steps} steps{spacing}"
+    return f"DDIM {steps} steps{spacing}, eta {options['eta']}"
+
+
+def sample_out(out, default):
+    """--out → (the path, whether it is a folder for a PNG each), proved writable now. Default: outputs/<default>,
+    not samples/: the repo's pictures stay as they are."""
+    out = out or os.path.join("outputs", default)
+    per_file = out.endswith(("/", os.sep)) or os.path.isdir(out)
+    ensure_writable(out if per_file else os.path.dirname(out) or ".", "--out")
+    return out, per_file
+
+
+def write_run(args, run, default, batches, picture, what):
+    """How every sampling command ends: the samples of `batches`, drawn from --seed, into --out (sample_out): a PNG each
+    in a folder/, written while sampling goes on, or picture(all of them), a PIL image, in one file; then its line."""
+    out, per_file = sample_out(args.out, default)
+    torch.manual_seed(args.seed)
+    with autocast(run.device, run.precision):
+        if per_file:
+            images = (image for batch in batches for image in batch)
+            with ThreadPoolExecutor(8) as pool:  # map takes each sample as it comes, and its threads write them
+                count = len(list(pool.map(partial(write_png, out), itertools.count(), images)))
+        else:
+            x = torch.cat(list(batches))
+            save_atomic(out, picture(x).save)
+            count = len(x)
+    print(f"wrote {count} {what} ({describe(run)}, guidance {run.options['guidance']}, {run.precision}) from "
+          f"{run.path} to {out}", file=sys.stderr)
+    return 0
+
+
+def write_png(folder, i, image):
+    """Sample i, an image (C, H, W) in [-1, 1], as folder/<i, six digits>.png."""
+    save_atomic(os.path.join(folder, f"{i:06d}.png"), to_image(image[None], 1).save)
 
 
 def reverse_process(model, diffusion, n, frames=10, **kwargs):
@@ -994,31 +1147,35 @@ def bits_per_dim(model, diffusion, images, batch_size=64, t_samples=None, seed=0
     return prior, terms[:, 0], kl
 
 
-def edit_inputs(path, flag, cfg, classes, n, seed=0):
-    """The images of --inpaint or --from IMAGE, decoded as training decodes them at the model's size, in [-1, 1]:
-    the file, or a random n of the folder's images → (images (k, C, S, S), their labels if the folder's classes
-    are the model's, else None). A grey image goes to a grey model only, and colour to colour."""
-    size = cfg["image_size"]
+def edit_inputs(args, run):
+    """IMAGE|FOLDER of inpaint and img2img, decoded as training decodes images, at the model's size, in [-1, 1]: the
+    image, or a random --n of the folder's → (images (k, C, S, S), the labels of the --n results or None, the index of
+    each result's image: the images in turn). Labels: --class, else each image's own where its folder is named as one
+    of the model's classes (a CIFAR-10 test folder), else none (the null label's model)."""
+    cfg = run.cfg
     labels = None
-    if os.path.isfile(path):
-        images = decode_images([path], size, 1)
-    elif os.path.isdir(path):
-        images, labels, names = load_images(path, image_size=size, pick=random_subset(n, seed), flag=flag)
-        if set(names) <= set(classes):
-            labels = torch.tensor([classes.index(names[c]) for c in labels.tolist()])
-        else:
-            labels = None
+    if os.path.isfile(args.input):
+        images = decode_images([args.input], cfg["image_size"], 1)
+    elif os.path.isdir(args.input):
+        pick = random_subset(args.n, torch.Generator().manual_seed(args.seed))
+        images, folder_labels, names = load_images(args.input, image_size=cfg["image_size"], pick=pick,
+                                                   flag=args.command)
+        if set(names) <= set(run.classes) and not cfg["unconditional"]:
+            labels = torch.tensor([run.classes.index(names[c]) for c in folder_labels.tolist()])
     else:
-        raise UserError(f"{flag} {path}: no such file or folder")
+        raise UserError(f"{args.command} {args.input}: no such file or folder")
     kinds = {1: "grey", 3: "colour"}
     if images.shape[1] != cfg["channels"]:
-        raise UserError(f"{flag} {path}: {kinds[images.shape[1]]} images; the model makes {kinds[cfg['channels']]} "
-                        "ones")
-    return images.float() / 127.5 - 1, labels
+        raise UserError(f"{args.command} {args.input}: {kinds[images.shape[1]]} images; the model makes "
+                        f"{kinds[cfg['channels']]} ones")
+    if getattr(args, "class") is not None:
+        labels = labels_from_args(args, run, len(images), rows=False)[0]
+    index = torch.arange(args.n) % len(images)
+    return images.float() / 127.5 - 1, None if labels is None else labels[index], index
 
 
 def load_mask(path, size, image=None):
-    """--mask: a PNG, white where the model paints, of the model's size, or of --inpaint's image (then resized and
+    """--mask: a PNG, white where the model paints, of the model's size, or of inpaint's image (then resized and
     cropped as it is) → (1, 1, S, S): 1 where a pixel is known. None: the centre square of half the side."""
     import torchvision.transforms.functional as TF
     known = torch.ones(1, 1, size, size)
@@ -1045,19 +1202,18 @@ def fid_reference(fid, net, ref, root="./data", image_size=32, n=None, workers=4
     """fid.reference_stats of --ref: an .npz with mu and sigma, or cifar10, mnist, an image folder decoded as training
     decodes it at image_size (all its images or a fixed random n), their statistics cached in root/fid/."""
     def decode(ref):
-        return load_images(ref, root, image_size, workers, random_subset(n), flag="--ref")[0]
+        pick = random_subset(n, torch.Generator().manual_seed(0), "--ref-n")
+        return load_images(ref, root, image_size, workers, pick, flag="--ref")[0]
     return fid.reference_stats(net, ref, decode, os.path.join(root, "fid"), channels)
 
 
 def inception(path, device):
-    """fid.py and its Inception network (weights from path, else $DDPM_INCEPTION, else downloaded), or UserError."""
-    fid = need("fid", "FID")
+    """fid.py and its Inception network: weights from --inception, else $DDPM_INCEPTION, else downloaded once."""
+    import fid
     try:
         return fid, fid.load_inception(path or os.environ.get("DDPM_INCEPTION"), device)
-    except ImportError as e:
-        raise UserError(missing(e, "FID")) from None
     except fid.FIDError as e:
-        raise UserError(f"{e}; offline, pass --inception PATH to a local copy (or set DDPM_INCEPTION)") from None
+        raise fid.FIDError(f"{e}; offline, pass --inception PATH to a local copy (or set DDPM_INCEPTION)") from None
 
 
 # ======== 9. The Trainer: batches, DDP and the bookkeeping around train_step ==========================================
@@ -1127,7 +1283,7 @@ class Trackers:
 class Trainer:
     """One run: __init__ builds its state (data, U-Net, EMA, Adam, the two random streams), new or resumed; train_step
     is Algorithm 1 once; periodic the bookkeeping after it; on_signal and agreed_signal stop it; run is the loop."""
-    def __init__(self, cfg, ckpt=None, device=torch.device("cpu"), rank=0, world=1, ctrl=None, lock=None):
+    def __init__(self, cfg, ckpt=None, device=torch.device("cpu"), rank=0, world=1, ctrl=None):
         self.device = device
         self.rank = rank
         self.world = world
@@ -1138,10 +1294,6 @@ class Trainer:
         cfg = dict(cfg, channels=images.shape[1])  # the data decides: 1 (grey) or 3, saved with the config
         self.cfg = cfg
         self.model = self.build_model(ckpt)
-        ensure_writable(cfg["out"], "--out")  # only now: a run that cannot start leaves no empty folder behind
-        self.lock = lock
-        if lock is None and not rank:  # before anything is written there; rank 0 holds it
-            self.lock = hold(cfg["out"])
         self.params = sum(p.numel() for p in self.model.parameters())
         if self.params > 20e6 and device.type == "cpu":
             self.say(f"note: this {self.params / 1e6:.1f}M-parameter U-Net is sized for a GPU (2 CPU cores train it at "
@@ -1328,10 +1480,11 @@ class Trainer:
         the run goes on without it, after a note."""
         if self.pictures is None:
             try:
-                self.pictures = need("pictures", "progress.png")
-            except UserError as e:
+                import pictures
+                self.pictures = pictures
+            except ImportError as e:
                 self.pictures = False
-                print(f"note: no progress.png: {e}", file=sys.stderr)
+                print(f"note: no progress.png: {missing(e, 'progress.png')}", file=sys.stderr)
         if self.pictures:
             fig = self.pictures.progress_chart(self.log.name)
             save_atomic(os.path.join(self.out, "progress.png"), lambda f: fig.savefig(f, format="png"))
@@ -1359,21 +1512,19 @@ class Trainer:
         self.saved = self.step
 
     def ema_samples(self, n, batch_size):
-        """Yields n EMA samples in batches, as `sample` draws them (DDIM, guidance 2, the classes in turn), from a
-        generator of their own: the EMA model is in eval mode, so the training RNG is untouched."""
-        cfg, device = self.cfg, self.device
-        y = None if cfg["unconditional"] else class_rows(len(self.classes), n)[0][:n].to(device)
-        g = torch.Generator(device).manual_seed(cfg["seed"])
-        for c in torch.arange(n, device=device).split(batch_size):
-            with self.amp:
-                x = self.diffusion.sample(self.ema.model, len(c), None if y is None else y[c], 2.0,
-                                          min(100, cfg["timesteps"]), cfg["eta"], generator=g)
-            yield x
+        """n EMA samples in batches (sample_batches), as `sample` draws them (DDIM, guidance 2, the classes in turn),
+        from a generator of their own: the EMA model is in eval mode, so the training RNG is untouched."""
+        cfg = self.cfg
+        y = None if cfg["unconditional"] else class_rows(len(self.classes), n)[0][:n]
+        g = torch.Generator(self.device).manual_seed(cfg["seed"])
+        return sample_batches(self.ema.model, self.diffusion, n, batch_size, y=y, guidance=2.0,
+                              steps=min(100, cfg["timesteps"]), eta=cfg["eta"], generator=g)
 
     def preview(self):  # a grid of EMA samples in the run folder, a row per class
         labels, nrow = (None, 8) if self.cfg["unconditional"] else class_rows(len(self.classes), 64)
         n = 64 if labels is None else len(labels)
-        image = to_image(torch.cat(list(self.ema_samples(n, n))), nrow)
+        with self.amp:
+            image = to_image(torch.cat(list(self.ema_samples(n, n))), nrow)
         save_atomic(os.path.join(self.out, f"samples_{self.step:08d}.png"), image.save)
         self.trackers.log(self.step, samples=image)
         self.t_log, self.step_log = time.time(), self.step  # images/s counts training only
@@ -1394,8 +1545,9 @@ class Trainer:
         cfg = self.cfg
         n = cfg["fid_n"]
         fid = self.fid
-        batches = map(to_uint8, self.ema_samples(n, cfg["batch_size"]))
-        score = fid.frechet_distance(*fid.inception_stats(self.inception, batches)[:2], *self.fid_ref[:2])
+        with self.amp:  # Inception itself runs in fp32 (inception_stats)
+            stats = fid.inception_stats(self.inception, map(to_uint8, self.ema_samples(n, cfg["batch_size"])))
+        score = fid.frechet_distance(*stats[:2], *self.fid_ref[:2])
         self.postfix["fid"] = f"{score:.2f}"
         self.bar.set_postfix(self.postfix)
         print(f"step {self.step} fid {score:.4f} n {n} DDIM {min(100, cfg['timesteps'])} steps, eta {cfg['eta']}, "
@@ -1455,512 +1607,24 @@ class Trainer:
         return 0
 
 
-def train(cfg, ckpt=None, lock=None):
-    """Train with config `cfg` (TRAIN_DEFAULTS' keys) into cfg["out"] or continue `ckpt`; → 0, or 128 + signal.
-    lock: cfg["out"] held already (hold), else it is taken once the folder exists."""
+def train(cfg, ckpt=None):
+    """Train with config `cfg` (TRAIN_DEFAULTS' keys) into cfg["out"] or continue `ckpt`; → 0, or 128 + signal."""
     device, rank, world, ctrl = init_processes(cfg["batch_size"], cfg["device"], cfg["micro_batch"])
-    trainer = Trainer(cfg, ckpt, device, rank, world, ctrl, lock)
+    trainer = Trainer(cfg, ckpt, device, rank, world, ctrl)
     try:
         return trainer.run()
     finally:
         if getattr(trainer, "trackers", None):
             trainer.trackers.close()
-        if trainer.lock:
-            trainer.lock.close()
 
 
-# ======== 10. Command line ============================================================================================
-SAMPLERS = {"ddim": (25, "uniform"), "dpm++": (10, "quadratic")}  # steps and spacing by default (measured: docs/)
-CPU_SAMPLER = "dpm++"  # `sample`'s and `fid`'s default on a CPU for models of train --eta 0 (GPU: ancestral)
-NLL_CPU_T_SAMPLES = 100  # `nll --t-samples` on a CPU (GPU: all T terms); measured: docs/measurements.md
 
 
-def cmd_train(args):
-    given = {k: v for k, v in vars(args).items() if k in TRAIN_DEFAULTS and v is not None}
-    name = os.path.basename(os.path.normpath(given.get("data", "cifar10")))
-    out = given.setdefault("out", os.path.join("runs", name))
-    lock = hold(out) if os.path.isdir(out) and not int(os.environ.get("RANK", 0)) else None  # before it is read
-    try:
-        return train(*train_config(args, given, out), lock)
-    finally:
-        if lock:
-            lock.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def train_config(args, given, out):
-    """The run's config and checkpoint (None for a new run): new from the flags given (over the preset and Ho et al.'s
-    defaults), or resumed from out/ckpt.pt, whose flags may change only where RESUMABLE."""
-    path, ckpt = os.path.join(out, "ckpt.pt"), None
-    if args.resume:
-        if not os.path.exists(path):
-            raise UserError(f"--resume: no checkpoint in {out}/ to resume (start without --resume)")
-        ckpt = load_checkpoint(path)
-        if "optimizer" not in ckpt:  # export_model's file: EMA weights alone
-            raise UserError(f"{path} is an exported model (EMA weights only: no optimizer, no random states): it "
-                            f"cannot resume a run; fine-tune from it with train --init {path} --out NEW_FOLDER")
-        cfg = {**TRAIN_DEFAULTS, **ckpt["config"]}  # flags added since that run began: off, as it ran
-    elif os.path.exists(path):
-        raise UserError(f"{path} exists: pass --resume to continue that run, or choose another --out")
-    else:
-        cfg = {**TRAIN_DEFAULTS, **PRESETS[args.preset], **given}
-        if cfg["init"]:  # fine-tuning: the network and schedule are --init's, and its image size unless given
-            init = load_checkpoint(cfg["init"], mmap=True)["config"]  # the weights are read once, by the Trainer
-            for key in INIT_KEYS:
-                if key in given and given[key] != init[key]:
-                    raise UserError(f"--{key.replace('_', '-')} {given[key]}: the network comes from --init "
-                                    f"{cfg['init']}, which has {init[key]}")
-            cfg.update({k: init[k] for k in INIT_KEYS}, image_size=cfg["image_size"] or init["image_size"])
-        native = NATIVE_SIZE.get(cfg["data"], 32)  # the data's own size if the U-Net can halve it enough, else 32
-        cfg["image_size"] = cfg["image_size"] or (32 if native % 2 ** (len(cfg["ch_mult"]) - 1) else native)
-        if args.preset == "paper" and not cfg["init"] and "ch_mult" not in given:  # a network sized for the images
-            cfg.update({k: v for k, v in NET_BY_SIZE.get(cfg["image_size"], {}).items() if k not in given})
-    cfg["flip"] = cfg["data"] != "mnist" if cfg["flip"] is None else cfg["flip"]  # a mirrored 7 is no 7
-    for key, value in given.items():  # a new run holds `given` already; a resumed one may change RESUMABLE only
-        if key not in RESUMABLE and value != cfg[key]:
-            raise UserError(f"--{key.replace('_', '-')} {value}: the run in {out} used {cfg[key]}; "
-                            f"drop the flag to resume it, or train into another --out")
-    cfg.update(given)
-    if cfg["fid_every"]:  # now, not at the first FID hours in
-        need("fid", "train --fid-every")
-    for name in cfg["report_to"]:  # and before any data is decoded
-        try:
-            importlib.import_module(TRACKERS[name])
-        except ImportError:
-            raise UserError(f"--report-to {name} needs the {name} package: pip install {name}") from None
-    return cfg, ckpt
-
-
-def sampler_from_args(args, device, n, rows, deterministic=False):
-    """What `sample` and `fid` share: the checkpoint (--ckpt, else the newest runs/*/ckpt.pt, else the bundled model),
-    its EMA U-Net (compiled for long runs), the sampler's options from the flags and the labels of n samples: --class,
-    else the classes in turn (rows: whole rows of a grid, n rounded up; else exactly n) → a Namespace of them."""
-    path = find_checkpoint(args.ckpt)
-    model, diffusion, classes, cfg = load_sampler(path, device)
-    T = diffusion.num_timesteps
-    options = sampler_options(args, device, cfg, T, deterministic)
-    labels, nrow, name = labels_from_args(args, cfg, classes, path, n, rows)
-    n = n if labels is None else len(labels)
-    compiled = args.compile
-    if compiled is None:  # compiling takes ~30 s on an H100: for long runs only
-        compiled = device.type == "cuda" and n * (options["steps"] or T) >= 200_000
-    forward = torch.compile(model) if compiled else model
-    # CPU: batches of 16 keep tensors under glibc's 32 MB mmap threshold, so memory is reused, not faulted in anew
-    batch_size = args.batch_size or (1024 if device.type == "cuda" else 16)  # (64 ships, 2 cores: 45 s → 34 s)
-
-    def draw(**extra):
-        return sample_images(forward, diffusion, labels, n, batch_size, compiled, **options, **extra)
-    precision = resolve_precision(args.precision, device, "sample")
-    return argparse.Namespace(path=path, model=forward, diffusion=diffusion, cfg=cfg, options=options, labels=labels,
-                              n=n, nrow=nrow, batch_size=batch_size, draw=draw, name=name, precision=precision,
-                              classes=classes)
-
-
-def find_checkpoint(ckpt):
-    """--ckpt, else the newest runs/*/ckpt.pt, else the bundled model (with a note), or UserError."""
-    path = ckpt or max(glob.glob(os.path.join("runs", "*", "ckpt.pt")), key=os.path.getmtime, default=None)
-    if path is None:  # a fresh clone: the small CIFAR-10 model that ships in samples/
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples", "cifar10_small.pt")
-        if not os.path.isfile(path):
-            raise UserError("no checkpoint found in runs/*/ckpt.pt: train one first, or pass --ckpt")
-        print(f"no runs/*/ckpt.pt: sampling from the bundled CIFAR-10 model {path}", file=sys.stderr)
-    return path
-
-
-def sampler_options(args, device, cfg, T, deterministic=False):
-    """--sampler, --steps, --spacing, --eta and --guidance → the keyword arguments of Diffusion.sample.
-    deterministic (interpolation): DDIM with η = 0 or DPM-Solver++, whose sample is a function of its noise."""
-    if args.steps is not None and args.steps > T:
-        raise UserError(f"--steps {args.steps}: the model has only T = {T} steps")
-    if deterministic and (args.sampler == "ancestral" or args.steps == 0 or args.eta):
-        raise UserError("--interpolate needs a deterministic sampler: --sampler dpm++, or ddim with --eta 0")
-    resample = getattr(args, "resample", None) or 1
-    if resample > 1 and args.sampler == "dpm++":
-        raise UserError("--resample needs --sampler ddim or ancestral: DPM-Solver++ steps from its memory")
-    # --steps N alone is DDIM, 'all' (0) ancestral; neither: ancestral on a GPU, and on a CPU, where 1000 steps take
-    # an hour, the cheapest sampler as good as 25 DDIM steps (measured: docs/), or for a model saved with train
-    # --eta > 0 DDIM with that noise (a deterministic solver leaves speckle on the MNIST preset's digits)
-    if args.sampler:
-        sampler = args.sampler
-    elif deterministic:
-        sampler = "ddim" if args.steps else CPU_SAMPLER
-    elif resample > 1 and args.steps != 0:  # as measured: DDIM, 25 steps, η = 1 (docs/measurements.md)
-        sampler = "ddim"
-    elif args.steps == 0 or (args.steps is None and device.type != "cpu"):
-        sampler = "ancestral"
-    elif args.steps or cfg["eta"]:
-        sampler = "ddim"
-    else:
-        sampler = CPU_SAMPLER
-    if sampler == "ancestral" and (args.steps or args.spacing):
-        raise UserError("--sampler ancestral visits all T steps: drop --steps and --spacing, or use ddim or dpm++")
-    if args.eta and sampler != "ddim":
-        raise UserError(f"--eta {args.eta}: only --sampler ddim takes it ({sampler} draws its own noise or none)")
-    steps = None
-    if sampler != "ancestral" and args.steps != 0:
-        steps = args.steps or min(SAMPLERS[sampler][0], T)
-    spacing = args.spacing or SAMPLERS.get(sampler, (None, "uniform"))[1]
-    eta = 0.0
-    if sampler == "ddim" and not deterministic:  # by default the model's own (train --eta)
-        eta = cfg["eta"] if args.eta is None else args.eta
-    if sampler == "ddim" and resample > 1 and args.eta is None:
-        eta = 1.0
-    return dict(guidance=args.guidance, steps=steps, eta=eta, sampler=sampler, spacing=spacing)
-
-
-def labels_from_args(args, cfg, classes, path, n, rows):
-    """The labels of n samples → (labels or None, images a row, the name for the output): --class, else the classes
-    in turn (rows: whole rows of a grid, n rounded up; else exactly n), or None for an unconditional model."""
-    c = getattr(args, "class")
-    nrow = math.ceil(math.sqrt(n))
-    if c is not None:
-        if cfg["unconditional"]:
-            raise UserError(f"--class: {path} is an unconditional model")
-        idx = -1
-        if c in classes:
-            idx = classes.index(c)
-        elif c.isdigit():
-            idx = int(c)
-        if not 0 <= idx < len(classes):
-            raise UserError(f"--class {c}: unknown; choose from {', '.join(classes)} (or 0-{len(classes) - 1})")
-        return torch.full((n,), idx), nrow, classes[idx]
-    if cfg["unconditional"]:
-        return None, nrow, "all"
-    labels, nrow = class_rows(len(classes), n)
-    if not rows:
-        labels = labels[:n]
-    return labels, nrow, "all"
-
-
-def describe(options, timesteps):
-    """The sampler in words, as `sample` and `fid` report it."""
-    name = options["sampler"]
-    steps = options["steps"] or timesteps
-    spacing = "" if options["spacing"] == "uniform" else f" ({options['spacing']})"
-    if name == "ancestral":
-        return f"ancestral {timesteps} steps"
-    if name == "dpm++":
-        return f"DPM-Solver++(2M) {steps} steps{spacing}"
-    return f"DDIM {steps} steps{spacing}, eta {options['eta']}"
-
-
-def cmd_sample(args):
-    mode = edit_mode(args)
-    if mode:
-        return cmd_edit(args, mode)
-    pictures = need("pictures", "sample --process") if args.process else None
-    device = get_device(args.device)
-    run = sampler_from_args(args, device, args.n or 64, rows=True)
-    out, per_file = sample_out(args.out, f"{run.name}.png")
-    torch.manual_seed(args.seed or 0)
-    with autocast(device, run.precision), ThreadPoolExecutor(8) as pool:  # PNGs are written while sampling goes on
-        if args.process:
-            return write_process(pictures, run, os.path.join(out, run.name) if per_file else os.path.splitext(out)[0])
-        x = run.draw(progress=run.n <= run.batch_size)
-        if per_file:
-            list(pool.map(lambda image, i: write_png(out, image, i), x, range(run.n)))
-        else:
-            save_atomic(out, to_image(torch.stack(list(x)), run.nrow).save)
-    print(f"wrote {run.n} samples ({describe(run.options, run.diffusion.num_timesteps)}, guidance {args.guidance}, "
-          f"{run.precision}) from {run.path} to {out}", file=sys.stderr)
-    return 0
-
-
-def sample_out(out, default):
-    """--out of `sample` → (the path, whether it is a folder for a PNG each), proved writable now. Default:
-    outputs/<default>, not samples/: the repo's pictures stay as they are."""
-    out = out or os.path.join("outputs", default)
-    per_file = out.endswith(("/", os.sep)) or os.path.isdir(out)
-    ensure_writable(out if per_file else os.path.dirname(out) or ".", "--out")
-    return out, per_file
-
-
-def write_png(folder, image, i):
-    """Sample i, an image (C, H, W) in [-1, 1], as folder/<i, six digits>.png."""
-    save_atomic(os.path.join(folder, f"{i:06d}.png"), to_image(image[None], 1).save)
-
-
-def edit_mode(args):
-    """"inpaint", "interpolate", "from" or None (plain sampling); flags that mean nothing together are refused."""
-    given = {"inpaint": args.inpaint, "interpolate": args.interpolate, "from": args.from_image}
-    modes = [mode for mode, value in given.items() if value is not None]
-    if len(modes) > 1:
-        raise UserError(f"--{modes[0]} and --{modes[1]}: one at a time")
-    mode = modes[0] if modes else None
-    if args.process and mode:
-        raise UserError(f"--process and --{mode}: one at a time")
-    if args.mask is not None and mode != "inpaint":
-        raise UserError("--mask goes with --inpaint IMAGE")
-    if args.strength is not None and mode != "from":
-        raise UserError("--strength goes with --from IMAGE")
-    if args.resample is not None and mode != "inpaint":
-        raise UserError("--resample goes with --inpaint IMAGE")
-    if mode == "interpolate" and args.n is not None:
-        raise UserError("--n: --interpolate draws one row for --class, else one row per class")
-    return mode
-
-
-def cmd_edit(args, mode):
-    """sample --inpaint, --interpolate or --from: a labelled strip (or a PNG per result for --out DIR/)."""
-    pictures = need("pictures", f"sample --{mode}")
-    device = get_device(args.device)
-    run = sampler_from_args(args, device, 1, rows=True, deterministic=mode == "interpolate")  # a row per class
-    cfg = run.cfg
-    out, per_file = sample_out(args.out, f"{mode}.png")
-    if mode != "interpolate":
-        flag = f"--{mode}"
-        inputs, labels = edit_inputs(getattr(args, "from_image" if mode == "from" else mode), flag, cfg, run.classes,
-                                     args.n or (8 if mode == "inpaint" else 1), args.seed or 0)
-        labels = edit_labels(args, run, len(inputs), labels)
-    torch.manual_seed(args.seed or 0)
-    with autocast(device, run.precision):
-        if mode == "inpaint":
-            mask = load_mask(args.mask, cfg["image_size"], args.inpaint)
-            results, strip = inpaint(pictures, run, inputs, labels, mask, args.n or 8, args.resample or 1)
-        elif mode == "interpolate":
-            results, strip = interpolate(pictures, run, args.interpolate, args.seed or 0)
-        else:
-            results, strip = image_to_image(pictures, run, inputs, labels, args.strength or [0.5], args.n or 4)
-    if per_file:
-        for i, image in enumerate(results):
-            write_png(out, image, i)
-    else:
-        save_atomic(out, strip.save)
-    print(f"wrote {len(results)} results of sample --{mode} ({describe(run.options, run.diffusion.num_timesteps)}, "
-          f"guidance {args.guidance}, {run.precision}) from {run.path} to {out}", file=sys.stderr)
-    return 0
-
-
-def edit_labels(args, run, n, labels):
-    """The labels for n edited images: --class; else each image's own class where its folder names one of the
-    model's classes (a CIFAR-10 test folder); else the null label, the unconditional model."""
-    if getattr(args, "class") is not None:
-        return labels_from_args(args, run.cfg, run.classes, run.path, n, rows=False)[0]
-    if run.cfg["unconditional"] or labels is None:
-        return None
-    return labels
-
-
-def draw_in_batches(run, n, **per_image):
-    """n samples of run's model in batches of run.batch_size, with the sampler's options of run and the keywords
-    per_image of Diffusion.sample: a tensor of n rows (or a pair of them: known) is sliced along."""
-    device = next(run.model.parameters()).device
-    results = []
-    for start in range(0, n, run.batch_size):
-        rows = slice(start, min(n, start + run.batch_size))
-        kwargs = {}
-        for name, value in per_image.items():  # tensors, also in a tuple, are sliced; anything else passed on
-            if isinstance(value, tuple):
-                value = tuple(v[rows].to(device) if torch.is_tensor(v) else v for v in value)
-            elif isinstance(value, torch.Tensor):
-                value = value[rows].to(device)
-            kwargs[name] = value
-        y = kwargs.pop("y", None)
-        results.append(run.diffusion.sample(run.model, rows.stop - start, y, **run.options, **kwargs).float().cpu())
-    return torch.cat(results)
-
-
-def inpaint(pictures, run, inputs, labels, mask, n, resample=1):
-    """n rows (the inputs in turn): input, mask, the input's unmasked pixels completed by the model (each step
-    redone `resample` times: RePaint)."""
-    index = torch.arange(n) % len(inputs)
-    x_known = inputs[index]
-    known = mask.expand(n, *x_known.shape[1:])
-    y = None if labels is None else labels[index]
-    results = draw_in_batches(run, n, y=y, known=(x_known, known, resample))
-    shown_mask = (1 - known) * 2 - 1  # white where the model paints
-    rows = [[to_uint8(x_known[i]), to_uint8(shown_mask[i]), to_uint8(results[i])] for i in range(n)]
-    return results, pictures.editing_strip(rows, ["input", "mask", "inpainted"])
-
-
-def interpolate(pictures, run, frames, seed):
-    """frames samples a row from the slerp of two seeded noises: one row for --class, or one per class."""
-    C, S = run.cfg["channels"], run.cfg["image_size"]
-    g = torch.Generator().manual_seed(seed)
-    z1 = torch.randn((C, S, S), generator=g)
-    z2 = torch.randn((C, S, S), generator=g)
-    lams = [j / (frames - 1) for j in range(frames)]
-    row = torch.stack([slerp(z1, z2, lam) for lam in lams])
-    rows = 1 if run.labels is None else len(run.labels)
-    y = None if run.labels is None else run.labels.repeat_interleave(frames)
-    results = draw_in_batches(run, rows * frames, y=y, noise=row.repeat(rows, 1, 1, 1))
-    names = [] if run.labels is None else [run.classes[c][:7] for c in run.labels.tolist()]
-    grid = [[to_uint8(x) for x in results[r * frames:(r + 1) * frames]] for r in range(rows)]
-    return results, pictures.editing_strip(grid, [f"{lam:.2f}" for lam in lams], names)  # the font has no λ
-
-
-def image_to_image(pictures, run, inputs, labels, strengths, per):
-    """For each input and strength a row: the input, then `per` results of SDEdit from it."""
-    results = []
-    grid = []
-    names = []
-    for i, image in enumerate(inputs):
-        y = None if labels is None else labels[i].repeat(per)
-        for s in strengths:
-            drawn = draw_in_batches(run, per, y=y, image=image.expand(per, -1, -1, -1), strength=s)
-            results.append(drawn)
-            grid.append([to_uint8(image)] + [to_uint8(x) for x in drawn])
-            names.append(f"s={s:g}")
-    columns = ["input"] + [f"seed {k + 1}" for k in range(per)]
-    return torch.cat(results), pictures.editing_strip(grid, columns, names)
-
-
-def write_process(pictures, run, base):
-    """The reverse process as base.gif (x_t beside x̂_0 at 10 steps, looping, the last frame held) and base.png (the
-    same 10 steps left to right, two rows for each of the first 8 samples: x_t above x̂_0). Autocast: the caller's."""
-    y = None if run.labels is None else run.labels.to(next(run.model.parameters()).device)
-    _, frames = reverse_process(run.model, run.diffusion, run.n, y=y, **run.options)
-    gif, strip = pictures.reverse_process([(t, to_uint8(x_t), to_uint8(x0)) for t, x_t, x0 in frames], run.nrow)
-    save_atomic(base + ".gif", lambda f: pictures.save_gif(gif, f))
-    save_atomic(base + ".png", strip.save)
-    print(f"wrote the reverse process of {run.n} samples ({len(frames)} steps of {run.options['steps'] or 'all'}) to "
-          f"{base}.gif and {base}.png", file=sys.stderr)
-    return 0
-
-
-def cmd_fid(args):
-    """FID of a checkpoint's samples, drawn as `sample` draws them, or of a folder of images, against --ref."""
-    device = get_device(args.device)
-    fid, net = inception(args.inception, device)
-    if args.samples:
-        pick = random_subset(args.n, args.seed or 0)  # --n: a fixed random n of the folder's images
-        images = load_images(args.samples, image_size=args.image_size, pick=pick, flag="--samples")[0]
-        size = images.shape[-1]
-        channels = images.shape[1]
-        result = dict(samples=args.samples)
-    else:  # the papers' 50,000; a CPU: seconds a sample
-        run = sampler_from_args(args, device, args.n or (50_000 if device.type == "cuda" else 1000), rows=False)
-        size, channels = run.cfg["image_size"], run.cfg["channels"]
-        result = dict(ckpt=run.path, sampler=describe(run.options, run.diffusion.num_timesteps),
-                      guidance=args.guidance, seed=args.seed or 0, precision=run.precision)
-    ref = fid_reference(fid, net, args.ref, args.data_root, size, args.ref_n, args.num_workers, channels)  # first
-    if args.samples:
-        mu, sigma, n = fid.inception_stats(net, images.split(50))
-    else:
-        torch.manual_seed(args.seed or 0)
-        with autocast(device, run.precision):  # Inception itself runs in fp32 (inception_stats)
-            x = run.draw()
-            batches = (to_uint8(torch.stack(b)) for b in iter(lambda: list(islice(x, 50)), []))  # 50 at a time
-            mu, sigma, n = fid.inception_stats(net, batches)
-    score = fid.frechet_distance(mu, sigma, *ref[:2])
-    result = dict(fid=round(score, 4), n=n, **result, ref=args.ref, ref_n=ref[2])
-    how = ""
-    if "ckpt" in result:
-        how = f" ({result['sampler']}, guidance {args.guidance}, seed {args.seed or 0}, {result['precision']})"
-    print(json.dumps(result) if args.json else f"FID {score:.3f} of {n} images{how} from "
-          f"{result.get('ckpt', args.samples)} against {args.ref} (n {ref[2]})")
-    return 0
-
-
-def cmd_nll(args):
-    """The variational bound of a checkpoint's EMA model on the images of a data set, in bits/dim (Table 2)."""
-    device = get_device(args.device)
-    path = find_checkpoint(args.ckpt)
-    model, _, _, cfg = load_sampler(path, device)
-    variance = args.variance or cfg["variance"]
-    diffusion = Diffusion(cfg["timesteps"], cfg["schedule"], variance, device=device)
-    T = diffusion.num_timesteps
-    if args.t_samples is not None and args.t_samples > T - 1:
-        raise UserError(f"--t-samples {args.t_samples}: the model has T − 1 = {T - 1} terms with t ≥ 1 to draw from")
-    data = args.data or cfg["data"]
-    if data is None:
-        raise UserError(f"--data: {path} does not say what it was trained on; pass cifar10, mnist or a folder")
-    folder = data not in NATIVE_SIZE
-    if folder and args.split:
-        raise UserError(f"--split {args.split}: --data {data} is a folder, scored whole; --split is for "
-                        f"{', '.join(NATIVE_SIZE)}")
-    images = load_images(data, args.data_root, NATIVE_SIZE.get(data), args.num_workers, nll_subset(args.n, args.seed),
-                         train=args.split == "train")[0]
-    want = (cfg["channels"], cfg["image_size"], cfg["image_size"])
-    if tuple(images.shape[1:]) != want:
-        raise UserError(f"--data {data}: its images are {'×'.join(map(str, images.shape[1:]))} (channels × pixels), "
-                        f"the model's are {'×'.join(map(str, want))}")
-    t_samples = args.t_samples
-    if t_samples is None and device.type == "cpu":  # measured: docs/measurements.md
-        t_samples = min(NLL_CPU_T_SAMPLES, T - 1)
-    if t_samples == T - 1:
-        t_samples = None  # every term: exact
-    batch_size = args.batch_size or (1024 if device.type == "cuda" else 64)
-    with autocast(device, args.precision):
-        prior, decoder, kl = bits_per_dim(model, diffusion, images, batch_size, t_samples, args.seed or 0)
-    total = prior + decoder + kl
-    how = "all terms" if t_samples is None else f"{t_samples} of the {T - 1} KL terms an image, estimated"
-    split = "" if folder else f" ({args.split or 'test'} split)"
-    result = dict(bpd=round(total.mean().item(), 4), se=round(total.std().item() / len(total) ** 0.5, 4),
-                  prior=round(prior.mean().item(), 6), decoder=round(decoder.mean().item(), 4),
-                  kl=round(kl.mean().item(), 4), n=len(total), terms=how, exact=t_samples is None, ckpt=path,
-                  data=data + split, precision=args.precision, variance=variance, seed=args.seed or 0)
-    print(json.dumps(result) if args.json else f"NLL ≤ {result['bpd']:.3f} ± {result['se']:.3f} bits/dim of "
-          f"{len(total)} images of {data}{split} (prior {result['prior']:.5f}, decoder {result['decoder']:.3f}, KL "
-          f"terms {result['kl']:.3f}; {how}) from {path}, {args.precision}, {variance}")
-    return 0
-
-
-def nll_subset(n, seed):
-    """`nll --n`: a fixed random n of the data's images, as `fid --n` picks them, or all; n over them: UserError."""
-    pick = random_subset(n, seed or 0)
-    if pick is None:
-        return None
-
-    def checked(total):
-        if n > total:
-            raise UserError(f"--n {n}: the data has only {total} images")
-        return pick(total)
-    return checked
-
-
-def cmd_export(args):
-    """A checkpoint's EMA model → an fp16 file to share (ckpt-like, loads with weights_only), or a DDPMPipeline folder
-    (--format diffusers) that diffusers loads and samples from."""
-    out = args.out.rstrip("/" + os.sep) or args.out
-    if os.path.exists(out):
-        raise UserError(f"--out {out} exists: choose a new path")
-    ensure_writable(os.path.dirname(os.path.abspath(out)), "--out")
-    path = find_checkpoint(args.ckpt)
-    if args.format == "fp16":
-        export_model(path, out)
-    else:
-        convert = need("convert", "export --format diffusers")
-        ckpt = load_checkpoint(path)
-        tmp = f"{out}.tmp{os.getpid()}"
-        try:
-            convert.save_diffusers(ckpt, tmp, args.keep_classes)
-            os.replace(tmp, out)
-        except ImportError as e:
-            raise UserError(missing(e, "export --format diffusers")) from None
-        except convert.ConvertError as e:
-            raise UserError(f"export --format diffusers: {e}") from None
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrote the EMA model of {path} to {out} ({args.format})", file=sys.stderr)
-    return 0
-
-
-def cmd_forward(args):
-    pictures = need("pictures", "forward")
-    size = args.image_size or NATIVE_SIZE.get(args.data, 32)
-    g = torch.Generator().manual_seed(args.seed)
-    x0 = load_images(args.data, args.data_root, size, pick=lambda n: torch.randperm(n, generator=g)[:args.n])[0]
-    x0 = x0.float() / 127.5 - 1  # decoded: just the n chosen images, not the whole folder
-    schedules = {s: Diffusion(1000, s) for s in ("linear", "cosine")}
-    rows, ts = forward_process(x0, torch.randn(x0.shape, generator=g), list(schedules.values()))
-    out = args.out or os.path.join("outputs", f"forward_{os.path.basename(os.path.normpath(args.data))}.png")
-    ensure_writable(os.path.dirname(out) or ".", "--out")
-    save_atomic(out, pictures.forward_strip([[to_uint8(x) for x in row] for row in rows], ts).save)
-    chart = os.path.splitext(out)[0] + "_schedule.png"  # and the numbers behind it, at the CPU sampler's steps
-    steps, spacing = SAMPLERS[CPU_SAMPLER]
-    fig = pictures.schedule_chart({s: d.alphas_cumprod for s, d in schedules.items()},
-                                  {s: d.sampling_steps(steps, spacing) for s, d in schedules.items()},
-                                  f"{steps} {spacing} steps (DPM-Solver++)", schedules["linear"].sampling_steps(25),
-                                  "25 uniform steps (DDIM)")
-    save_atomic(chart, lambda f: fig.savefig(f, format="png"))
-    print(f"wrote q(x_t | x_0) of {len(x0)} images of {args.data} at t = {ts} to {out}, its schedules to {chart}",
-          file=sys.stderr)
-    return 0
-
-
+# ======== 10. Command line: each command's flags beside its handler, in the README's order ==========================
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, **kwargs):  # no abbreviations: interpolate --n would be read as --no-compile
+        super().__init__(allow_abbrev=False, **kwargs)
+
     def error(self, message):  # one line, not usage + line
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
@@ -2002,9 +1666,13 @@ def _trackers(text):  # "tensorboard,wandb" → ("tensorboard", "wandb"); "none"
 
 def _add_options(parser, rows, shown=None):
     """rows of (flag, kind, default, help): kind a type, a tuple of choices, "switch" or "on/off" (--x and --no-x);
-    default ...: required; the help ends with the default (or with shown[name], where argparse's default is None)."""
+    default ...: required; the help ends with the default. shown (train): every default is None, so that a flag given
+    can be told from one not given, and the help shows shown[name] instead."""
     for flag, kind, default, text in rows:
-        value = default if shown is None else shown[flag[2:].replace("-", "_")]
+        value = default
+        if shown is not None:
+            value = shown[flag[2:].replace("-", "_")]
+            default = None
         if kind == "switch":
             kw = dict(action="store_true")
         elif kind == "on/off":
@@ -2017,142 +1685,44 @@ def _add_options(parser, rows, shown=None):
                             help=text + ("" if value in (None, ..., ()) else f" (default: {value})"))
 
 
-def build_parser():
-    parser = _Parser(prog="ddpm.py", description="DDPM (Ho et al. 2020): train on images, sample with guidance.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    common = _Parser(add_help=False)  # the flags of every command
-    _add_options(common, [
-        ("--device", str, None, "cuda, cuda:N, mps or cpu (default: the best found)"),
-        ("--precision", ("auto", "fp32", "bf16"), None, "auto: bf16 autocast on CUDA, and for sampling on a CPU with "
-         "native bf16 (AMX or AVX512-BF16); else fp32"),
-        ("--seed", _num(int, 0, 2 ** 62), None, "random seed (default: 0)"),
-        ("--batch-size", _num(int, 1, 65536), None, "images a step (train, default 128) or a batch"),
-        ("--compile", "on/off", None, "torch.compile (default: on CUDA)")])
-    add_train_parser(sub, common)
-    sampling = sampling_parser()
-    add_sample_parser(sub, [common, sampling])
-    add_fid_parser(sub, [common, sampling])
-    add_nll_parser(sub)
-    add_export_parser(sub)
-    fw = sub.add_parser("forward", help="picture the forward process q(x_t | x_0): training images turning into noise")
-    fw.set_defaults(func=cmd_forward)
-    _add_options(fw, [
-        ("--data", str, "cifar10", "cifar10, mnist, fashion-mnist or an image folder"),
-        ("--data-root", str, "./data", "download folder"),
-        ("--image-size", _num(int, 4, 4096), None, "side in pixels (default: the data's own; folders: 32)"),
-        ("--n", _num(int, 1, 100), 3, "training images, two rows each: linear and cosine schedule"),
-        ("--seed", _num(int, 0, 2 ** 62), 0, "picks the images and ε"),
-        ("--out", str, None, "PNG file (default: outputs/forward_<data>.png)")])
-    return parser
+# The flags several commands share, each declared once
+SEED = ("--seed", _num(int, 0, 2 ** 62), 0, "random seed")
+RUN = [  # every command that runs the network
+    ("--device", str, None, "cuda, cuda:N, mps or cpu (default: the best found)"),
+    ("--precision", ("auto", "fp32", "bf16"), "auto", "auto: bf16 autocast on CUDA, and to sample on a CPU that "
+     "computes bf16 natively (AMX or AVX512-BF16); fp32 to train on a CPU and for nll (its L_0 needs ε̂ to within a "
+     "bin of 2/255, finer than bf16 resolves)"), SEED,
+    ("--batch-size", _num(int, 1, 65536), None, "images a training step, or a batch (to sample: 1,024 on CUDA, else "
+     "16; nll's (image, t) pairs: 1,024 or 64)")]
+CKPT = ("--ckpt", str, None, "checkpoint, exported model or diffusers model (default: the newest runs/*/ckpt.pt, else "
+        "samples/cifar10_small.pt)")
+COMPILE = ("--compile", "on/off", None, "torch.compile (default: on CUDA to train, and where samples × steps ≥ 2e5)")
+SAMPLER = [CKPT, COMPILE,  # every command that samples
+           ("--class", str, None, "class name or index (default: every class in turn; to edit, an image's own where "
+            "its folder is named as one of the model's, else none)"),
+           ("--guidance", _num(float, 0, 100), 2.0, "guidance s: 1 = conditional, 0 = unconditional"),
+           ("--steps", _steps, None, "steps of the sampler, or 'all' T; --steps N alone samples with DDIM, 'all' "
+            "ancestrally"),
+           ("--eta", _num(float, 0, 1), None, "DDIM noise: 0 deterministic, 1 DDPM-like (default: the model's train "
+            "--eta: 0, for --preset small 1)"),
+           ("--sampler", tuple(SAMPLERS), None, "ancestral (Algorithm 2), DDIM, or DPM-Solver++(2M) (default: "
+            "ancestral on a GPU; on a CPU dpm++, 10 steps, or ddim, 25, for a model of train --eta > 0)"),
+           ("--spacing", ("uniform", "quadratic", "logsnr"), None, "the steps' spacing: uniform or quadratic in t, "
+            "uniform in log-SNR (default: dpm++ quadratic, ddim uniform)")]
+OUT = ("--out", str, None, "a PNG, or a folder/ for a PNG each (default: outputs/<class or command>.png)")
+INPUT = "an image, or a folder of images (<folder>/<class>/*.png|jpg, or <folder>/*.png|jpg)"
+DATA_ROOT = ("--data-root", str, "./data", "where cifar10 and mnist are downloaded, and decoded images cached")
+WORKERS = ("--num-workers", _num(int, 1, 256), 4, "decoding threads")
+INCEPTION = ("--inception", str, None, "local copy of torch-fidelity's Inception weights, for offline use (default: "
+             "$DDPM_INCEPTION, else downloaded once)")
+JSON = ("--json", "switch", None, "print the result as one JSON object")
 
 
-def add_sample_parser(sub, parents):
-    sa = sub.add_parser("sample", parents=parents, help="sample a PNG grid (or a PNG per image)")
-    sa.set_defaults(func=cmd_sample, precision="auto")
-    _add_options(sa, [
-        ("--n", _num(int, 1, 10 ** 7), None, "number of samples (default: 64); with --inpaint the rows (8), with "
-         "--from the results for each input and strength (4)"),
-        ("--out", str, None, "a PNG grid, or a folder/ for a PNG each (default: outputs/<class>.png, "
-         "outputs/<mode>.png)"),
-        ("--process", "switch", None, "write the reverse process instead: NAME.gif (x_t beside its predicted x_0, 10 "
-         "steps) and NAME.png (those steps, up to 8 samples) for --out NAME.png"),
-        ("--inpaint", str, None, "fill in an image (a file, or a random --n of a folder's): its known pixels are "
-         "pasted back, drawn from q, after every step; rows of input, mask, result"),
-        ("--mask", str, None, "with --inpaint: a PNG, white where the model paints, of the model's or the image's "
-         "size (default: the centre square of half the side)"),
-        ("--interpolate", _num(int, 2, 1000), None, "N frames from the slerp of two seeded noises, sampled "
-         "deterministically: a row for --class, else one per class"),
-        ("--resample", _num(int, 1, 100), None, "with --inpaint: RePaint's resampling, each step redone R times (R "
-         "× the cost; R > 1 samples with DDIM, 25 steps, η = 1 unless given)"),
-        ("--strength", _strengths, None, "with --from: 0 returns the input, 1 is plain sampling; several, comma-"
-         "separated, give a row each (default: 0.5)")])
-    sa.add_argument("--from", dest="from_image", metavar="IMAGE", help="image-to-image (SDEdit): noise an image (a "
-                    "file, or a random --n of a folder's) to t = strength · (T − 1), then sample from there")
-
-
-def add_export_parser(sub):
-    ex = sub.add_parser("export", help="a checkpoint's EMA model, to share (fp16) or for diffusers' DDPMPipeline")
-    ex.set_defaults(func=cmd_export)
-    _add_options(ex, [
-        ("--ckpt", str, None, "checkpoint or diffusers model (default: the newest runs/*/ckpt.pt)"),
-        ("--out", str, ..., "the file (fp16) or folder (diffusers) to write; it must not exist"),
-        ("--format", ("fp16", "diffusers"), "fp16", "fp16: EMA weights, config and classes, a quarter of ckpt.pt; "
-         "diffusers: a DDPMPipeline folder (UNet2DModel + DDPMScheduler), a class-conditional model as the "
-         "unconditional one guidance uses"),
-        ("--keep-classes", "switch", None, "with --format diffusers: keep the class embedding (num_class_embeds = "
-         "classes + 1, the last the null label) for those who call the U-Net with class_labels")])
-
-
-def sampling_parser():
-    """The sampler's flags: `sample` and `fid` draw samples alike."""
-    sampling = _Parser(add_help=False)
-    _add_options(sampling, [
-        ("--ckpt", str, None, "checkpoint (default: the newest runs/*/ckpt.pt, else samples/cifar10_small.pt)"),
-        ("--class", str, None, "class name or index (default: every class, one per row)"),
-        ("--guidance", _num(float, 0, 100), 2.0, "guidance s: 1 = conditional, 0 = unconditional"),
-        ("--steps", _steps, None, "steps of the sampler, or 'all' T; "
-         "--steps N alone samples with DDIM, 'all' ancestrally (default: all; on a CPU the --sampler's)"),
-        ("--eta", _num(float, 0, 1), None, "DDIM noise: 0 deterministic, 1 DDPM-like (default: the model's train "
-         "--eta: 0, for --preset small 1)"),
-        ("--sampler", ("ancestral", "ddim", "dpm++"), None, "ancestral (Algorithm 2), DDIM, or DPM-Solver++(2M) "
-         f"(default: ancestral; on a CPU {CPU_SAMPLER} with {SAMPLERS[CPU_SAMPLER][0]} steps, or for a model of "
-         "train --eta > 0 ddim with 25)"),
-        ("--spacing", ("uniform", "quadratic", "logsnr"), None, "the steps' spacing: uniform or quadratic in t, "
-         "uniform in log-SNR (default: " + ", ".join(f"{k} {v[1]}" for k, v in SAMPLERS.items()) + ")")])
-    return sampling
-
-
-def add_fid_parser(sub, parents):
-    fi = sub.add_parser("fid", parents=parents, help="FID of a checkpoint's samples (or of --samples DIR) "
-                        "against --ref, with TensorFlow's Inception as torch-fidelity ports it")
-    fi.set_defaults(func=cmd_fid, precision="auto")
-    _add_options(fi, [
-        ("--ref", str, ..., "cifar10 or mnist (their training sets), an image folder, or an .npz with mu and sigma "
-         "(pytorch-fid's format); the statistics of images are cached in --data-root/fid/"),
-        ("--n", _num(int, 2, 10 ** 7), None, "samples (default: 50,000 on CUDA, as the papers; 1,000 on a CPU, which "
-         "biases FID upwards: compare only figures of equal n)"),
-        ("--samples", str, None, "score this image folder instead of a checkpoint (all its images, or a random --n)"),
-        ("--image-size", _num(int, 4, 4096), None, "with --samples: decode at this size (default: the folder's own)"),
-        ("--ref-n", _num(int, 2, 10 ** 7), None, "a fixed random subset of the reference images (default: all)"),
-        ("--inception", str, None, "local copy of torch-fidelity's Inception weights, for offline use (default: "
-         "$DDPM_INCEPTION, else downloaded once)"),
-        ("--data-root", str, "./data", "download folder for --ref cifar10/mnist, and the cache"),
-        ("--num-workers", _num(int, 1, 256), 4, "decoding threads"),
-        ("--json", "switch", None, "print the result as one JSON object")])
-
-
-def add_nll_parser(sub):
-    nl = sub.add_parser("nll", help="the variational bound in bits/dim (Ho et al.'s Table 2) of a checkpoint on a "
-                        "data set's test images")
-    nl.set_defaults(func=cmd_nll)
-    _add_options(nl, [
-        ("--device", str, None, "cuda, cuda:N, mps or cpu (default: the best found)"),
-        ("--precision", ("fp32", "bf16"), "fp32", "the network's precision: fp32, as L_0 turns on ε̂ to within a bin "
-         "of 2/255, finer than bf16's 8-bit mantissa resolves over the whole range; bf16 is faster and biased"),
-        ("--seed", _num(int, 0, 2 ** 62), 0, "picks the images, the t and ε"),
-        ("--batch-size", _num(int, 1, 65536), None, "(image, t) pairs a network call (default: 1024 on CUDA, 64)"),
-        ("--ckpt", str, None, "checkpoint (default: the newest runs/*/ckpt.pt, else samples/cifar10_small.pt)"),
-        ("--data", str, None, "cifar10, mnist, fashion-mnist or an image folder, scored whole (default: the model's "
-         "training data)"),
-        ("--split", ("train", "test"), None, "the split of cifar10, mnist or fashion-mnist (default: test)"),
-        ("--data-root", str, "./data", "download folder"),
-        ("--n", _num(int, 2, 10 ** 7), None, "a fixed random subset of the images, as fid --n (default: all)"),
-        ("--t-samples", _num(int, 1, 10 ** 5), None, "estimate the sum of the KL terms from K of them an image: "
-         "t = 1 … K/2 exactly, K/2 of the rest drawn uniformly and scaled; unbiased, and the prior and decoder stay "
-         f"exact (default: all T − 1 on a GPU, {NLL_CPU_T_SAMPLES} on a CPU)"),
-        ("--variance", ("fixedlarge", "fixedsmall"), None, "σ²_t of p_θ: β_t (Ho et al.'s CIFAR-10 model) or the "
-         "posterior's β̃_t (default: the model's, fixedlarge for ddpm.py's)"),
-        ("--num-workers", _num(int, 1, 256), 4, "decoding threads"),
-        ("--json", "switch", None, "print the result as one JSON object")])
-
-
-def add_train_parser(sub, common):
-    tr = sub.add_parser("train", parents=[common], help="train a model (default: Ho et al.'s CIFAR-10 setup)")
-    tr.set_defaults(func=cmd_train)
+def add_train(sub):
+    p = sub.add_parser("train", help="train a model (default: Ho et al.'s CIFAR-10 setup)")
     big = 10 ** 9
-    _add_options(tr, [(flag, kind, None, text) for flag, kind, text in [  # argparse's default None: given or not
+    _add_options(p, RUN + [DATA_ROOT, WORKERS, INCEPTION, COMPILE] + [(flag, kind, None, text) for flag, kind, text in [
         ("--data", str, "cifar10, mnist, fashion-mnist, or an image folder <folder>/<class>/*.png|jpg"),
-        ("--data-root", str, "download folder"),
         ("--image-size", _num(int, 4, 4096), "side in pixels (default: the data's own, 28 for MNIST, if the U-Net "
          "can take it, else 32)"),
         ("--out", str, "run folder: ckpt.pt, log.txt, progress.png, samples_*.png (default: runs/<data name>)"),
@@ -2169,11 +1739,10 @@ def add_train_parser(sub, common):
         ("--save-every", _num(int, 1, big), "checkpoint interval in steps"),
         ("--keep-every", _num(int, 0, big), "also keep ckpt_<step>.pt every N steps (0: only the last)"),
         ("--sample-every", _num(int, 0, big), "EMA sample grid interval (0: never)"),
-        ("--log-every", _num(int, 1, big), "log line interval"), ("--num-workers", _num(int, 1, 256), "threads"),
+        ("--log-every", _num(int, 1, big), "log line interval"),
         ("--fid-every", _num(int, 0, big), "FID of the EMA model into log.txt and progress.png every N steps (0: "
          "never)"), ("--fid-n", _num(int, 2, 10 ** 6), "samples for that FID (DDIM as the previews)"),
         ("--fid-ref", str, "FID reference as `fid --ref` takes it (default: the training images)"),
-        ("--inception", str, "local Inception weights for FID, as `fid --inception`"),
         ("--micro-batch", _num(int, 1, 65536), "images through the network at a time, gradients accumulated "
          "over the batch: less memory, the same step (default: the whole batch)"),
         ("--init", str, "fine-tune: start from this checkpoint's or exported model's EMA weights and "
@@ -2184,34 +1753,395 @@ def add_train_parser(sub, common):
         ("--unconditional", "switch", "ignore the classes"),
         ("--flip", "on/off", "random horizontal flips (default: on, but off for --data mnist: turn them off for any "
          "digits, letters or text)")]], shown=dict(TRAIN_DEFAULTS, flip=None))
-    tr.add_argument("--preset", choices=PRESETS, default="paper", help="paper: Ho et al.'s setup (the defaults "
-                    "shown); small: " + ", ".join(f"{k} {v}" for k, v in PRESETS["small"].items()) + "; flags override")
-    tr.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--preset", choices=PRESETS, default="paper", help="paper: Ho et al.'s setup (the defaults "
+                   "shown); small: " + ", ".join(f"{k} {v}" for k, v in PRESETS["small"].items()) + "; flags override")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+
+
+def cmd_train(args):
+    given = {k: v for k, v in vars(args).items() if k in TRAIN_DEFAULTS and v is not None}
+    name = os.path.basename(os.path.normpath(given.get("data", "cifar10")))
+    out = given.setdefault("out", os.path.join("runs", name))
+    new = not os.path.isdir(out)
+    lock = None if int(os.environ.get("RANK", 0)) else hold(out)  # rank 0 holds the folder before anything reads it
+    try:
+        return train(*train_config(args, given, out))
+    finally:
+        if lock:
+            lock.close()
+        if new and os.path.isdir(out) and not set(os.listdir(out)) - {".lock"}:  # a run that never started: no folder
+            shutil.rmtree(out)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train_config(args, given, out):
+    """The run's config and checkpoint (None for a new run): new from the flags given (over the preset and Ho et al.'s
+    defaults), or resumed from out/ckpt.pt, whose flags may change only where RESUMABLE."""
+    path = os.path.join(out, "ckpt.pt")
+    ckpt = None
+    if args.resume:
+        if not os.path.exists(path):
+            raise UserError(f"--resume: no checkpoint in {out}/ to resume (start without --resume)")
+        ckpt = load_checkpoint(path)
+        if "optimizer" not in ckpt:  # export_model's file: EMA weights alone
+            raise UserError(f"{path} is an exported model (EMA weights only: no optimizer, no random states): it "
+                            f"cannot resume a run; fine-tune from it with train --init {path} --out NEW_FOLDER")
+        cfg = {**TRAIN_DEFAULTS, **ckpt["config"]}  # flags added since that run began: off, as it ran
+    elif os.path.exists(path):
+        raise UserError(f"{path} exists: pass --resume to continue that run, or choose another --out")
+    else:
+        cfg = {**TRAIN_DEFAULTS, **PRESETS[args.preset], **given}
+        if cfg["init"]:  # fine-tuning: the network and schedule are --init's, and its image size unless given
+            init = load_checkpoint(cfg["init"], mmap=True)["config"]  # the weights are read once, by the Trainer
+            for key in INIT_KEYS:
+                if key in given and given[key] != init[key]:
+                    raise UserError(f"--{key.replace('_', '-')} {given[key]}: the network comes from --init "
+                                    f"{cfg['init']}, which has {init[key]}")
+            cfg.update({k: init[k] for k in INIT_KEYS}, image_size=cfg["image_size"] or init["image_size"])
+        native = NATIVE_SIZE.get(cfg["data"], 32)  # the data's own size if the U-Net can halve it enough, else 32
+        cfg["image_size"] = cfg["image_size"] or (32 if native % 2 ** (len(cfg["ch_mult"]) - 1) else native)
+        if args.preset == "paper" and not cfg["init"] and "ch_mult" not in given:  # a network sized for the images
+            cfg.update({k: v for k, v in NET_BY_SIZE.get(cfg["image_size"], {}).items() if k not in given})
+    cfg["flip"] = cfg["data"] != "mnist" if cfg["flip"] is None else cfg["flip"]  # a mirrored 7 is no 7
+    for key, value in given.items():  # a new run holds `given` already; a resumed one may change RESUMABLE only
+        if key not in RESUMABLE and value != cfg[key]:
+            raise UserError(f"--{key.replace('_', '-')} {value}: the run in {out} used {cfg[key]}; "
+                            f"drop the flag to resume it, or train into another --out")
+    cfg.update(given)
+    if cfg["fid_every"]:  # now, not at the first FID hours in
+        import fid  # noqa: F401
+    for name in cfg["report_to"]:  # and before any data is decoded
+        try:
+            importlib.import_module(TRACKERS[name])
+        except ImportError:
+            raise UserError(f"--report-to {name} needs the {name} package: pip install {name}") from None
+    return cfg, ckpt
+
+
+def add_sample(sub):
+    p = sub.add_parser("sample", help="sample a PNG grid (or a PNG per image), or picture the reverse process")
+    _add_options(p, RUN + SAMPLER + [OUT, ("--n", _num(int, 1, 10 ** 7), 64, "samples"),
+                                     ("--process", "switch", None, "write the reverse process instead: NAME.gif (x_t "
+                                      "beside its predicted x_0, 10 steps) and NAME.png (those steps, up to 8 samples) "
+                                      "for --out NAME.png")])
+
+
+def cmd_sample(args):
+    pictures = importlib.import_module("pictures") if args.process else None
+    run = load_run(args)
+    labels, nrow, name = labels_from_args(args, run, args.n, rows=True)
+    n = args.n if labels is None else len(labels)
+    if args.process:
+        return write_process(pictures, args, run, labels, n, nrow, name)
+    return write_run(args, run, f"{name}.png", draw(run, n, y=labels), partial(to_image, nrow=nrow), "samples")
+
+
+def write_process(pictures, args, run, labels, n, nrow, name):
+    """The reverse process as NAME.gif (x_t beside x̂_0 at 10 steps, looping, the last frame held) and NAME.png (the
+    same 10 steps left to right, two rows for each of the first 8 samples: x_t above x̂_0)."""
+    out, per_file = sample_out(args.out, f"{name}.png")
+    base = os.path.join(out, name) if per_file else os.path.splitext(out)[0]
+    y = None if labels is None else labels.to(run.device)
+    torch.manual_seed(args.seed)
+    with autocast(run.device, run.precision):
+        _, frames = reverse_process(run.model, run.diffusion, n, y=y, **run.options)
+    gif, strip = pictures.reverse_process([(t, to_uint8(x_t), to_uint8(x0)) for t, x_t, x0 in frames], nrow)
+    save_atomic(base + ".gif", lambda f: pictures.save_gif(gif, f))
+    save_atomic(base + ".png", strip.save)
+    print(f"wrote the reverse process of {n} samples ({len(frames)} steps of {run.options['steps'] or 'all'}) to "
+          f"{base}.gif and {base}.png", file=sys.stderr)
+    return 0
+
+
+def add_inpaint(sub):
+    p = sub.add_parser("inpaint", help="fill in images where a mask is white: rows of input, mask and result")
+    p.add_argument("input", metavar="IMAGE|FOLDER", help=INPUT)
+    _add_options(p, RUN + SAMPLER + [OUT, ("--n", _num(int, 1, 10 ** 5), 8, "results: a random N of FOLDER's images, "
+                                           "or IMAGE N times, each with noise of its own"),
+                                     ("--mask", str, None, "a PNG, white where the model paints, of the model's or "
+                                      "the image's size (default: the centre square of half the side)"),
+                                     ("--resample", _num(int, 1, 100), 1, "RePaint's resampling: each step redone R "
+                                      "times (R × the cost; R > 1 samples with DDIM, 25 steps, η = 1 unless given)")])
+
+
+def cmd_inpaint(args):
+    """After every step the known pixels are drawn anew from q (Diffusion.paste_known); at the end, the input's."""
+    import pictures
+    run = load_run(args, resample=args.resample)
+    images, labels, index = edit_inputs(args, run)
+    x_known = images[index]
+    known = load_mask(args.mask, run.cfg["image_size"], args.input).expand(args.n, *run.shape)
+    shown = (1 - known) * 2 - 1  # white where the model paints
+
+    def strip(results):
+        rows = [[to_uint8(x) for x in row] for row in zip(x_known, shown, results)]
+        return pictures.editing_strip(rows, ["input", "mask", "inpainted"])
+    batches = draw(run, args.n, y=labels, known=(x_known, known, args.resample))
+    return write_run(args, run, "inpaint.png", batches, strip, "results of inpaint")
+
+
+def add_interpolate(sub):
+    p = sub.add_parser("interpolate", help="samples from the slerp of two seeded noises, sampled deterministically: "
+                       "a row for --class, else one per class")
+    _add_options(p, RUN + SAMPLER + [OUT, ("--frames", _num(int, 2, 1000), 8, "samples a row")])
+
+
+def cmd_interpolate(args):
+    """The frames of a row are the samples of slerp(z1, z2, λ) for λ from 0 to 1, z1 and z2 drawn with --seed."""
+    import pictures
+    run = load_run(args, deterministic=True)
+    labels = labels_from_args(args, run, 1, rows=True)[0]  # --class's row, or one per class (None: unconditional)
+    rows = 1 if labels is None else len(labels)
+    g = torch.Generator().manual_seed(args.seed)
+    z1 = torch.randn(run.shape, generator=g)
+    z2 = torch.randn(run.shape, generator=g)
+    lams = [j / (args.frames - 1) for j in range(args.frames)]
+    noise = torch.stack([slerp(z1, z2, lam) for lam in lams]).repeat(rows, 1, 1, 1)
+    y = None if labels is None else labels.repeat_interleave(args.frames)
+    names = [] if labels is None else [run.classes[c][:7] for c in labels.tolist()]
+
+    def strip(results):
+        grid = [[to_uint8(x) for x in row] for row in results.split(args.frames)]
+        return pictures.editing_strip(grid, [f"{lam:.2f}" for lam in lams], names)  # the font has no λ
+    return write_run(args, run, "interpolate.png", draw(run, len(noise), y=y, noise=noise), strip,
+                     "results of interpolate")
+
+
+def add_img2img(sub):
+    p = sub.add_parser("img2img", help="image-to-image (SDEdit): noise images to t = strength · (T − 1), then sample "
+                       "from there")
+    p.add_argument("input", metavar="IMAGE|FOLDER", help=INPUT)
+    _add_options(p, RUN + SAMPLER + [OUT, ("--n", _num(int, 1, 10 ** 5), 4, "results for each strength: a random N of "
+                                           "FOLDER's images, or IMAGE N times, each with noise of its own"),
+                                     ("--strength", _strengths, [0.5], "0 returns the input, 1 is plain sampling; "
+                                      "several, comma-separated, give a row each")])
+
+
+def cmd_img2img(args):
+    """For each input and strength a row: the input, then its results."""
+    import pictures
+    run = load_run(args)
+    images, labels, index = edit_inputs(args, run)
+    strengths = args.strength
+
+    def strip(results):
+        results = results.view(len(strengths), args.n, *run.shape)
+        rows = [[image, *results[s][index == i]] for i, image in enumerate(images) for s in range(len(strengths))]
+        columns = ["input"] + [f"seed {k + 1}" for k in range(len(rows[0]) - 1)]
+        names = [f"s={s:g}" for s in strengths] * len(images)
+        return pictures.editing_strip([[to_uint8(x) for x in row] for row in rows], columns, names)
+    batches = (b for s in strengths for b in draw(run, args.n, y=labels, image=images[index], strength=s))
+    return write_run(args, run, "img2img.png", batches, strip, "results of img2img")
+
+
+def add_fid(sub):
+    p = sub.add_parser("fid", help="FID of a checkpoint's samples (or of --samples DIR) against --ref, with "
+                       "TensorFlow's Inception as torch-fidelity ports it")
+    _add_options(p, RUN + SAMPLER + [INCEPTION, DATA_ROOT, WORKERS, JSON,
+        ("--ref", str, ..., "cifar10 or mnist (their training sets), an image folder, or an .npz with mu and sigma "
+         "(pytorch-fid's format); the statistics of images are cached in --data-root/fid/"),
+        ("--n", _num(int, 2, 10 ** 7), None, "samples (default: 50,000 on CUDA, as the papers; 1,000 on a CPU, which "
+         "biases FID upwards: compare only figures of equal n)"),
+        ("--samples", str, None, "score this image folder instead of a checkpoint (all its images, or a random --n)"),
+        ("--image-size", _num(int, 4, 4096), None, "with --samples: decode at this size (default: the folder's own)"),
+        ("--ref-n", _num(int, 2, 10 ** 7), None, "a fixed random subset of the reference images (default: all)")])
+
+
+def cmd_fid(args):
+    """FID of a checkpoint's samples, drawn as `sample` draws them, or of a folder of images, against --ref."""
+    device = get_device(args.device)
+    fid, net = inception(args.inception, device)
+    amp = nullcontext()
+    if args.samples:
+        pick = random_subset(args.n, torch.Generator().manual_seed(args.seed))
+        images = load_images(args.samples, image_size=args.image_size, pick=pick, flag="--samples")[0]
+        batches = images.split(50)
+        shape = images.shape[1:]
+        result = dict(samples=args.samples)
+    else:
+        run = load_run(args)
+        n = args.n or (50_000 if device.type == "cuda" else 1000)  # the papers' 50,000; a CPU: seconds a sample
+        batches = map(to_uint8, draw(run, n, y=labels_from_args(args, run, n, rows=False)[0]))
+        shape = run.shape
+        amp = autocast(device, run.precision)  # Inception itself runs in fp32 (inception_stats)
+        result = dict(ckpt=run.path, sampler=describe(run), guidance=args.guidance, seed=args.seed,
+                      precision=run.precision)
+    # The reference first: its statistics are cached, and a bad --ref is refused before any sampling
+    ref = fid_reference(fid, net, args.ref, args.data_root, shape[-1], args.ref_n, args.num_workers, shape[0])
+    torch.manual_seed(args.seed)
+    with amp:
+        mu, sigma, n = fid.inception_stats(net, batches)
+    score = fid.frechet_distance(mu, sigma, *ref[:2])
+    result = dict(fid=round(score, 4), n=n, **result, ref=args.ref, ref_n=ref[2])
+    how = ""
+    if "ckpt" in result:
+        how = f" ({result['sampler']}, guidance {args.guidance}, seed {args.seed}, {result['precision']})"
+    print(json.dumps(result) if args.json else f"FID {score:.3f} of {n} images{how} from "
+          f"{result.get('ckpt', args.samples)} against {args.ref} (n {ref[2]})")
+    return 0
+
+
+NLL_CPU_T_SAMPLES = 100  # `nll --t-samples` on a CPU (GPU: all T terms); measured: docs/measurements.md
+
+
+def add_nll(sub):
+    p = sub.add_parser("nll", help="the variational bound in bits/dim (Ho et al.'s Table 2) of a checkpoint on a "
+                       "data set's test images")
+    _add_options(p, RUN + [CKPT, DATA_ROOT, WORKERS, JSON,
+        ("--data", str, None, "cifar10, mnist, fashion-mnist or an image folder, scored whole (default: the model's "
+         "training data)"),
+        ("--split", ("train", "test"), None, "the split of cifar10, mnist or fashion-mnist (default: test)"),
+        ("--n", _num(int, 2, 10 ** 7), None, "a fixed random subset of the images, as fid --n (default: all)"),
+        ("--t-samples", _num(int, 1, 10 ** 5), None, "estimate the sum of the KL terms from K of them an image: "
+         "t = 1 … K/2 exactly, K/2 of the rest drawn uniformly and scaled; unbiased, and the prior and decoder stay "
+         f"exact (default: all T − 1 on a GPU, {NLL_CPU_T_SAMPLES} on a CPU)"),
+        ("--variance", ("fixedlarge", "fixedsmall"), None, "σ²_t of p_θ: β_t (Ho et al.'s CIFAR-10 model) or the "
+         "posterior's β̃_t (default: the model's, fixedlarge for ddpm.py's)")])
+
+
+def cmd_nll(args):
+    """The variational bound of a checkpoint's EMA model on the images of a data set, in bits/dim (Table 2)."""
+    device = get_device(args.device)
+    path = find_checkpoint(args.ckpt)
+    model, _, _, cfg = load_sampler(path, device)
+    variance = args.variance or cfg["variance"]
+    diffusion = Diffusion(cfg["timesteps"], cfg["schedule"], variance, device=device)
+    T = diffusion.num_timesteps
+    if args.t_samples is not None and args.t_samples > T - 1:
+        raise UserError(f"--t-samples {args.t_samples}: the model has T − 1 = {T - 1} terms with t ≥ 1 to draw from")
+    data = args.data or cfg["data"]
+    if data is None:
+        raise UserError(f"--data: {path} does not say what it was trained on; pass cifar10, mnist or a folder")
+    folder = data not in NATIVE_SIZE
+    if folder and args.split:
+        raise UserError(f"--split {args.split}: --data {data} is a folder, scored whole; --split is for "
+                        f"{', '.join(NATIVE_SIZE)}")
+    pick = random_subset(args.n, torch.Generator().manual_seed(args.seed))
+    images = load_images(data, args.data_root, NATIVE_SIZE.get(data), args.num_workers, pick,
+                         train=args.split == "train")[0]
+    want = (cfg["channels"], cfg["image_size"], cfg["image_size"])
+    if images.shape[1:] != want:
+        raise UserError(f"--data {data}: its images are {'×'.join(map(str, images.shape[1:]))} (channels × pixels), "
+                        f"the model's are {'×'.join(map(str, want))}")
+    t_samples = args.t_samples
+    if t_samples is None and device.type == "cpu":  # measured: docs/measurements.md
+        t_samples = min(NLL_CPU_T_SAMPLES, T - 1)
+    if t_samples == T - 1:
+        t_samples = None  # every term: exact
+    batch_size = args.batch_size or (1024 if device.type == "cuda" else 64)
+    precision = resolve_precision(args.precision, device, "nll")
+    with autocast(device, precision):
+        prior, decoder, kl = bits_per_dim(model, diffusion, images, batch_size, t_samples, args.seed)
+    total = prior + decoder + kl
+    how = "all terms" if t_samples is None else f"{t_samples} of the {T - 1} KL terms an image, estimated"
+    split = "" if folder else f" ({args.split or 'test'} split)"
+    result = dict(bpd=round(total.mean().item(), 4), se=round(total.std().item() / len(total) ** 0.5, 4),
+                  prior=round(prior.mean().item(), 6), decoder=round(decoder.mean().item(), 4),
+                  kl=round(kl.mean().item(), 4), n=len(total), terms=how, exact=t_samples is None, ckpt=path,
+                  data=data + split, precision=precision, variance=variance, seed=args.seed)
+    print(json.dumps(result) if args.json else f"NLL ≤ {result['bpd']:.3f} ± {result['se']:.3f} bits/dim of "
+          f"{len(total)} images of {data}{split} (prior {result['prior']:.5f}, decoder {result['decoder']:.3f}, KL "
+          f"terms {result['kl']:.3f}; {how}) from {path}, {precision}, {variance}")
+    return 0
+
+
+def add_export(sub):
+    p = sub.add_parser("export", help="a checkpoint's EMA model, to share (fp16) or for diffusers' DDPMPipeline")
+    _add_options(p, [CKPT,
+        ("--out", str, ..., "the file (fp16) or folder (diffusers) to write; it must not exist"),
+        ("--format", ("fp16", "diffusers"), "fp16", "fp16: EMA weights, config and classes, a quarter of ckpt.pt; "
+         "diffusers: a DDPMPipeline folder (UNet2DModel + DDPMScheduler), a class-conditional model as the "
+         "unconditional one guidance uses"),
+        ("--keep-classes", "switch", None, "with --format diffusers: keep the class embedding (num_class_embeds = "
+         "classes + 1, the last the null label) for those who call the U-Net with class_labels")])
+
+
+def cmd_export(args):
+    """A checkpoint's EMA model → an fp16 file to share (ckpt-like, loads with weights_only), or a DDPMPipeline folder
+    (--format diffusers) that diffusers loads and samples from."""
+    out = args.out.rstrip("/" + os.sep) or args.out
+    if os.path.exists(out):
+        raise UserError(f"--out {out} exists: choose a new path")
+    ensure_writable(os.path.dirname(os.path.abspath(out)), "--out")
+    path = find_checkpoint(args.ckpt)
+    if args.format == "fp16":
+        export_model(path, out)
+    else:
+        import convert
+        tmp = f"{out}.tmp{os.getpid()}"
+        try:
+            convert.save_diffusers(load_checkpoint(path), tmp, args.keep_classes)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote the EMA model of {path} to {out} ({args.format})", file=sys.stderr)
+    return 0
+
+
+def add_forward(sub):
+    p = sub.add_parser("forward", help="picture the forward process q(x_t | x_0): training images turning into noise")
+    _add_options(p, [SEED, DATA_ROOT,
+        ("--data", str, "cifar10", "cifar10, mnist, fashion-mnist or an image folder"),
+        ("--image-size", _num(int, 4, 4096), None, "side in pixels (default: the data's own; folders: 32)"),
+        ("--n", _num(int, 1, 100), 3, "training images, two rows each: linear and cosine schedule"),
+        ("--out", str, None, "PNG file (default: outputs/forward_<data>.png)")])
+
+
+def cmd_forward(args):
+    """Random training images at 10 t from 0 to T − 1, one ε along each row, beside the schedules behind them."""
+    import pictures
+    size = args.image_size or NATIVE_SIZE.get(args.data, 32)
+    g = torch.Generator().manual_seed(args.seed)
+    x0 = load_images(args.data, args.data_root, size, pick=random_subset(args.n, g))[0]
+    x0 = x0.float() / 127.5 - 1  # decoded: just the n chosen images, not the whole folder
+    schedules = {s: Diffusion(1000, s) for s in ("linear", "cosine")}
+    rows, ts = forward_process(x0, torch.randn(x0.shape, generator=g), list(schedules.values()))
+    out = sample_out(args.out, f"forward_{os.path.basename(os.path.normpath(args.data))}.png")[0]
+    save_atomic(out, pictures.forward_strip([[to_uint8(x) for x in row] for row in rows], ts).save)
+    chart = os.path.splitext(out)[0] + "_schedule.png"  # and the numbers behind it, at the CPU sampler's steps
+    steps, spacing = SAMPLERS["dpm++"]
+    fig = pictures.schedule_chart({s: d.alphas_cumprod for s, d in schedules.items()},
+                                  {s: d.sampling_steps(steps, spacing) for s, d in schedules.items()},
+                                  f"{steps} {spacing} steps (DPM-Solver++)", schedules["linear"].sampling_steps(25),
+                                  "25 uniform steps (DDIM)")
+    save_atomic(chart, lambda f: fig.savefig(f, format="png"))
+    print(f"wrote q(x_t | x_0) of {len(x0)} images of {args.data} at t = {ts} to {out}, its schedules to {chart}",
+          file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"train": (add_train, cmd_train), "sample": (add_sample, cmd_sample), "inpaint": (add_inpaint, cmd_inpaint),
+            "interpolate": (add_interpolate, cmd_interpolate), "img2img": (add_img2img, cmd_img2img),
+            "fid": (add_fid, cmd_fid), "nll": (add_nll, cmd_nll), "export": (add_export, cmd_export),
+            "forward": (add_forward, cmd_forward)}
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = _Parser(prog="ddpm.py", description="DDPM (Ho et al. 2020): train on images, sample with guidance.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add, _ in COMMANDS.values():
+        add(sub)
+    args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        return COMMANDS[args.command][1](args)
     except UserError as e:
-        if not int(os.environ.get("RANK", 0)):  # under torchrun, one line from rank 0 rather than one per process
-            print(f"ddpm.py: error: {e}", file=sys.stderr)
-        return e.code
-    except torch.OutOfMemoryError:
-        print("ddpm.py: error: out of GPU memory; try a smaller --batch-size", file=sys.stderr)
-        return 2
-    except OSError as e:  # a full disk or a folder gone while writing: save_atomic has left no partial file
-        print(f"ddpm.py: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
-        return 1
-    except ValueError as e:  # fid.py's FIDError: a file or a count the user can fix, in one line
-        if not isinstance(e, getattr(sys.modules.get("fid"), "FIDError", ())):
+        message, code = str(e), e.code
+    except ImportError as e:  # a package, or a file that comes with ddpm.py, that this command needs
+        message, code = missing(e, args.command), 2
+    except ValueError as e:  # fid.py's FIDError, convert.py's ConvertError: a file or a count the user can fix
+        if type(e).__module__ not in ("fid", "convert"):
             raise
-        print(f"ddpm.py: error: {e}", file=sys.stderr)
-        return 2
+        message, code = str(e), 2
+    except torch.OutOfMemoryError:
+        message, code = "out of GPU memory; try a smaller --batch-size", 2
+    except OSError as e:  # a full disk or a folder gone while writing: save_atomic has left no partial file
+        message, code = f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}", 1
     except KeyboardInterrupt:
-        print("ddpm.py: interrupted", file=sys.stderr)
-        return 130
-
+        message, code = "interrupted", 130
+    if not int(os.environ.get("RANK", 0)):  # under torchrun, one line from rank 0 rather than one per process
+        print(f"ddpm.py: error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -634,8 +634,8 @@ def test_padded_batches_yield_exactly_n_samples():
     model = randomize(ddpm.UNet(3, 16, (1,), 1, (), 0.0, 8, num_classes=3))
     labels = torch.tensor([0, 1, 2, 0, 1])
     for pad in (False, True):
-        x = list(ddpm.sample_images(model, ddpm.Diffusion(20), labels, 5, 2, pad, steps=3))
-        assert len(x) == 5 and all(s.shape == (3, 8, 8) for s in x)
+        batches = list(ddpm.sample_batches(model, ddpm.Diffusion(20), 5, 2, pad, y=labels, steps=3))
+        assert [len(b) for b in batches] == [2, 2, 1] and all(b.shape[1:] == (3, 8, 8) for b in batches)
 
 
 def four_images(size=8):
@@ -710,8 +710,9 @@ def test_every_command_has_help(capsys):
     # ddpm.py itself runs as a script in test_sigterm_to_torchrun_stops_every_process_after_the_same_step
     with pytest.raises(SystemExit) as exit:
         ddpm.main(["--help"])
-    assert exit.value.code == 0 and "{train,sample,fid,nll,export,forward}" in capsys.readouterr().out
-    for command in ("train", "sample", "fid", "nll", "export", "forward"):
+    commands = "{train,sample,inpaint,interpolate,img2img,fid,nll,export,forward}"  # in the README's order
+    assert exit.value.code == 0 and commands in capsys.readouterr().out
+    for command in ("train", "sample", "inpaint", "interpolate", "img2img", "fid", "nll", "export", "forward"):
         with pytest.raises(SystemExit) as exit:
             ddpm.main([command, "--help"])
         assert exit.value.code == 0 and f"usage: ddpm.py {command}" in capsys.readouterr().out
@@ -1243,7 +1244,8 @@ def test_reference_statistics_of_a_folder_are_cached_by_what_made_them(folder, t
 
 def test_missing_inception_weights_name_the_flag(tmp_path, monkeypatch):
     monkeypatch.delenv("DDPM_INCEPTION", raising=False)
-    with pytest.raises(ddpm.UserError, match=r"no such file; offline, pass --inception PATH .*DDPM_INCEPTION"):
+    import fid
+    with pytest.raises(fid.FIDError, match=r"no such file; offline, pass --inception PATH .*DDPM_INCEPTION"):
         ddpm.inception(str(tmp_path / "none.pth"), torch.device("cpu"))
 
 
@@ -1477,11 +1479,14 @@ def test_ddpm_alone_trains_and_samples_and_names_the_file_each_other_command_nee
     code, err = run_main(["sample", "--ckpt", str(run / "ckpt.pt"), "--n", "2", "--steps", "2", "--out",
                           str(tmp_path / "s.png")], capsys)
     assert code == 0 and Image.open(tmp_path / "s.png").size == (18, 35)  # a row per class, one sample each
-    for argv, needs in [(["fid", "--ckpt", ckpts["cond"], "--ref", folder], "FID needs fid.py"),
+    for argv, needs in [(["fid", "--ckpt", ckpts["cond"], "--ref", folder], "fid needs fid.py"),
                         (["forward", "--data", folder], "forward needs pictures.py"),
-                        (["sample", "--ckpt", ckpts["cond"], "--process"], "sample --process needs pictures.py"),
+                        (["sample", "--ckpt", ckpts["cond"], "--process"], "sample needs pictures.py"),
+                        (["inpaint", folder, "--ckpt", ckpts["cond"]], "inpaint needs pictures.py"),
+                        (["interpolate", "--ckpt", ckpts["cond"]], "interpolate needs pictures.py"),
+                        (["img2img", folder, "--ckpt", ckpts["cond"]], "img2img needs pictures.py"),
                         (["train", "--data", folder, "--out", str(tmp_path / "f"), "--fid-every", "1", *TINY],
-                         "train --fid-every needs fid.py")]:
+                         "train needs fid.py")]:
         code, err = run_main([*argv, "--data-root", str(tmp_path)] if argv[0] == "fid" else argv, capsys)
         assert code == 2 and err.count("\n") == 1 and needs in err and "put it beside ddpm.py" in err, (argv, err)
     assert not os.path.exists(tmp_path / "f")

@@ -1,6 +1,6 @@
-"""Tests for editing with a trained model (Diffusion.sample's known, image and strength; slerp) and `sample
---inpaint`, `--interpolate`, `--from`: exact properties on the CPU, and each refusal in one line."""
-import math, os
+"""Tests for editing with a trained model (Diffusion.sample's known, image and strength; slerp) and the commands
+`inpaint`, `interpolate` and `img2img`: exact properties on the CPU, and each refusal in one line."""
+import argparse, math, os
 
 import numpy as np
 import pytest
@@ -111,31 +111,37 @@ def test_interpolation_ends_equal_the_samples_of_the_two_noises(options):
     assert torch.equal(x[0], ends[0]) and torch.equal(x[3], ends[3])
 
 
-def test_sample_inpaint_writes_the_known_pixels_exactly_in_the_png(ckpts, folder, tmp_path, capsys):
+def test_inpaint_writes_the_known_pixels_exactly_in_the_png(ckpts, folder, tmp_path, capsys):
     out = tmp_path / "inpainted"
-    code, err = run_main(["sample", "--ckpt", ckpts["cond"], "--inpaint", folder, "--n", "3", "--out", f"{out}/",
-                          "--steps", "4"], capsys)
-    assert code == 0 and "wrote 3 results of sample --inpaint" in err
-    cfg = ddpm.load_checkpoint(ckpts["cond"])["config"]
-    inputs, _ = ddpm.edit_inputs(folder, "--inpaint", cfg, ["cat", "ship"], 3)
+    argv = ["inpaint", folder, "--ckpt", ckpts["cond"], "--n", "3", "--out", f"{out}/", "--steps", "4"]
+    code, err = run_main(argv, capsys)
+    assert code == 0 and "wrote 3 results of inpaint" in err
+    args = argparse.Namespace(input=folder, n=3, seed=0, command="inpaint", ckpt=ckpts["cond"], device="cpu",
+                              precision="fp32", batch_size=None, compile=None, sampler=None, steps=4, eta=None,
+                              spacing=None, guidance=2.0, **{"class": None})
+    inputs, labels, index = ddpm.edit_inputs(args, ddpm.load_run(args))
+    assert torch.equal(index, torch.arange(3)) and labels is not None  # the folder's classes are the model's
     known = ddpm.load_mask(None, 16)[0, 0] > 0
     for i in range(3):
         written = torch.from_numpy(np.array(Image.open(out / f"{i:06d}.png"))).permute(2, 0, 1)
         expected = ddpm.to_uint8(inputs[i])
         assert torch.equal(written[:, known], expected[:, known])
-    code, err = run_main(["sample", "--ckpt", ckpts["cond"], "--inpaint", folder, "--n", "2", "--steps", "3",
+    code, err = run_main(["inpaint", folder, "--ckpt", ckpts["cond"], "--n", "2", "--steps", "3",
                           "--out", str(tmp_path / "strip.png"), "--class", "ship"], capsys)
     assert code == 0 and Image.open(tmp_path / "strip.png").size[0] > 3 * 16
 
 
-def test_sample_interpolate_and_from_write_strips(ckpts, folder, tmp_path, capsys):
-    code, err = run_main(["sample", "--ckpt", ckpts["cond"], "--interpolate", "5", "--steps", "3",
+def test_interpolate_and_img2img_write_strips(ckpts, folder, tmp_path, capsys):
+    code, err = run_main(["interpolate", "--ckpt", ckpts["cond"], "--frames", "5", "--steps", "3",
                           "--out", str(tmp_path / "i.png")], capsys)
-    assert code == 0 and "wrote 10 results of sample --interpolate" in err and "eta 0.0" in err  # 2 classes × 5
+    assert code == 0 and "wrote 10 results of interpolate" in err and "eta 0.0" in err  # 2 classes × 5
     image = os.path.join(folder, "cat", "1.png")
-    code, err = run_main(["sample", "--ckpt", ckpts["uncond"], "--from", image, "--strength", "0.25,0.5,0.75",
-                          "--n", "2", "--steps", "3", "--out", str(tmp_path / "f.png")], capsys)
-    assert code == 0 and "wrote 6 results of sample --from" in err and os.path.isfile(tmp_path / "f.png")
+    code, err = run_main(["img2img", image, "--ckpt", ckpts["uncond"], "--strength", "0.25,0.5,0.75", "--n", "2",
+                          "--steps", "3", "--out", str(tmp_path / "f.png")], capsys)
+    assert code == 0 and "wrote 6 results of img2img" in err and os.path.isfile(tmp_path / "f.png")
+    code, err = run_main(["img2img", folder, "--ckpt", ckpts["cond"], "--n", "3", "--steps", "2", "--out",
+                          str(tmp_path / "each") + "/"], capsys)  # three of the folder's images, a PNG each
+    assert code == 0 and sorted(os.listdir(tmp_path / "each")) == ["000000.png", "000001.png", "000002.png"]
 
 
 def test_editing_refusals_are_one_line(ckpts, folder, tmp_path, capsys):
@@ -146,29 +152,32 @@ def test_editing_refusals_are_one_line(ckpts, folder, tmp_path, capsys):
     (tmp_path / "not_an_image.png").write_text("hello")
     grey_image = os.path.join(tmp_path, "grey", "c", "0.png")
     cases = [
-        (["--inpaint", image, "--mask", str(tmp_path / "small_mask.png")], "9×9 pixels; it must be 16×16"),
-        (["--inpaint", image, "--mask", str(tmp_path / "not_an_image.png")], "cannot read it as an image"),
-        (["--inpaint", str(tmp_path / "not_an_image.png")], "cannot read image"),
-        (["--from", str(tmp_path / "not_an_image.png")], "cannot read image"),
-        (["--from", str(tmp_path / "nowhere.png")], "no such file or folder"),
-        (["--from", image, "--strength", "1.5"], "outside [0, 1]"),
-        (["--from", image, "--strength", "-0.1"], "outside [0, 1]"),
-        (["--inpaint", grey_image], "grey images; the model makes colour ones"),
-        (["--from", image, "--ckpt", grey], "colour images; the model makes grey ones"),
-        (["--interpolate", "1"], "outside [2, 1000]"),
-        (["--interpolate", "3", "--sampler", "ancestral"], "needs a deterministic sampler"),
-        (["--interpolate", "3", "--eta", "1"], "needs a deterministic sampler"),
-        (["--interpolate", "3", "--n", "4"], "--n: --interpolate draws one row"),
-        (["--inpaint", image, "--from", image], "--inpaint and --from: one at a time"),
-        (["--inpaint", image, "--interpolate", "3"], "--inpaint and --interpolate: one at a time"),
-        (["--inpaint", image, "--process"], "--process and --inpaint: one at a time"),
-        (["--mask", image], "--mask goes with --inpaint"),
-        (["--strength", "0.5"], "--strength goes with --from"),
+        (["inpaint", image, "--mask", str(tmp_path / "small_mask.png")], "9×9 pixels; it must be 16×16"),
+        (["inpaint", image, "--mask", str(tmp_path / "not_an_image.png")], "cannot read it as an image"),
+        (["inpaint", str(tmp_path / "not_an_image.png")], "cannot read image"),
+        (["img2img", str(tmp_path / "not_an_image.png")], "cannot read image"),
+        (["img2img", str(tmp_path / "nowhere.png")], "no such file or folder"),
+        (["img2img", image, "--strength", "1.5"], "outside [0, 1]"),
+        (["img2img", image, "--strength", "-0.1"], "outside [0, 1]"),
+        (["inpaint", grey_image], "grey images; the model makes colour ones"),
+        (["img2img", image, "--ckpt", grey], "colour images; the model makes grey ones"),
+        (["inpaint", folder, "--n", "7"], "--n 7: the data has only 6 images"),
+        (["inpaint", image, "--resample", "2", "--sampler", "dpm++"], "resampling needs ancestral or ddim"),
+        (["interpolate", "--frames", "1"], "outside [2, 1000]"),
+        (["interpolate", "--frames", "3", "--sampler", "ancestral"], "needs a deterministic sampler"),
+        (["interpolate", "--frames", "3", "--eta", "1"], "needs a deterministic sampler"),
+        (["interpolate", "--n", "4"], "unrecognized arguments: --n 4"),  # each command takes only its own flags
+        (["sample", "--inpaint", image], "unrecognized arguments: --inpaint"),  # the flags before the commands: gone
+        (["sample", "--from", image], "unrecognized arguments: --from"),
+        (["sample", "--interpolate", "3"], "unrecognized arguments: --interpolate"),
+        (["sample", "--mask", image], "unrecognized arguments: --mask"),
+        (["img2img", image, "--resample", "2"], "unrecognized arguments: --resample"),
+        (["inpaint", image, "--process"], "unrecognized arguments: --process"),
     ]
     for extra, message in cases:
-        argv = ["sample", "--ckpt", ckpts["cond"], "--steps", "2", "--out", str(tmp_path / "o.png"), *extra]
+        argv = [*extra, "--ckpt", ckpts["cond"], "--steps", "2", "--out", str(tmp_path / "o.png")]
         if "--ckpt" in extra:
-            argv = argv[:1] + argv[3:]
+            argv = [*extra, "--steps", "2", "--out", str(tmp_path / "o.png")]
         code, err = run_main(argv, capsys)
         assert code == 2 and err.count("\n") == 1 and message in err and "Traceback" not in err, (extra, err)
     assert not os.path.exists(tmp_path / "o.png")

@@ -19,7 +19,8 @@ args = p.parse_args()
 model, _, _, cfg = ddpm.load_sampler(args.ckpt, torch.device("cpu"))
 d = ddpm.Diffusion(cfg["timesteps"], cfg["schedule"], "fixedlarge")
 T = d.num_timesteps
-images = ddpm.load_images(args.data, image_size=None, pick=ddpm.random_subset(args.n))[0]
+pick = ddpm.random_subset(args.n, torch.Generator().manual_seed(0))
+images = ddpm.load_images(args.data, image_size=None, pick=pick)[0]
 g = torch.Generator().manual_seed(0)
 terms = torch.zeros(args.n, T, dtype=torch.float64)
 start = time.time()

@@ -25,7 +25,8 @@ p.add_argument("--check", action="store_true", help="first check that r = 1 is s
 args = p.parse_args()
 model, d, classes, cfg = ddpm.load_sampler(args.ckpt, torch.device("cpu"))
 S = cfg["image_size"]
-images, labels, names = ddpm.load_images(args.data, image_size=S, pick=ddpm.random_subset(args.n, args.seed))
+pick = ddpm.random_subset(args.n, torch.Generator().manual_seed(args.seed))
+images, labels, names = ddpm.load_images(args.data, image_size=S, pick=pick)
 x_true = images.float() / 127.5 - 1
 y = torch.tensor([classes.index(names[c]) for c in labels.tolist()])
 known = ddpm.load_mask(None, S).expand(args.n, 1, S, S)
