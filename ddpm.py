@@ -1217,14 +1217,6 @@ def inception(path, device):
 
 
 # ======== 9. The Trainer: batches, DDP and the bookkeeping around train_step ==========================================
-TRAIN_DEFAULTS = dict(  # Ho et al.'s CIFAR-10 run; every value is a `train` flag (ch_mult → --ch-mult)
-    data="cifar10", data_root="./data", image_size=None, flip=None, unconditional=False, out=None, steps=800_000,
-    batch_size=128, lr=2e-4, warmup=5000, grad_clip=1.0, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
-    attn_res=(16,), dropout=0.1, timesteps=1000, schedule="linear", ema_decay=0.9999, p_uncond=0.1, eta=0.0,
-    save_every=5000, keep_every=0, sample_every=10000, log_every=100, seed=0, device=None, num_workers=4,
-    precision="auto", compile=None, fid_every=0, fid_n=1000, fid_ref=None, inception=None, init=None,
-    micro_batch=None, loss="l2", report_to=(),
-    same_padding=True, norm_eps=1e-6, variance="fixedlarge")  # not flags: Ho et al.'s network and σ²_t
 PRESETS = {"paper": {}, "small": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(), dropout=0.0, lr=1e-3,
                                       batch_size=32, warmup=200, steps=1150, ema_decay=0.999, eta=1.0, log_every=50)}
 # The network for larger images when --ch-mult is not given: at 256 px Ho et al.'s LSUN and CelebA-HQ one (114M
@@ -1297,8 +1289,7 @@ class Trainer:
         self.params = sum(p.numel() for p in self.model.parameters())
         if self.params > 20e6 and device.type == "cpu":
             self.say(f"note: this {self.params / 1e6:.1f}M-parameter U-Net is sized for a GPU (2 CPU cores train it at "
-                     "~3.3 images/s); --preset small learns digits (--data mnist) on a CPU in 3-10 minutes",
-                     file=sys.stderr)
+                     "~3.3 images/s); --preset small learns digits (--data mnist) on a CPU in 3-10 minutes")
         self.ema = EMA(self.model, cfg["ema_decay"])
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg["lr"], fused=device.type == "cuda")
         self.diffusion = Diffusion(cfg["timesteps"], cfg["schedule"], device=device)
@@ -1326,9 +1317,9 @@ class Trainer:
         self.pictures = None  # pictures.py: imported at the first log line
         self.saved = None if ckpt is None else ckpt["step"]  # the step of the last save
 
-    def say(self, *args, **kwargs):  # print, in rank 0 only
+    def say(self, line):  # on stderr, in rank 0 only
         if not self.rank:
-            print(*args, **kwargs)
+            print(line, file=sys.stderr)
 
     def build_model(self, ckpt):
         """The U-Net on the device, NHWC (the layout of tensor-core convolutions, and the one oneDNN prefers on a CPU),
@@ -1395,7 +1386,7 @@ class Trainer:
             null_row = weights["class_emb.weight"][-1:].float()
             weights["class_emb.weight"] = torch.cat([emb.weight.detach()[:-1].cpu(), null_row])
             self.say(f"--init {path}: its classes ({', '.join(init['classes'][:4])}, ...) are not the data's: the "
-                     "class embedding starts anew, but for the null label's row", file=sys.stderr)
+                     "class embedding starts anew, but for the null label's row")
         try:
             model.load_state_dict(weights)
         except RuntimeError as e:  # another number of channels, or attention at other levels at this --image-size
@@ -1574,7 +1565,7 @@ class Trainer:
         processes = f"{self.world} processes" if self.world > 1 else "1 process"
         self.say(f"training {self.params / 1e6:.2f}M-parameter U-Net on {len(self.images)} images "
                  f"({len(self.classes)} classes) on {self.device} in {processes}, step "
-                 f"{self.step} → {cfg['steps']}, run folder {out}", file=sys.stderr)
+                 f"{self.step} → {cfg['steps']}, run folder {out}")
         signum, log = 0, os.path.join(out, "log.txt") if not self.rank else os.devnull
         if cfg["fid_every"] and not self.rank:
             self.setup_fid()
@@ -1601,9 +1592,9 @@ class Trainer:
                 signal.signal(s, h)
         if signum:
             self.say(f"interrupted at step {self.step}; saved {out}/ckpt.pt. Resume with: "
-                     f"{'torchrun … ' if self.ddp else 'python '}ddpm.py train --resume --out {out}", file=sys.stderr)
+                     f"{'torchrun … ' if self.ddp else 'python '}ddpm.py train --resume --out {out}")
             return 128 + signum
-        self.say(f"done: {out}/ckpt.pt at step {self.step}", file=sys.stderr)
+        self.say(f"done: {out}/ckpt.pt at step {self.step}")
         return 0
 
 
@@ -1664,15 +1655,15 @@ def _trackers(text):  # "tensorboard,wandb" → ("tensorboard", "wandb"); "none"
     return names
 
 
-def _add_options(parser, rows, shown=None):
+def _add_options(parser, rows, given_only=False):
     """rows of (flag, kind, default, help): kind a type, a tuple of choices, "switch" or "on/off" (--x and --no-x);
-    default ...: required; the help ends with the default. shown (train): every default is None, so that a flag given
-    can be told from one not given, and the help shows shown[name] instead."""
-    for flag, kind, default, text in rows:
-        value = default
-        if shown is not None:
-            value = shown[flag[2:].replace("-", "_")]
-            default = None
+    default ...: required; the help ends with the default. given_only (train): argparse's default is None, so that a
+    flag given can be told from one not given (a resumed run keeps its own)."""
+    for flag, kind, value, text in rows:
+        default = None if given_only else value
+        if not flag.startswith("-"):  # a positional argument: its kind is its name in the usage line
+            parser.add_argument(flag, metavar=kind, help=text)
+            continue
         if kind == "switch":
             kw = dict(action="store_true")
         elif kind == "on/off":
@@ -1692,8 +1683,8 @@ RUN = [  # every command that runs the network
     ("--precision", ("auto", "fp32", "bf16"), "auto", "auto: bf16 autocast on CUDA, and to sample on a CPU that "
      "computes bf16 natively (AMX or AVX512-BF16); fp32 to train on a CPU and for nll (its L_0 needs ε̂ to within a "
      "bin of 2/255, finer than bf16 resolves)"), SEED,
-    ("--batch-size", _num(int, 1, 65536), None, "images a training step, or a batch (to sample: 1,024 on CUDA, else "
-     "16; nll's (image, t) pairs: 1,024 or 64)")]
+    ("--batch-size", _num(int, 1, 65536), None, "images a training step (train: 128), or a batch (to sample: 1,024 on "
+     "CUDA, else 16; nll's (image, t) pairs: 1,024 or 64)")]
 CKPT = ("--ckpt", str, None, "checkpoint, exported model or diffusers model (default: the newest runs/*/ckpt.pt, else "
         "samples/cifar10_small.pt)")
 COMPILE = ("--compile", "on/off", None, "torch.compile (default: on CUDA to train, and where samples × steps ≥ 2e5)")
@@ -1710,7 +1701,7 @@ SAMPLER = [CKPT, COMPILE,  # every command that samples
            ("--spacing", ("uniform", "quadratic", "logsnr"), None, "the steps' spacing: uniform or quadratic in t, "
             "uniform in log-SNR (default: dpm++ quadratic, ddim uniform)")]
 OUT = ("--out", str, None, "a PNG, or a folder/ for a PNG each (default: outputs/<class or command>.png)")
-INPUT = "an image, or a folder of images (<folder>/<class>/*.png|jpg, or <folder>/*.png|jpg)"
+INPUT = ("input", "IMAGE|FOLDER", ..., "an image, or a folder of images (<folder>/<class>/*.png|jpg, or *.png|jpg)")
 DATA_ROOT = ("--data-root", str, "./data", "where cifar10 and mnist are downloaded, and decoded images cached")
 WORKERS = ("--num-workers", _num(int, 1, 256), 4, "decoding threads")
 INCEPTION = ("--inception", str, None, "local copy of torch-fidelity's Inception weights, for offline use (default: "
@@ -1718,47 +1709,57 @@ INCEPTION = ("--inception", str, None, "local copy of torch-fidelity's Inception
 JSON = ("--json", "switch", None, "print the result as one JSON object")
 
 
-def add_train(sub):
-    p = sub.add_parser("train", help="train a model (default: Ho et al.'s CIFAR-10 setup)")
-    big = 10 ** 9
-    _add_options(p, RUN + [DATA_ROOT, WORKERS, INCEPTION, COMPILE] + [(flag, kind, None, text) for flag, kind, text in [
-        ("--data", str, "cifar10, mnist, fashion-mnist, or an image folder <folder>/<class>/*.png|jpg"),
-        ("--image-size", _num(int, 4, 4096), "side in pixels (default: the data's own, 28 for MNIST, if the U-Net "
-         "can take it, else 32)"),
-        ("--out", str, "run folder: ckpt.pt, log.txt, progress.png, samples_*.png (default: runs/<data name>)"),
-        ("--steps", _num(int, 1, big), "training steps"), ("--lr", _num(float, 0, 1, True), "Adam learning rate"),
-        ("--warmup", _num(int, 0, big), "warm-up steps"), ("--grad-clip", _num(float, 0, 1e6, True), "norm clip"),
-        ("--ch", _num(int, 8, 4096), "base channels"), ("--ch-mult", _int_tuple, "channels per level, e.g. 1,2,2"),
-        ("--num-res-blocks", _num(int, 1, 64), "residual blocks per level"),
-        ("--attn-res", _int_tuple, "resolutions with self-attention, e.g. 16 or 16,8 ('' for none)"),
-        ("--dropout", _num(float, 0, 0.99), "dropout"), ("--ema-decay", _num(float, 0, 1), "EMA decay"),
-        ("--timesteps", _num(int, 2, 100_000), "diffusion steps T"), ("--schedule", ("linear", "cosine"), "schedule"),
-        ("--p-uncond", _num(float, 0, 1), "probability of the null label in training (for guidance)"),
-        ("--eta", _num(float, 0, 1), "DDIM noise for this model's samples (previews, `sample`'s default); 1 "
-         "cleans up an undertrained model's samples"),
-        ("--save-every", _num(int, 1, big), "checkpoint interval in steps"),
-        ("--keep-every", _num(int, 0, big), "also keep ckpt_<step>.pt every N steps (0: only the last)"),
-        ("--sample-every", _num(int, 0, big), "EMA sample grid interval (0: never)"),
-        ("--log-every", _num(int, 1, big), "log line interval"),
-        ("--fid-every", _num(int, 0, big), "FID of the EMA model into log.txt and progress.png every N steps (0: "
-         "never)"), ("--fid-n", _num(int, 2, 10 ** 6), "samples for that FID (DDIM as the previews)"),
-        ("--fid-ref", str, "FID reference as `fid --ref` takes it (default: the training images)"),
-        ("--micro-batch", _num(int, 1, 65536), "images through the network at a time, gradients accumulated "
-         "over the batch: less memory, the same step (default: the whole batch)"),
-        ("--init", str, "fine-tune: start from this checkpoint's or exported model's EMA weights and "
-         "network, with a new optimizer, step and random streams"),
-        ("--loss", ("l2", "l1", "huber"), "the loss on ε̂: l2 (Ho et al.'s Eq. 14), l1, huber (smooth L1, β = 1)"),
-        ("--report-to", _trackers, "also log to tensorboard (<out>/tensorboard/), wandb ($WANDB_PROJECT, "
-         "WANDB_MODE=offline), or both: tensorboard,wandb"),
-        ("--unconditional", "switch", "ignore the classes"),
-        ("--flip", "on/off", "random horizontal flips (default: on, but off for --data mnist: turn them off for any "
-         "digits, letters or text)")]], shown=dict(TRAIN_DEFAULTS, flip=None))
-    p.add_argument("--preset", choices=PRESETS, default="paper", help="paper: Ho et al.'s setup (the defaults "
-                   "shown); small: " + ", ".join(f"{k} {v}" for k, v in PRESETS["small"].items()) + "; flags override")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+BIG = 10 ** 9
+TRAIN = RUN + [DATA_ROOT, WORKERS, INCEPTION, COMPILE] + [  # and their defaults: Ho et al.'s CIFAR-10 run
+    ("--data", str, "cifar10", "cifar10, mnist, fashion-mnist, or an image folder <folder>/<class>/*.png|jpg"),
+    ("--image-size", _num(int, 4, 4096), None, "side in pixels (default: the data's own, 28 for MNIST, if the U-Net "
+     "can take it, else 32)"),
+    ("--out", str, None, "run folder: ckpt.pt, log.txt, progress.png, samples_*.png (default: runs/<data name>)"),
+    ("--steps", _num(int, 1, BIG), 800_000, "training steps"),
+    ("--lr", _num(float, 0, 1, True), 2e-4, "Adam learning rate"),
+    ("--warmup", _num(int, 0, BIG), 5000, "warm-up steps"),
+    ("--grad-clip", _num(float, 0, 1e6, True), 1.0, "gradient norm clip"),
+    ("--ch", _num(int, 8, 4096), 128, "base channels"),
+    ("--ch-mult", _int_tuple, (1, 2, 2, 2), "channels per level, e.g. 1,2,2"),
+    ("--num-res-blocks", _num(int, 1, 64), 2, "residual blocks per level"),
+    ("--attn-res", _int_tuple, (16,), "resolutions with self-attention, e.g. 16 or 16,8 ('' for none)"),
+    ("--dropout", _num(float, 0, 0.99), 0.1, "dropout"),
+    ("--ema-decay", _num(float, 0, 1), 0.9999, "EMA decay"),
+    ("--timesteps", _num(int, 2, 100_000), 1000, "diffusion steps T"),
+    ("--schedule", ("linear", "cosine"), "linear", "noise schedule"),
+    ("--p-uncond", _num(float, 0, 1), 0.1, "probability of the null label in training (for guidance)"),
+    ("--eta", _num(float, 0, 1), 0.0, "DDIM noise for this model's samples (previews, `sample`'s default); 1 cleans "
+     "up an undertrained model's samples"),
+    ("--save-every", _num(int, 1, BIG), 5000, "checkpoint interval in steps"),
+    ("--keep-every", _num(int, 0, BIG), 0, "also keep ckpt_<step>.pt every N steps (0: only the last)"),
+    ("--sample-every", _num(int, 0, BIG), 10000, "EMA sample grid interval (0: never)"),
+    ("--log-every", _num(int, 1, BIG), 100, "log line interval"),
+    ("--fid-every", _num(int, 0, BIG), 0, "FID of the EMA model into log.txt and progress.png every N steps (0: "
+     "never)"),
+    ("--fid-n", _num(int, 2, 10 ** 6), 1000, "samples for that FID (DDIM as the previews)"),
+    ("--fid-ref", str, None, "FID reference as `fid --ref` takes it (default: the training images)"),
+    ("--micro-batch", _num(int, 1, 65536), None, "images through the network at a time, gradients accumulated "
+     "over the batch: less memory, the same step (default: the whole batch)"),
+    ("--init", str, None, "fine-tune: start from this checkpoint's or exported model's EMA weights and network, with "
+     "a new optimizer, step and random streams"),
+    ("--loss", ("l2", "l1", "huber"), "l2", "the loss on ε̂: l2 (Ho et al.'s Eq. 14), l1, huber (smooth L1, β = 1)"),
+    ("--report-to", _trackers, (), "also log to tensorboard (<out>/tensorboard/), wandb ($WANDB_PROJECT, "
+     "WANDB_MODE=offline), or both: tensorboard,wandb"),
+    ("--unconditional", "switch", False, "ignore the classes"),
+    ("--flip", "on/off", None, "random horizontal flips (default: on, but off for --data mnist: turn them off for "
+     "any digits, letters or text)")]
+# Every key of a run's config: the flags' defaults, and what is not a flag: Ho et al.'s exact network and σ²_t
+TRAIN_DEFAULTS = dict({row[0][2:].replace("-", "_"): row[2] for row in TRAIN}, batch_size=128, same_padding=True,
+                      norm_eps=1e-6, variance="fixedlarge")
+
+
+TRAIN_ONLY = [("--preset", tuple(PRESETS), "paper", "paper: Ho et al.'s setup (the defaults shown); small: "
+               + ", ".join(f"{k} {v}" for k, v in PRESETS["small"].items()) + "; flags override"),
+              ("--resume", "switch", None, "continue the run in --out exactly where it stopped")]
 
 
 def cmd_train(args):
+    """train a model (default: Ho et al.'s CIFAR-10 setup)"""
     given = {k: v for k, v in vars(args).items() if k in TRAIN_DEFAULTS and v is not None}
     name = os.path.basename(os.path.normpath(given.get("data", "cifar10")))
     out = given.setdefault("out", os.path.join("runs", name))
@@ -1791,7 +1792,7 @@ def train_config(args, given, out):
     elif os.path.exists(path):
         raise UserError(f"{path} exists: pass --resume to continue that run, or choose another --out")
     else:
-        cfg = {**TRAIN_DEFAULTS, **PRESETS[args.preset], **given}
+        cfg = {**TRAIN_DEFAULTS, **PRESETS[args.preset or "paper"], **given}
         if cfg["init"]:  # fine-tuning: the network and schedule are --init's, and its image size unless given
             init = load_checkpoint(cfg["init"], mmap=True)["config"]  # the weights are read once, by the Trainer
             for key in INIT_KEYS:
@@ -1801,7 +1802,7 @@ def train_config(args, given, out):
             cfg.update({k: init[k] for k in INIT_KEYS}, image_size=cfg["image_size"] or init["image_size"])
         native = NATIVE_SIZE.get(cfg["data"], 32)  # the data's own size if the U-Net can halve it enough, else 32
         cfg["image_size"] = cfg["image_size"] or (32 if native % 2 ** (len(cfg["ch_mult"]) - 1) else native)
-        if args.preset == "paper" and not cfg["init"] and "ch_mult" not in given:  # a network sized for the images
+        if args.preset in (None, "paper") and not cfg["init"] and "ch_mult" not in given:  # a network sized for the images
             cfg.update({k: v for k, v in NET_BY_SIZE.get(cfg["image_size"], {}).items() if k not in given})
     cfg["flip"] = cfg["data"] != "mnist" if cfg["flip"] is None else cfg["flip"]  # a mirrored 7 is no 7
     for key, value in given.items():  # a new run holds `given` already; a resumed one may change RESUMABLE only
@@ -1819,15 +1820,13 @@ def train_config(args, given, out):
     return cfg, ckpt
 
 
-def add_sample(sub):
-    p = sub.add_parser("sample", help="sample a PNG grid (or a PNG per image), or picture the reverse process")
-    _add_options(p, RUN + SAMPLER + [OUT, ("--n", _num(int, 1, 10 ** 7), 64, "samples"),
-                                     ("--process", "switch", None, "write the reverse process instead: NAME.gif (x_t "
-                                      "beside its predicted x_0, 10 steps) and NAME.png (those steps, up to 8 samples) "
-                                      "for --out NAME.png")])
+SAMPLE = RUN + SAMPLER + [OUT, ("--n", _num(int, 1, 10 ** 7), 64, "samples"),
+                          ("--process", "switch", None, "write the reverse process instead: NAME.gif (x_t beside its "
+                           "predicted x_0, 10 steps) and NAME.png (those steps, up to 8 samples) for --out NAME.png")]
 
 
 def cmd_sample(args):
+    """sample a PNG grid (or a PNG per image), or picture the reverse process"""
     pictures = importlib.import_module("pictures") if args.process else None
     run = load_run(args)
     labels, nrow, name = labels_from_args(args, run, args.n, rows=True)
@@ -1854,19 +1853,19 @@ def write_process(pictures, args, run, labels, n, nrow, name):
     return 0
 
 
-def add_inpaint(sub):
-    p = sub.add_parser("inpaint", help="fill in images where a mask is white: rows of input, mask and result")
-    p.add_argument("input", metavar="IMAGE|FOLDER", help=INPUT)
-    _add_options(p, RUN + SAMPLER + [OUT, ("--n", _num(int, 1, 10 ** 5), 8, "results: a random N of FOLDER's images, "
-                                           "or IMAGE N times, each with noise of its own"),
-                                     ("--mask", str, None, "a PNG, white where the model paints, of the model's or "
-                                      "the image's size (default: the centre square of half the side)"),
-                                     ("--resample", _num(int, 1, 100), 1, "RePaint's resampling: each step redone R "
-                                      "times (R × the cost; R > 1 samples with DDIM, 25 steps, η = 1 unless given)")])
+INPAINT = [INPUT] + RUN + SAMPLER + [
+    OUT, ("--n", _num(int, 1, 10 ** 5), 8, "results: a random N of FOLDER's images, or IMAGE N times, each with noise "
+          "of its own"),
+    ("--mask", str, None, "a PNG, white where the model paints, of the model's or the image's size (default: the "
+     "centre square of half the side)"),
+    ("--resample", _num(int, 1, 100), 1, "RePaint's resampling: each step redone R times (R × the cost; R > 1 samples "
+     "with DDIM, 25 steps, η = 1 unless given)")]
 
 
 def cmd_inpaint(args):
-    """After every step the known pixels are drawn anew from q (Diffusion.paste_known); at the end, the input's."""
+    """fill in images where a mask is white: rows of input, mask and result
+
+    After every step the known pixels are drawn anew from q (Diffusion.paste_known); at the end, the input's."""
     import pictures
     run = load_run(args, resample=args.resample)
     images, labels, index = edit_inputs(args, run)
@@ -1881,14 +1880,13 @@ def cmd_inpaint(args):
     return write_run(args, run, "inpaint.png", batches, strip, "results of inpaint")
 
 
-def add_interpolate(sub):
-    p = sub.add_parser("interpolate", help="samples from the slerp of two seeded noises, sampled deterministically: "
-                       "a row for --class, else one per class")
-    _add_options(p, RUN + SAMPLER + [OUT, ("--frames", _num(int, 2, 1000), 8, "samples a row")])
+INTERPOLATE = RUN + SAMPLER + [OUT, ("--frames", _num(int, 2, 1000), 8, "samples a row")]
 
 
 def cmd_interpolate(args):
-    """The frames of a row are the samples of slerp(z1, z2, λ) for λ from 0 to 1, z1 and z2 drawn with --seed."""
+    """samples from the slerp of two seeded noises, sampled deterministically: a row for --class, else one per class
+
+    The frames of a row are the samples of slerp(z1, z2, λ) for λ from 0 to 1, z1 and z2 drawn with --seed."""
     import pictures
     run = load_run(args, deterministic=True)
     labels = labels_from_args(args, run, 1, rows=True)[0]  # --class's row, or one per class (None: unconditional)
@@ -1908,18 +1906,17 @@ def cmd_interpolate(args):
                      "results of interpolate")
 
 
-def add_img2img(sub):
-    p = sub.add_parser("img2img", help="image-to-image (SDEdit): noise images to t = strength · (T − 1), then sample "
-                       "from there")
-    p.add_argument("input", metavar="IMAGE|FOLDER", help=INPUT)
-    _add_options(p, RUN + SAMPLER + [OUT, ("--n", _num(int, 1, 10 ** 5), 4, "results for each strength: a random N of "
-                                           "FOLDER's images, or IMAGE N times, each with noise of its own"),
-                                     ("--strength", _strengths, [0.5], "0 returns the input, 1 is plain sampling; "
-                                      "several, comma-separated, give a row each")])
+IMG2IMG = [INPUT] + RUN + SAMPLER + [
+    OUT, ("--n", _num(int, 1, 10 ** 5), 4, "results for each strength: a random N of FOLDER's images, or IMAGE N "
+          "times, each with noise of its own"),
+    ("--strength", _strengths, [0.5], "0 returns the input, 1 is plain sampling; several, comma-separated, give a row "
+     "each")]
 
 
 def cmd_img2img(args):
-    """For each input and strength a row: the input, then its results."""
+    """image-to-image (SDEdit): noise images to t = strength · (T − 1), then sample from there
+
+    For each input and strength a row: the input, then its results."""
     import pictures
     run = load_run(args)
     images, labels, index = edit_inputs(args, run)
@@ -1935,21 +1932,21 @@ def cmd_img2img(args):
     return write_run(args, run, "img2img.png", batches, strip, "results of img2img")
 
 
-def add_fid(sub):
-    p = sub.add_parser("fid", help="FID of a checkpoint's samples (or of --samples DIR) against --ref, with "
-                       "TensorFlow's Inception as torch-fidelity ports it")
-    _add_options(p, RUN + SAMPLER + [INCEPTION, DATA_ROOT, WORKERS, JSON,
+FID = RUN + SAMPLER + [INCEPTION, DATA_ROOT, WORKERS, JSON,
         ("--ref", str, ..., "cifar10 or mnist (their training sets), an image folder, or an .npz with mu and sigma "
          "(pytorch-fid's format); the statistics of images are cached in --data-root/fid/"),
         ("--n", _num(int, 2, 10 ** 7), None, "samples (default: 50,000 on CUDA, as the papers; 1,000 on a CPU, which "
          "biases FID upwards: compare only figures of equal n)"),
         ("--samples", str, None, "score this image folder instead of a checkpoint (all its images, or a random --n)"),
         ("--image-size", _num(int, 4, 4096), None, "with --samples: decode at this size (default: the folder's own)"),
-        ("--ref-n", _num(int, 2, 10 ** 7), None, "a fixed random subset of the reference images (default: all)")])
+        ("--ref-n", _num(int, 2, 10 ** 7), None, "a fixed random subset of the reference images (default: all)")]
 
 
 def cmd_fid(args):
-    """FID of a checkpoint's samples, drawn as `sample` draws them, or of a folder of images, against --ref."""
+    """FID of a checkpoint's samples (or of --samples DIR) against --ref, with TensorFlow's Inception as torch-fidelity
+    ports it
+
+    The samples are drawn as `sample` draws them: the same flags give the same images."""
     device = get_device(args.device)
     fid, net = inception(args.inception, device)
     amp = nullcontext()
@@ -1985,10 +1982,7 @@ def cmd_fid(args):
 NLL_CPU_T_SAMPLES = 100  # `nll --t-samples` on a CPU (GPU: all T terms); measured: docs/measurements.md
 
 
-def add_nll(sub):
-    p = sub.add_parser("nll", help="the variational bound in bits/dim (Ho et al.'s Table 2) of a checkpoint on a "
-                       "data set's test images")
-    _add_options(p, RUN + [CKPT, DATA_ROOT, WORKERS, JSON,
+NLL = RUN + [CKPT, DATA_ROOT, WORKERS, JSON,
         ("--data", str, None, "cifar10, mnist, fashion-mnist or an image folder, scored whole (default: the model's "
          "training data)"),
         ("--split", ("train", "test"), None, "the split of cifar10, mnist or fashion-mnist (default: test)"),
@@ -1997,11 +1991,13 @@ def add_nll(sub):
          "t = 1 … K/2 exactly, K/2 of the rest drawn uniformly and scaled; unbiased, and the prior and decoder stay "
          f"exact (default: all T − 1 on a GPU, {NLL_CPU_T_SAMPLES} on a CPU)"),
         ("--variance", ("fixedlarge", "fixedsmall"), None, "σ²_t of p_θ: β_t (Ho et al.'s CIFAR-10 model) or the "
-         "posterior's β̃_t (default: the model's, fixedlarge for ddpm.py's)")])
+         "posterior's β̃_t (default: the model's, fixedlarge for ddpm.py's)")]
 
 
 def cmd_nll(args):
-    """The variational bound of a checkpoint's EMA model on the images of a data set, in bits/dim (Table 2)."""
+    """the variational bound in bits/dim (Ho et al.'s Table 2) of a checkpoint on a data set's test images
+
+    Of the EMA model; a class-conditional one through its null label: p(x), as the paper's."""
     device = get_device(args.device)
     path = find_checkpoint(args.ckpt)
     model, _, _, cfg = load_sampler(path, device)
@@ -2046,20 +2042,19 @@ def cmd_nll(args):
     return 0
 
 
-def add_export(sub):
-    p = sub.add_parser("export", help="a checkpoint's EMA model, to share (fp16) or for diffusers' DDPMPipeline")
-    _add_options(p, [CKPT,
+EXPORT = [CKPT,
         ("--out", str, ..., "the file (fp16) or folder (diffusers) to write; it must not exist"),
         ("--format", ("fp16", "diffusers"), "fp16", "fp16: EMA weights, config and classes, a quarter of ckpt.pt; "
          "diffusers: a DDPMPipeline folder (UNet2DModel + DDPMScheduler), a class-conditional model as the "
          "unconditional one guidance uses"),
         ("--keep-classes", "switch", None, "with --format diffusers: keep the class embedding (num_class_embeds = "
-         "classes + 1, the last the null label) for those who call the U-Net with class_labels")])
+         "classes + 1, the last the null label) for those who call the U-Net with class_labels")]
 
 
 def cmd_export(args):
-    """A checkpoint's EMA model → an fp16 file to share (ckpt-like, loads with weights_only), or a DDPMPipeline folder
-    (--format diffusers) that diffusers loads and samples from."""
+    """a checkpoint's EMA model, to share (fp16) or for diffusers' DDPMPipeline
+
+    fp16: ckpt-like, loads with weights_only; diffusers: a folder that diffusers loads and samples from."""
     out = args.out.rstrip("/" + os.sep) or args.out
     if os.path.exists(out):
         raise UserError(f"--out {out} exists: choose a new path")
@@ -2079,17 +2074,17 @@ def cmd_export(args):
     return 0
 
 
-def add_forward(sub):
-    p = sub.add_parser("forward", help="picture the forward process q(x_t | x_0): training images turning into noise")
-    _add_options(p, [SEED, DATA_ROOT,
+FORWARD = [SEED, DATA_ROOT,
         ("--data", str, "cifar10", "cifar10, mnist, fashion-mnist or an image folder"),
         ("--image-size", _num(int, 4, 4096), None, "side in pixels (default: the data's own; folders: 32)"),
         ("--n", _num(int, 1, 100), 3, "training images, two rows each: linear and cosine schedule"),
-        ("--out", str, None, "PNG file (default: outputs/forward_<data>.png)")])
+        ("--out", str, None, "PNG file (default: outputs/forward_<data>.png)")]
 
 
 def cmd_forward(args):
-    """Random training images at 10 t from 0 to T − 1, one ε along each row, beside the schedules behind them."""
+    """picture the forward process q(x_t | x_0): training images turning into noise
+
+    Random training images at 10 t from 0 to T − 1, one ε along each row, beside the schedules behind them."""
     import pictures
     size = args.image_size or NATIVE_SIZE.get(args.data, 32)
     g = torch.Generator().manual_seed(args.seed)
@@ -2111,20 +2106,22 @@ def cmd_forward(args):
     return 0
 
 
-COMMANDS = {"train": (add_train, cmd_train), "sample": (add_sample, cmd_sample), "inpaint": (add_inpaint, cmd_inpaint),
-            "interpolate": (add_interpolate, cmd_interpolate), "img2img": (add_img2img, cmd_img2img),
-            "fid": (add_fid, cmd_fid), "nll": (add_nll, cmd_nll), "export": (add_export, cmd_export),
-            "forward": (add_forward, cmd_forward)}
+# Each command: its handler, whose docstring's first line is its --help, and its flags, which stand above the handler
+COMMANDS = {"train": (cmd_train, TRAIN + TRAIN_ONLY), "sample": (cmd_sample, SAMPLE),
+            "inpaint": (cmd_inpaint, INPAINT), "interpolate": (cmd_interpolate, INTERPOLATE),
+            "img2img": (cmd_img2img, IMG2IMG), "fid": (cmd_fid, FID), "nll": (cmd_nll, NLL),
+            "export": (cmd_export, EXPORT), "forward": (cmd_forward, FORWARD)}
 
 
 def main(argv=None):
     parser = _Parser(prog="ddpm.py", description="DDPM (Ho et al. 2020): train on images, sample with guidance.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add, _ in COMMANDS.values():
-        add(sub)
+    for name, (handler, rows) in COMMANDS.items():
+        help_line = handler.__doc__.split("\n\n")[0].replace("\n    ", " ")
+        _add_options(sub.add_parser(name, help=help_line, description=help_line), rows, given_only=name == "train")
     args = parser.parse_args(argv)
     try:
-        return COMMANDS[args.command][1](args)
+        return COMMANDS[args.command][0](args)
     except UserError as e:
         message, code = str(e), e.code
     except ImportError as e:  # a package, or a file that comes with ddpm.py, that this command needs
