@@ -593,10 +593,10 @@ class UserError(Exception):
 
 
 def missing(error, what):
-    """The line for an ImportError: fid.py, pictures.py and convert.py are imported only by the commands that need
-    them, so that ddpm.py alone trains and samples."""
+    """The line for an ImportError: the leaves fid.py, nll.py, pictures.py and convert.py are imported only by the
+    commands that need them, so that ddpm.py alone trains and samples."""
     name = (error.name or str(error)).split(".")[0]
-    if name in ("fid", "pictures", "convert"):
+    if name in ("fid", "pictures", "convert", "nll"):
         return f"{what} needs {name}.py, which comes with ddpm.py: put it beside ddpm.py"
     return f"{what} needs {name}: pip install {name.replace('_', '-')}"
 
@@ -643,23 +643,20 @@ def hold(folder):
     cut), so no stale lock is left to block a resume. → the open lock file (keep it), or None where the platform
     cannot lock (with a note)."""
     ensure_writable(folder, "--out")
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        print(f"note: no file locks on this platform: keep a second run out of {folder}", file=sys.stderr)
-        return None
     f = open(os.path.join(folder, ".lock"), "a+")
     try:
+        import fcntl
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
+    except (ImportError, OSError) as e:  # held; or Windows, or a file system without locks (some network ones)
         f.seek(0)
         holder = f.read().strip() or "?"
         f.close()
-        if e.errno in (errno.EAGAIN, errno.EACCES):
+        if getattr(e, "errno", None) in (errno.EAGAIN, errno.EACCES):
             raise UserError(f"--out {folder} is in use by another train, process {holder}: wait for it to end, or "
                             "train into another --out") from None
-        print(f"note: {folder} cannot be locked ({e.strerror}): keep a second run out of it", file=sys.stderr)
-        return None  # a file system without locks (some network ones)
+        why = getattr(e, "strerror", None) or "no file locks on this platform"
+        print(f"note: {why}: keep a second run out of {folder}", file=sys.stderr)
+        return None
     f.truncate(0)
     f.write(f"{os.getpid()}\n")
     f.flush()
@@ -846,18 +843,14 @@ def batch_indices(n, batch_size, seed, step):
 # ======== 7. Devices, precision and processes =========================================================================
 def get_device(name=None):
     """The named device, else the best one found: cuda, then mps, then cpu."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name is None:
-        name = "cpu"
-        if torch.backends.mps.is_available():
-            name = "mps"
-        if torch.cuda.is_available():
-            name = "cuda"
+        name = next(kind for kind, here in available.items() if here)
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name}: not a device name (cpu, cuda, cuda:1, mps)") from None
-    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
-    if device.type in available and not available[device.type]():
+    if not available.get(device.type, True):
         raise UserError(f"--device {name}: not available on this machine")
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: let cuDNN time its algorithms once
     return device
@@ -967,20 +960,25 @@ def sampler_options(args, device, cfg, T, deterministic=False, resample=1):
     return dict(guidance=args.guidance, steps=steps, eta=eta, sampler=sampler, spacing=args.spacing or spacing)
 
 
-def load_run(args, deterministic=False, resample=1):
-    """What the sampling commands share: the device, the checkpoint, its EMA U-Net and Diffusion, the sampler's options,
-    the batch size and the precision → a Namespace of them."""
+def load_model(args, task="sample"):
+    """--device, --ckpt (find_checkpoint) and --precision for task → a Namespace: device, path, the EMA U-Net (model),
+    its Diffusion, classes and config, shape (C, H, W) of its images, precision."""
     device = get_device(args.device)
     path = find_checkpoint(args.ckpt)
     model, diffusion, classes, cfg = load_sampler(path, device)
-    options = sampler_options(args, device, cfg, diffusion.num_timesteps, deterministic, resample)
-    # CPU: batches of 16 keep tensors under glibc's 32 MB mmap threshold, so memory is reused, not faulted in anew
-    batch_size = args.batch_size or (1024 if device.type == "cuda" else 16)  # (64 ships, 2 cores: 45 s → 34 s)
-    precision = resolve_precision(args.precision, device, "sample")
     shape = (cfg["channels"], cfg["image_size"], cfg["image_size"])
-    return argparse.Namespace(path=path, model=model, diffusion=diffusion, classes=classes, cfg=cfg, options=options,
-                              batch_size=batch_size, precision=precision, compile=args.compile, device=device,
-                              shape=shape)
+    return argparse.Namespace(device=device, path=path, model=model, diffusion=diffusion, classes=classes, cfg=cfg,
+                              shape=shape, precision=resolve_precision(args.precision, device, task))
+
+
+def load_run(args, deterministic=False, resample=1):
+    """What the sampling commands share: load_model's Namespace, the sampler's options, batch size and --compile."""
+    run = load_model(args)
+    run.options = sampler_options(args, run.device, run.cfg, run.diffusion.num_timesteps, deterministic, resample)
+    # CPU: batches of 16 keep tensors under glibc's 32 MB mmap threshold, so memory is reused, not faulted in anew
+    run.batch_size = args.batch_size or (1024 if run.device.type == "cuda" else 16)  # (64 ships, 2 cores: 45 → 34 s)
+    run.compile = args.compile
+    return run
 
 
 def labels_from_args(args, run, n, rows):
@@ -989,23 +987,17 @@ def labels_from_args(args, run, n, rows):
     c = getattr(args, "class")
     classes = run.classes
     nrow = math.ceil(math.sqrt(n))
-    if c is not None:
-        if run.cfg["unconditional"]:
-            raise UserError(f"--class: {run.path} is an unconditional model")
-        idx = -1
-        if c in classes:
-            idx = classes.index(c)
-        elif c.isdigit():
-            idx = int(c)
-        if not 0 <= idx < len(classes):
-            raise UserError(f"--class {c}: unknown; choose from {', '.join(classes)} (or 0-{len(classes) - 1})")
-        return torch.full((n,), idx), nrow, classes[idx]
+    if c is not None and run.cfg["unconditional"]:
+        raise UserError(f"--class: {run.path} is an unconditional model")
     if run.cfg["unconditional"]:
         return None, nrow, "all"
-    labels, nrow = class_rows(len(classes), n)
-    if not rows:
-        labels = labels[:n]
-    return labels, nrow, "all"
+    if c is None:
+        labels, per = class_rows(len(classes), n)
+        return labels if rows else labels[:n], per, "all"
+    index = {str(i): i for i in range(len(classes))} | {name: i for i, name in enumerate(classes)}  # names first
+    if c not in index:
+        raise UserError(f"--class {c}: unknown; choose from {', '.join(classes)} (or 0-{len(classes) - 1})")
+    return torch.full((n,), index[c]), nrow, classes[index[c]]
 
 
 def _rows(value, rows, device):
@@ -1109,42 +1101,6 @@ def forward_process(x0, noise, diffusions, columns=10):
     rows = [list(d.q_sample(x.expand(columns, *x.shape), ts, eps.expand(columns, *eps.shape)))
             for x, eps in zip(x0, noise) for d in diffusions]
     return rows, ts.tolist()
-
-
-@torch.inference_mode()
-def bits_per_dim(model, diffusion, images, batch_size=64, t_samples=None, seed=0, progress=True):
-    """The variational bound (Eq. 5) of each of the uint8 images (N, C, H, W), in bits/dim → its terms (prior L_T,
-    decoder L_0, the KL terms L_{t−1} summed), each (N,) float64 on the CPU. t_samples None: all T terms, with x_t
-    drawn once for each (as Ho et al.'s calc_bpd_loop). t_samples K: K of the T − 1 KL terms, stratified: the first
-    E = K // 2 (t = 1 … E, the largest: the bundled model has 55% of the sum in t ≤ 10) exactly, and K − E of the
-    others drawn uniformly without replacement, scaled by (T − 1 − E) / (K − E): unbiased for the sum, with 1/15 of
-    the spread of K terms drawn from all (docs/nll_terms.py). The calls go in batches of batch_size (image, t)."""
-    T = diffusion.num_timesteps
-    n = len(images)
-    device = next(model.parameters()).device
-    g = torch.Generator().manual_seed(seed)
-    exact = T - 1 if t_samples is None else t_samples // 2
-    ts = torch.arange(exact + 1).repeat(n, 1)  # t = 0 (the decoder), then the first KL terms
-    if t_samples is not None:
-        drawn = [torch.randperm(T - 1 - exact, generator=g)[:t_samples - exact] + exact + 1 for _ in range(n)]
-        ts = torch.cat([ts, torch.stack(drawn)], dim=1)
-    rows = torch.arange(n).repeat_interleave(ts.shape[1])
-    ts = ts.flatten()
-    terms = torch.zeros(len(ts), dtype=torch.float64)
-    prior = torch.zeros(n, dtype=torch.float64)
-    calls = torch.arange(len(ts)).split(batch_size)
-    for chunk in tqdm(calls, "network calls", disable=None if progress else True):
-        x0 = images[rows[chunk]].to(device).float() / 127.5 - 1
-        t = ts[chunk].to(device)
-        x_t = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=g).to(device))
-        terms[chunk] = diffusion.vb_terms_bpd(model, x0, x_t, t).double().cpu()
-    for chunk in torch.arange(n).split(batch_size):
-        prior[chunk] = diffusion.prior_bpd(images[chunk].to(device).float() / 127.5 - 1).double().cpu()
-    terms = terms.view(n, -1)
-    kl = terms[:, 1:exact + 1].sum(1)
-    if t_samples is not None:
-        kl = kl + terms[:, exact + 1:].sum(1) * ((T - 1 - exact) / (t_samples - exact))
-    return prior, terms[:, 0], kl
 
 
 def edit_inputs(args, run):
@@ -1802,7 +1758,7 @@ def train_config(args, given, out):
             cfg.update({k: init[k] for k in INIT_KEYS}, image_size=cfg["image_size"] or init["image_size"])
         native = NATIVE_SIZE.get(cfg["data"], 32)  # the data's own size if the U-Net can halve it enough, else 32
         cfg["image_size"] = cfg["image_size"] or (32 if native % 2 ** (len(cfg["ch_mult"]) - 1) else native)
-        if args.preset in (None, "paper") and not cfg["init"] and "ch_mult" not in given:  # a network sized for the images
+        if args.preset in (None, "paper") and not cfg["init"] and "ch_mult" not in given:  # sized for the images
             cfg.update({k: v for k, v in NET_BY_SIZE.get(cfg["image_size"], {}).items() if k not in given})
     cfg["flip"] = cfg["data"] != "mnist" if cfg["flip"] is None else cfg["flip"]  # a mirrored 7 is no 7
     for key, value in given.items():  # a new run holds `given` already; a resumed one may change RESUMABLE only
@@ -1998,17 +1954,17 @@ def cmd_nll(args):
     """the variational bound in bits/dim (Ho et al.'s Table 2) of a checkpoint on a data set's test images
 
     Of the EMA model; a class-conditional one through its null label: p(x), as the paper's."""
-    device = get_device(args.device)
-    path = find_checkpoint(args.ckpt)
-    model, _, _, cfg = load_sampler(path, device)
+    import nll
+    run = load_model(args, "nll")
+    cfg = run.cfg
     variance = args.variance or cfg["variance"]
-    diffusion = Diffusion(cfg["timesteps"], cfg["schedule"], variance, device=device)
+    diffusion = Diffusion(cfg["timesteps"], cfg["schedule"], variance, device=run.device)
     T = diffusion.num_timesteps
     if args.t_samples is not None and args.t_samples > T - 1:
         raise UserError(f"--t-samples {args.t_samples}: the model has T − 1 = {T - 1} terms with t ≥ 1 to draw from")
     data = args.data or cfg["data"]
     if data is None:
-        raise UserError(f"--data: {path} does not say what it was trained on; pass cifar10, mnist or a folder")
+        raise UserError(f"--data: {run.path} does not say what it was trained on; pass cifar10, mnist or a folder")
     folder = data not in NATIVE_SIZE
     if folder and args.split:
         raise UserError(f"--split {args.split}: --data {data} is a folder, scored whole; --split is for "
@@ -2016,29 +1972,27 @@ def cmd_nll(args):
     pick = random_subset(args.n, torch.Generator().manual_seed(args.seed))
     images = load_images(data, args.data_root, NATIVE_SIZE.get(data), args.num_workers, pick,
                          train=args.split == "train")[0]
-    want = (cfg["channels"], cfg["image_size"], cfg["image_size"])
-    if images.shape[1:] != want:
+    if images.shape[1:] != run.shape:
         raise UserError(f"--data {data}: its images are {'×'.join(map(str, images.shape[1:]))} (channels × pixels), "
-                        f"the model's are {'×'.join(map(str, want))}")
+                        f"the model's are {'×'.join(map(str, run.shape))}")
     t_samples = args.t_samples
-    if t_samples is None and device.type == "cpu":  # measured: docs/measurements.md
+    if t_samples is None and run.device.type == "cpu":  # measured: docs/measurements.md
         t_samples = min(NLL_CPU_T_SAMPLES, T - 1)
     if t_samples == T - 1:
         t_samples = None  # every term: exact
-    batch_size = args.batch_size or (1024 if device.type == "cuda" else 64)
-    precision = resolve_precision(args.precision, device, "nll")
-    with autocast(device, precision):
-        prior, decoder, kl = bits_per_dim(model, diffusion, images, batch_size, t_samples, args.seed)
+    batch_size = args.batch_size or (1024 if run.device.type == "cuda" else 64)
+    with autocast(run.device, run.precision):
+        prior, decoder, kl = nll.bits_per_dim(run.model, diffusion, images, batch_size, t_samples, args.seed)
     total = prior + decoder + kl
     how = "all terms" if t_samples is None else f"{t_samples} of the {T - 1} KL terms an image, estimated"
     split = "" if folder else f" ({args.split or 'test'} split)"
     result = dict(bpd=round(total.mean().item(), 4), se=round(total.std().item() / len(total) ** 0.5, 4),
                   prior=round(prior.mean().item(), 6), decoder=round(decoder.mean().item(), 4),
-                  kl=round(kl.mean().item(), 4), n=len(total), terms=how, exact=t_samples is None, ckpt=path,
-                  data=data + split, precision=precision, variance=variance, seed=args.seed)
+                  kl=round(kl.mean().item(), 4), n=len(total), terms=how, exact=t_samples is None, ckpt=run.path,
+                  data=data + split, precision=run.precision, variance=variance, seed=args.seed)
     print(json.dumps(result) if args.json else f"NLL ≤ {result['bpd']:.3f} ± {result['se']:.3f} bits/dim of "
           f"{len(total)} images of {data}{split} (prior {result['prior']:.5f}, decoder {result['decoder']:.3f}, KL "
-          f"terms {result['kl']:.3f}; {how}) from {path}, {precision}, {variance}")
+          f"terms {result['kl']:.3f}; {how}) from {run.path}, {run.precision}, {variance}")
     return 0
 
 

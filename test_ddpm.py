@@ -1150,6 +1150,8 @@ def test_sample_writes_into_outputs_not_into_the_repos_samples(ckpts, tmp_path, 
     monkeypatch.chdir(tmp_path)
     code, err = run_main(["sample", "--ckpt", ckpts["cond"], "--class", "cat", "--n", "1", "--steps", "1"], capsys)
     assert code == 0 and os.listdir(tmp_path) == ["outputs"] and os.listdir(tmp_path / "outputs") == ["cat.png"]
+    code, err = run_main(["sample", "--ckpt", ckpts["cond"], "--class", "1", "--n", "1", "--steps", "1"], capsys)
+    assert code == 0 and sorted(os.listdir(tmp_path / "outputs")) == ["cat.png", "ship.png"]  # a class by its index
 
 
 # ---------------------------------------------------------------------------------------------- flips and image size
@@ -1468,8 +1470,8 @@ def test_ddpm_alone_trains_and_samples_and_names_the_file_each_other_command_nee
     import ast
     tree = ast.parse(open(ddpm.__file__).read())  # fid and pictures are imported inside the commands only
     top = {a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
-    assert not top & {"fid", "pictures"} and "importlib" in top
-    for name in ("fid", "pictures"):
+    assert not top & {"fid", "pictures", "nll", "convert"} and "importlib" in top
+    for name in ("fid", "pictures", "nll"):
         monkeypatch.setitem(sys.modules, name, None)  # as if ddpm.py had been copied alone: importing them fails
     run = tmp_path / "run"
     code, err = run_main(["train", "--data", folder, "--out", str(run), "--steps", "2", "--log-every", "1", *TINY],
@@ -1485,6 +1487,7 @@ def test_ddpm_alone_trains_and_samples_and_names_the_file_each_other_command_nee
                         (["inpaint", folder, "--ckpt", ckpts["cond"]], "inpaint needs pictures.py"),
                         (["interpolate", "--ckpt", ckpts["cond"]], "interpolate needs pictures.py"),
                         (["img2img", folder, "--ckpt", ckpts["cond"]], "img2img needs pictures.py"),
+                        (["nll", "--ckpt", ckpts["cond"], "--data", folder], "nll needs nll.py"),
                         (["train", "--data", folder, "--out", str(tmp_path / "f"), "--fid-every", "1", *TINY],
                          "train needs fid.py")]:
         code, err = run_main([*argv, "--data-root", str(tmp_path)] if argv[0] == "fid" else argv, capsys)

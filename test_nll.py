@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import ddpm
+import nll
 from conftest import Oracle, grey_run, run_main
 
 LN2 = math.log(2)
@@ -96,10 +97,10 @@ def test_t_samples_estimate_is_unbiased():
     from conftest import randomize
     randomize(model, seed=3)
     images = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
-    prior, decoder, kl = ddpm.bits_per_dim(model, d, images, batch_size=256, progress=False)
+    prior, decoder, kl = nll.bits_per_dim(model, d, images, batch_size=256, progress=False)
     estimates = []
     for seed in range(60):
-        p, dec, k = ddpm.bits_per_dim(model, d, images, batch_size=256, t_samples=3, seed=seed, progress=False)
+        p, dec, k = nll.bits_per_dim(model, d, images, batch_size=256, t_samples=3, seed=seed, progress=False)
         assert torch.equal(p, prior)
         estimates.append(k)
     estimates = torch.stack(estimates)                                           # (draws, images)
@@ -118,7 +119,7 @@ def test_nll_command_reports_the_bound_and_its_terms(ckpts, folder, capsys):
     model, _, _, cfg = ddpm.load_sampler(ckpts["cond"], torch.device("cpu"))
     d = ddpm.Diffusion(cfg["timesteps"], cfg["schedule"], "fixedlarge")
     images = ddpm.load_images(folder, image_size=None, pick=None)[0]
-    prior, decoder, kl = ddpm.bits_per_dim(model, d, images, progress=False)
+    prior, decoder, kl = nll.bits_per_dim(model, d, images, progress=False)
     assert result["bpd"] == pytest.approx((prior + decoder + kl).mean().item(), abs=1e-4)
     assert result["se"] == pytest.approx((prior + decoder + kl).std().item() / 6 ** 0.5, abs=1e-4)
     code = ddpm.main(["nll", "--ckpt", ckpts["cond"], "--data", folder, "--n", "3", "--t-samples", "5"])
