@@ -593,10 +593,10 @@ class UserError(Exception):
 
 
 def missing(error, what):
-    """The line for an ImportError: the leaves fid.py, nll.py, pictures.py and convert.py are imported only by the
-    commands that need them, so that ddpm.py alone trains and samples."""
+    """The line for an ImportError: the leaves fid.py, nll.py, pictures.py, convert.py and trackers.py are imported only
+    where they are needed, so that ddpm.py alone trains and samples."""
     name = (error.name or str(error)).split(".")[0]
-    if name in ("fid", "pictures", "convert", "nll"):
+    if name in ("fid", "nll", "pictures", "convert", "trackers"):
         return f"{what} needs {name}.py, which comes with ddpm.py: put it beside ddpm.py"
     return f"{what} needs {name}: pip install {name.replace('_', '-')}"
 
@@ -924,9 +924,10 @@ def find_checkpoint(ckpt):
 SAMPLERS = {"ancestral": (None, "uniform"), "ddim": (25, "uniform"), "dpm++": (10, "quadratic")}  # steps, spacing
 
 
-def default_sampler(args, device, cfg, deterministic=False, resample=1):
-    """--sampler where it is not given: the first rule that holds."""
-    rules = [
+def sampler_options(args, device, cfg, T, deterministic=False, resample=1):
+    """--sampler, --steps, --spacing, --eta and --guidance → the keyword arguments of Diffusion.sample, which refuses
+    what it cannot do itself. deterministic (interpolate): DDIM with η = 0 or DPM-Solver++."""
+    defaults = [  # --sampler where it is not given: the first that holds
         (args.steps == 0, "ancestral"),  # --steps all
         (bool(args.steps), "ddim"),  # --steps N alone
         (deterministic, "dpm++"),  # interpolate: each sample a function of its noise
@@ -934,13 +935,7 @@ def default_sampler(args, device, cfg, deterministic=False, resample=1):
         (device.type != "cpu", "ancestral"),  # a GPU: the paper's Algorithm 2
         (bool(cfg["eta"]), "ddim"),  # train --eta > 0: a deterministic solver leaves speckle on MNIST's digits
         (True, "dpm++")]  # a CPU, where 1000 steps take an hour: 10 steps as good as DDIM's 25 (docs/measurements.md)
-    return next(sampler for holds, sampler in rules if holds)
-
-
-def sampler_options(args, device, cfg, T, deterministic=False, resample=1):
-    """--sampler, --steps, --spacing, --eta and --guidance → the keyword arguments of Diffusion.sample, which refuses
-    what it cannot do itself. deterministic (interpolate): DDIM with η = 0 or DPM-Solver++."""
-    sampler = args.sampler or default_sampler(args, device, cfg, deterministic, resample)
+    sampler = args.sampler or next(sampler for holds, sampler in defaults if holds)
     if args.steps is not None and args.steps > T:
         raise UserError(f"--steps {args.steps}: the model has only T = {T} steps")
     if deterministic and (sampler == "ancestral" or args.eta):
@@ -1038,14 +1033,11 @@ def draw(run, n, **per_image):
 def describe(run):
     """The sampler in words, as the sampling commands report it."""
     options = run.options
-    name = options["sampler"]
     steps = options["steps"] or run.diffusion.num_timesteps
     spacing = "" if options["spacing"] == "uniform" else f" ({options['spacing']})"
-    if name == "ancestral":
-        return f"ancestral {steps} steps"
-    if name == "dpm++":
-        return f"DPM-Solver++(2M) {steps} steps{spacing}"
-    return f"DDIM {steps} steps{spacing}, eta {options['eta']}"
+    words = {"ancestral": f"ancestral {steps} steps", "dpm++": f"DPM-Solver++(2M) {steps} steps{spacing}",
+             "ddim": f"DDIM {steps} steps{spacing}, eta {options['eta']}"}
+    return words[options["sampler"]]
 
 
 def sample_out(out, default):
@@ -1065,8 +1057,10 @@ def write_run(args, run, default, batches, picture, what):
     with autocast(run.device, run.precision):
         if per_file:
             images = (image for batch in batches for image in batch)
-            with ThreadPoolExecutor(8) as pool:  # map takes each sample as it comes, and its threads write them
-                count = len(list(pool.map(partial(write_png, out), itertools.count(), images)))
+            with ThreadPoolExecutor(8) as pool:  # map takes each sample as it comes; its threads write <i>.png
+                written = pool.map(lambda i, x: save_atomic(f"{out}/{i:06d}.png", to_image(x[None], 1).save),
+                                   itertools.count(), images)
+                count = len(list(written))
         else:
             x = torch.cat(list(batches))
             save_atomic(out, picture(x).save)
@@ -1074,11 +1068,6 @@ def write_run(args, run, default, batches, picture, what):
     print(f"wrote {count} {what} ({describe(run)}, guidance {run.options['guidance']}, {run.precision}) from "
           f"{run.path} to {out}", file=sys.stderr)
     return 0
-
-
-def write_png(folder, i, image):
-    """Sample i, an image (C, H, W) in [-1, 1], as folder/<i, six digits>.png."""
-    save_atomic(os.path.join(folder, f"{i:06d}.png"), to_image(image[None], 1).save)
 
 
 def reverse_process(model, diffusion, n, frames=10, **kwargs):
@@ -1187,45 +1176,6 @@ RESUMABLE = {"steps", "save_every", "keep_every", "sample_every", "log_every", "
              "precision", "compile", "data", "data_root", "out", "fid_every", "fid_n", "fid_ref", "inception",
              "micro_batch", "report_to"}
 TRACKERS = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}  # --report-to: the module each needs
-
-
-class Trackers:
-    """log.txt's scalars and each preview grid, also in TensorBoard (<out>/tensorboard/) and W&B (project $WANDB_PROJECT
-    or "ddpm", the run named after its folder, its files in <out>/wandb/; WANDB_MODE=offline needs no network). A
-    resumed run continues them: the same TensorBoard folder, purged after the checkpoint's step (log.txt repeats the
-    steps after it), and the W&B run whose id the config keeps."""
-    def __init__(self, cfg, step):
-        self.tensorboard = None
-        self.wandb = None
-        if "tensorboard" in cfg["report_to"]:
-            from torch.utils.tensorboard import SummaryWriter
-            purge = step + 1 if step else None  # hide what the last run logged after its checkpoint
-            self.tensorboard = SummaryWriter(os.path.join(cfg["out"], "tensorboard"), purge_step=purge)
-        if "wandb" in cfg["report_to"]:
-            import wandb
-            cfg["wandb_id"] = cfg.get("wandb_id") or os.urandom(4).hex()  # saved with the config
-            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "ddpm"), id=cfg["wandb_id"], dir=cfg["out"],
-                                    name=os.path.basename(os.path.normpath(cfg["out"])), resume="allow", config=cfg)
-            self.wandb.define_metric("*", step_metric="step")  # our step, not W&B's count of log calls
-
-    def log(self, step, **values):
-        """Numbers as scalars, PIL images as images, at the training step `step`."""
-        import numpy as np
-        for name, v in values.items():
-            if self.tensorboard and isinstance(v, Image.Image):
-                self.tensorboard.add_image(name, np.asarray(v), step, dataformats="HW" if v.mode == "L" else "HWC")
-            elif self.tensorboard:
-                self.tensorboard.add_scalar(name, v, step)
-        if self.wandb:
-            import wandb
-            self.wandb.log({"step": step, **{k: wandb.Image(v) if isinstance(v, Image.Image) else v
-                                             for k, v in values.items()}})
-
-    def close(self):
-        if self.tensorboard:
-            self.tensorboard.close()
-        if self.wandb:
-            self.wandb.finish()
 
 
 class Trainer:
@@ -1414,9 +1364,8 @@ class Trainer:
         loss_value = sum(v[0] for v in stats) / len(stats)
         self.postfix.update(loss=f"{loss_value:.4f}", img_s=f"{rate:.0f}")
         self.bar.set_postfix(self.postfix)
-        print(f"step {self.step} loss {loss_value:.5f} lr {lr:.3e} grad_norm {stats[-1][1]:.3f} "
-              f"img/s {rate:.1f}", file=self.log, flush=True)
-        self.trackers.log(self.step, loss=loss_value, lr=lr, grad_norm=stats[-1][1], img_s=rate)
+        self.report(f"loss {loss_value:.5f} lr {lr:.3e} grad_norm {stats[-1][1]:.3f} img/s {rate:.1f}",
+                    loss=loss_value, lr=lr, grad_norm=stats[-1][1], img_s=rate)
         stats.clear()
         if not self.rank:
             self.draw_progress()
@@ -1435,6 +1384,13 @@ class Trainer:
         if self.pictures:
             fig = self.pictures.progress_chart(self.log.name)
             save_atomic(os.path.join(self.out, "progress.png"), lambda f: fig.savefig(f, format="png"))
+
+    def report(self, line, **values):
+        """A line into log.txt (after the step), and the values (numbers, PIL images) to --report-to's trackers."""
+        if line:
+            print(f"step {self.step} {line}", file=self.log, flush=True)
+        if self.trackers:
+            self.trackers.log(self.step, **values)
 
     def keep(self):  # also a ckpt_<step>.pt at this step?
         return bool(self.cfg["keep_every"] and self.step % self.cfg["keep_every"] == 0)
@@ -1473,7 +1429,7 @@ class Trainer:
         with self.amp:
             image = to_image(torch.cat(list(self.ema_samples(n, n))), nrow)
         save_atomic(os.path.join(self.out, f"samples_{self.step:08d}.png"), image.save)
-        self.trackers.log(self.step, samples=image)
+        self.report(None, samples=image)
         self.t_log, self.step_log = time.time(), self.step  # images/s counts training only
 
     def setup_fid(self):
@@ -1497,9 +1453,8 @@ class Trainer:
         score = fid.frechet_distance(*stats[:2], *self.fid_ref[:2])
         self.postfix["fid"] = f"{score:.2f}"
         self.bar.set_postfix(self.postfix)
-        print(f"step {self.step} fid {score:.4f} n {n} DDIM {min(100, cfg['timesteps'])} steps, eta {cfg['eta']}, "
-              "guidance 2.0", file=self.log, flush=True)
-        self.trackers.log(self.step, fid=score)
+        self.report(f"fid {score:.4f} n {n} DDIM {min(100, cfg['timesteps'])} steps, eta {cfg['eta']}, guidance 2.0",
+                    fid=score)
         self.t_log, self.step_log = time.time(), self.step
 
     def on_signal(self, sig, frame):  # the first signal: save and stop after this step; a second: stop now
@@ -1525,7 +1480,10 @@ class Trainer:
         signum, log = 0, os.path.join(out, "log.txt") if not self.rank else os.devnull
         if cfg["fid_every"] and not self.rank:
             self.setup_fid()
-        self.trackers = Trackers(dict(cfg, report_to=()) if self.rank else cfg, self.step)  # rank 0 alone reports
+        self.trackers = None  # trackers.py, imported only for --report-to; rank 0 alone reports
+        if cfg["report_to"] and not self.rank:
+            import trackers
+            self.trackers = trackers.Trackers(cfg, self.step)
         handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             with open(log, "a") as self.log, tqdm(total=cfg["steps"], initial=self.step, dynamic_ncols=True,
@@ -1561,7 +1519,7 @@ def train(cfg, ckpt=None):
     try:
         return trainer.run()
     finally:
-        if getattr(trainer, "trackers", None):
+        if getattr(trainer, "trackers", None):  # not None
             trainer.trackers.close()
 
 
@@ -1590,18 +1548,17 @@ def _num(kind, lo, hi, lo_open=False):
     return parse
 
 
-def _int_tuple(text):  # "1,2,2" → (1, 2, 2); "" → ()
-    return tuple(_num(int, 1, 4096)(v) for v in text.split(",") if v.strip())
+def _numbers(kind, lo, hi):
+    """argparse type: comma-separated numbers, each in [lo, hi]: "1,2,2" → (1, 2, 2); "" → ()."""
+    def parse(text):
+        return tuple(_num(kind, lo, hi)(v) for v in text.split(",") if v.strip())
+    return parse
 
 
 def _steps(text):  # "all" → 0 (every step), else a whole number of steps
     if text == "all":
         return 0
     return _num(int, 1, 10 ** 5)(text)
-
-
-def _strengths(text):  # "0.25,0.5" → [0.25, 0.5], each in [0, 1]
-    return [_num(float, 0, 1)(v) for v in text.split(",") if v.strip()]
 
 
 def _trackers(text):  # "tensorboard,wandb" → ("tensorboard", "wandb"); "none" → ()
@@ -1628,8 +1585,10 @@ def _add_options(parser, rows, given_only=False):
             kw = dict(choices=kind)
         else:
             kw = dict(type=kind)
+        if isinstance(value, tuple):  # as it is typed: 1,2,2,2
+            value = ",".join(map(str, value)) or None
         parser.add_argument(flag, default=default, required=default is ..., **kw,
-                            help=text + ("" if value in (None, ..., ()) else f" (default: {value})"))
+                            help=text + ("" if value in (None, ...) else f" (default: {value})"))
 
 
 # The flags several commands share, each declared once
@@ -1671,16 +1630,14 @@ TRAIN = RUN + [DATA_ROOT, WORKERS, INCEPTION, COMPILE] + [  # and their defaults
     ("--image-size", _num(int, 4, 4096), None, "side in pixels (default: the data's own, 28 for MNIST, if the U-Net "
      "can take it, else 32)"),
     ("--out", str, None, "run folder: ckpt.pt, log.txt, progress.png, samples_*.png (default: runs/<data name>)"),
-    ("--steps", _num(int, 1, BIG), 800_000, "training steps"),
-    ("--lr", _num(float, 0, 1, True), 2e-4, "Adam learning rate"),
-    ("--warmup", _num(int, 0, BIG), 5000, "warm-up steps"),
-    ("--grad-clip", _num(float, 0, 1e6, True), 1.0, "gradient norm clip"),
+    ("--steps", _num(int, 1, BIG), 800_000, "training steps"), ("--warmup", _num(int, 0, BIG), 5000, "warm-up steps"),
+    ("--lr", _num(float, 0, 1, True), 2e-4, "Adam's learning rate"),
+    ("--grad-clip", _num(float, 0, 1e6, True), 1.0, "the gradient's norm is clipped to this"),
     ("--ch", _num(int, 8, 4096), 128, "base channels"),
-    ("--ch-mult", _int_tuple, (1, 2, 2, 2), "channels per level, e.g. 1,2,2"),
+    ("--ch-mult", _numbers(int, 1, 4096), (1, 2, 2, 2), "channels per level, e.g. 1,2,2"),
     ("--num-res-blocks", _num(int, 1, 64), 2, "residual blocks per level"),
-    ("--attn-res", _int_tuple, (16,), "resolutions with self-attention, e.g. 16 or 16,8 ('' for none)"),
-    ("--dropout", _num(float, 0, 0.99), 0.1, "dropout"),
-    ("--ema-decay", _num(float, 0, 1), 0.9999, "EMA decay"),
+    ("--attn-res", _numbers(int, 1, 4096), (16,), "resolutions with self-attention, e.g. 16 or 16,8 ('' for none)"),
+    ("--dropout", _num(float, 0, 0.99), 0.1, "dropout"), ("--ema-decay", _num(float, 0, 1), 0.9999, "EMA decay"),
     ("--timesteps", _num(int, 2, 100_000), 1000, "diffusion steps T"),
     ("--schedule", ("linear", "cosine"), "linear", "noise schedule"),
     ("--p-uncond", _num(float, 0, 1), 0.1, "probability of the null label in training (for guidance)"),
@@ -1768,7 +1725,9 @@ def train_config(args, given, out):
     cfg.update(given)
     if cfg["fid_every"]:  # now, not at the first FID hours in
         import fid  # noqa: F401
-    for name in cfg["report_to"]:  # and before any data is decoded
+    if cfg["report_to"]:  # and before any data is decoded
+        import trackers  # noqa: F401
+    for name in cfg["report_to"]:
         try:
             importlib.import_module(TRACKERS[name])
         except ImportError:
@@ -1865,8 +1824,8 @@ def cmd_interpolate(args):
 IMG2IMG = [INPUT] + RUN + SAMPLER + [
     OUT, ("--n", _num(int, 1, 10 ** 5), 4, "results for each strength: a random N of FOLDER's images, or IMAGE N "
           "times, each with noise of its own"),
-    ("--strength", _strengths, [0.5], "0 returns the input, 1 is plain sampling; several, comma-separated, give a row "
-     "each")]
+    ("--strength", _numbers(float, 0, 1), (0.5,), "0 returns the input, 1 is plain sampling; several, comma-separated, "
+     "give a row each")]
 
 
 def cmd_img2img(args):
@@ -1911,13 +1870,15 @@ def cmd_fid(args):
         images = load_images(args.samples, image_size=args.image_size, pick=pick, flag="--samples")[0]
         batches = images.split(50)
         shape = images.shape[1:]
-        result = dict(samples=args.samples)
+        source = args.samples
+        result = dict(samples=source)
     else:
         run = load_run(args)
         n = args.n or (50_000 if device.type == "cuda" else 1000)  # the papers' 50,000; a CPU: seconds a sample
         batches = map(to_uint8, draw(run, n, y=labels_from_args(args, run, n, rows=False)[0]))
         shape = run.shape
         amp = autocast(device, run.precision)  # Inception itself runs in fp32 (inception_stats)
+        source = f"{run.path} ({describe(run)}, guidance {args.guidance}, seed {args.seed}, {run.precision})"
         result = dict(ckpt=run.path, sampler=describe(run), guidance=args.guidance, seed=args.seed,
                       precision=run.precision)
     # The reference first: its statistics are cached, and a bad --ref is refused before any sampling
@@ -1927,11 +1888,8 @@ def cmd_fid(args):
         mu, sigma, n = fid.inception_stats(net, batches)
     score = fid.frechet_distance(mu, sigma, *ref[:2])
     result = dict(fid=round(score, 4), n=n, **result, ref=args.ref, ref_n=ref[2])
-    how = ""
-    if "ckpt" in result:
-        how = f" ({result['sampler']}, guidance {args.guidance}, seed {args.seed}, {result['precision']})"
-    print(json.dumps(result) if args.json else f"FID {score:.3f} of {n} images{how} from "
-          f"{result.get('ckpt', args.samples)} against {args.ref} (n {ref[2]})")
+    print(json.dumps(result) if args.json else f"FID {score:.3f} of {n} images from {source} against {args.ref} (n "
+          f"{ref[2]})")
     return 0
 
 

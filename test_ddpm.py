@@ -1470,8 +1470,8 @@ def test_ddpm_alone_trains_and_samples_and_names_the_file_each_other_command_nee
     import ast
     tree = ast.parse(open(ddpm.__file__).read())  # fid and pictures are imported inside the commands only
     top = {a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
-    assert not top & {"fid", "pictures", "nll", "convert"} and "importlib" in top
-    for name in ("fid", "pictures", "nll"):
+    assert not top & {"fid", "pictures", "nll", "convert", "trackers"} and "importlib" in top
+    for name in ("fid", "pictures", "nll", "trackers"):
         monkeypatch.setitem(sys.modules, name, None)  # as if ddpm.py had been copied alone: importing them fails
     run = tmp_path / "run"
     code, err = run_main(["train", "--data", folder, "--out", str(run), "--steps", "2", "--log-every", "1", *TINY],
@@ -1488,6 +1488,8 @@ def test_ddpm_alone_trains_and_samples_and_names_the_file_each_other_command_nee
                         (["interpolate", "--ckpt", ckpts["cond"]], "interpolate needs pictures.py"),
                         (["img2img", folder, "--ckpt", ckpts["cond"]], "img2img needs pictures.py"),
                         (["nll", "--ckpt", ckpts["cond"], "--data", folder], "nll needs nll.py"),
+                        (["train", "--data", folder, "--out", str(tmp_path / "t"), "--report-to", "tensorboard", *TINY],
+                         "train needs trackers.py"),
                         (["train", "--data", folder, "--out", str(tmp_path / "f"), "--fid-every", "1", *TINY],
                          "train needs fid.py")]:
         code, err = run_main([*argv, "--data-root", str(tmp_path)] if argv[0] == "fid" else argv, capsys)
