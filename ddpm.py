@@ -593,8 +593,7 @@ class UserError(Exception):
 
 
 def missing(error, what):
-    """The line for an ImportError: the leaves fid.py, nll.py, pictures.py, convert.py and trackers.py are imported only
-    where they are needed, so that ddpm.py alone trains and samples."""
+    """The line for an ImportError; the leaves beside ddpm.py are imported only where needed: ddpm.py alone trains."""
     name = (error.name or str(error)).split(".")[0]
     if name in ("fid", "nll", "pictures", "convert", "trackers"):
         return f"{what} needs {name}.py, which comes with ddpm.py: put it beside ddpm.py"
@@ -638,10 +637,9 @@ def ensure_writable(folder, flag):
 
 
 def hold(folder):
-    """Create the run folder (proved writable) and lock folder/.lock for the life of this process, so that a second
-    run cannot write into it: flock, which the kernel drops when the process ends however it ends (SIGKILL, a power
-    cut), so no stale lock is left to block a resume. → the open lock file (keep it), or None where the platform
-    cannot lock (with a note)."""
+    """Create the run folder (proved writable) and lock folder/.lock for the life of this process: flock, which the
+    kernel drops when the process ends however it ends (SIGKILL, a power cut), so no stale lock blocks a resume.
+    → the open lock file (keep it), or None where the platform cannot lock (with a note)."""
     ensure_writable(folder, "--out")
     f = open(os.path.join(folder, ".lock"), "a+")
     try:
@@ -664,9 +662,8 @@ def hold(folder):
 
 
 def load_checkpoint(path, mmap=False):
-    """Load with weights_only=True (tensors and plain values only: a crafted file cannot run code), or UserError.
-    mmap: the tensors are mapped from the file, not read, until used (for a look at the config only). A folder or a
-    hub id owner/name (whose owner is no local folder) is a diffusers model, read by convert.py."""
+    """Load with weights_only=True (a crafted file cannot run code), or UserError; mmap: tensors read only when used.
+    A folder or a hub id owner/name (whose owner is no local folder) is a diffusers model, read by convert.py."""
     hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not os.path.exists(path.split("/")[0])
     if os.path.isdir(path) or (hub_id and not path.endswith(".pt")):
         import convert
@@ -709,8 +706,7 @@ def to_uint8(x):
 
 
 def random_subset(n, generator, flag="--n"):
-    """A `pick` for load_images: a random n of the N images, drawn with generator, or all of them for n None; an n
-    larger than N is a UserError naming flag."""
+    """A `pick` for load_images: a random n of the N images, drawn with generator (n None: all; n > N: UserError)."""
     if n is None:
         return None
 
@@ -736,12 +732,10 @@ def class_rows(num_classes, n):
 
 def load_images(data, root="./data", image_size=32, workers=4, pick=None, flag="--data", cache=False,
                 extensions=(".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif"), train=True):
-    """→ (images uint8 (N, C, S, S), labels (N,), class names) of "cifar10", "mnist", "fashion-mnist" (torchvision,
-    downloaded into root) or a folder data/<class>/*.png|jpg (or data/*.png: one class), decoded once, now: a bad
-    file is refused before training, not hours in. C = 1 if all images are grey, else 3; resize + centre crop to S
-    (image_size None: the first image's shorter side). pick(N) → indices: only those of the N images are kept,
-    chosen before any is decoded (default: all). flag: what the messages call `data`. cache: a folder's pixels are
-    kept in root/cache/ (cached_images). train: the training split of a torchvision set, else its test split."""
+    """→ (images uint8 (N, C, S, S), labels (N,), class names) of "cifar10", "mnist", "fashion-mnist" (downloaded into
+    root; train: the training split, else the test split) or a folder data/<class>/*.png|jpg (or data/*.png), decoded
+    now: a bad file is refused before training. C = 1 if all are grey, else 3; resized and centre-cropped to S (None:
+    the first image's short side). pick(N) → the indices kept, before decoding. flag: what messages call `data`."""
     sets = {"cifar10": "CIFAR10", "mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
     if data in sets:
         return torchvision_images(data, sets[data], root, image_size, pick, train)
@@ -801,10 +795,9 @@ def decode_images(paths, image_size, workers=4):
 
 
 def cached_images(data, paths, image_size, root, workers=4):
-    """decode_images of the folder data, kept in root/cache/images-<hash>.npy and mapped from there on later calls.
-    The hash covers the folder, every file's name, size and modification time and the image size, so a changed
-    folder is decoded anew and two folders never share a file. A damaged cache is decoded anew, and one that cannot
-    be written (a full disk) is skipped with a note: a cache is never a reason to stop."""
+    """decode_images of the folder data, kept in root/cache/images-<hash>.npy and mapped from there later. The hash
+    covers the folder, each file's name, size and time and the image size: a changed folder is decoded anew. A damaged
+    cache is decoded anew, one that cannot be written is skipped with a note: a cache is never a reason to stop."""
     import hashlib, numpy as np
     made_of = [(os.path.relpath(f, data), s.st_size, s.st_mtime_ns) for f, s in ((f, os.stat(f)) for f in paths)]
     key = hashlib.sha256(repr((os.path.abspath(data), image_size, made_of)).encode()).hexdigest()[:20]
@@ -857,9 +850,9 @@ def get_device(name=None):
 
 
 def resolve_precision(precision, device, task, cpu=None):
-    """--precision for `task` ("train", "sample") → "bf16" or "fp32": bf16 and fp32 force it; auto is bf16 on CUDA
-    (fp16's speed, not its NaNs) and on a CPU only to sample, where it computes bf16 natively: ATen at AVX-512 with
-    amx_bf16 or avx512_bf16 (2.0× as fast there; training 1.1×; emulated: 7× slower). cpu: (capability, {flag: on})."""
+    """--precision for `task` ("train", "sample", "nll") → "bf16" or "fp32": auto is bf16 on CUDA (fp16's speed, not its
+    NaNs), and on a CPU to sample where ATen computes bf16 natively (AVX-512 with amx_bf16 or avx512_bf16: 2.0× as
+    fast; training 1.1×; emulated: 7× slower). cpu: (capability, {flag: on})."""
     if precision != "auto":
         return precision
     if task == "nll":  # L_0 turns on ε̂ to within a bin of 2/255, finer than bf16's 8-bit mantissa resolves
@@ -881,8 +874,7 @@ def autocast(device, precision):
 
 def init_processes(batch_size, device_name=None, micro_batch=None):
     """Under torchrun (RANK, LOCAL_RANK, WORLD_SIZE set): one of `world` DDP processes, one GPU each; rank 0 writes.
-    → (device, rank, world, ctrl): ctrl is a gloo group for the stop flag (a CPU channel: no GPU sync per step),
-    None when not started by torchrun."""
+    → (device, rank, world, ctrl): ctrl, a gloo group for the stop flag (no GPU sync a step), None without torchrun."""
     ddp = "RANK" in os.environ
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -925,8 +917,7 @@ SAMPLERS = {"ancestral": (None, "uniform"), "ddim": (25, "uniform"), "dpm++": (1
 
 
 def sampler_options(args, device, cfg, T, deterministic=False, resample=1):
-    """--sampler, --steps, --spacing, --eta and --guidance → the keyword arguments of Diffusion.sample, which refuses
-    what it cannot do itself. deterministic (interpolate): DDIM with η = 0 or DPM-Solver++."""
+    """--sampler, --steps, --spacing, --eta, --guidance → Diffusion.sample's keywords (which refuses what it can't)."""
     defaults = [  # --sampler where it is not given: the first that holds
         (args.steps == 0, "ancestral"),  # --steps all
         (bool(args.steps), "ddim"),  # --steps N alone
@@ -955,24 +946,20 @@ def sampler_options(args, device, cfg, T, deterministic=False, resample=1):
     return dict(guidance=args.guidance, steps=steps, eta=eta, sampler=sampler, spacing=args.spacing or spacing)
 
 
-def load_model(args, task="sample"):
-    """--device, --ckpt (find_checkpoint) and --precision for task → a Namespace: device, path, the EMA U-Net (model),
-    its Diffusion, classes and config, shape (C, H, W) of its images, precision."""
+def load_run(args, task="sample", deterministic=False, resample=1):
+    """What the commands that run a checkpoint share → a Namespace: device, path, the EMA U-Net (model), its Diffusion,
+    classes and config, shape (C, H, W) of its images, precision; to sample, the sampler's options too."""
     device = get_device(args.device)
     path = find_checkpoint(args.ckpt)
     model, diffusion, classes, cfg = load_sampler(path, device)
     shape = (cfg["channels"], cfg["image_size"], cfg["image_size"])
-    return argparse.Namespace(device=device, path=path, model=model, diffusion=diffusion, classes=classes, cfg=cfg,
-                              shape=shape, precision=resolve_precision(args.precision, device, task))
-
-
-def load_run(args, deterministic=False, resample=1):
-    """What the sampling commands share: load_model's Namespace, the sampler's options, batch size and --compile."""
-    run = load_model(args)
-    run.options = sampler_options(args, run.device, run.cfg, run.diffusion.num_timesteps, deterministic, resample)
-    # CPU: batches of 16 keep tensors under glibc's 32 MB mmap threshold, so memory is reused, not faulted in anew
-    run.batch_size = args.batch_size or (1024 if run.device.type == "cuda" else 16)  # (64 ships, 2 cores: 45 → 34 s)
-    run.compile = args.compile
+    run = argparse.Namespace(device=device, path=path, model=model, diffusion=diffusion, classes=classes, cfg=cfg,
+                             shape=shape, precision=resolve_precision(args.precision, device, task))
+    if task == "sample":
+        run.options = sampler_options(args, device, cfg, diffusion.num_timesteps, deterministic, resample)
+        # CPU: batches of 16 keep tensors under glibc's 32 MB mmap threshold, so memory is reused, not faulted in anew
+        run.batch_size = args.batch_size or (1024 if device.type == "cuda" else 16)  # (64 ships, 2 cores: 45 → 34 s)
+        run.compile = args.compile
     return run
 
 
@@ -1005,16 +992,15 @@ def _rows(value, rows, device):
 
 
 def sample_batches(model, diffusion, n, batch_size, pad=False, progress=False, **kwargs):
-    """Yields n samples of Diffusion.sample(model, …, **kwargs) in batches (b, C, H, W) on the CPU; a tensor of n rows
-    among kwargs (y, noise, image, known's) is sliced along. pad: the last batch is drawn at full size too and cut, so
-    a compiled model sees one shape. Diffusion.sample's refusals (a sampler and steps) become a UserError."""
+    """Yields n samples of Diffusion.sample(model, …, **kwargs) in batches on the CPU; a tensor of n rows among kwargs
+    (y, noise, image, known's) is sliced along. pad: a last batch drawn whole and cut, for a compiled model."""
     device = next(model.parameters()).device
     for start in tqdm(range(0, n, batch_size), "batches", leave=False, disable=True if n <= batch_size else None):
         size = batch_size if pad else min(batch_size, n - start)
         batch = {name: _rows(value, torch.arange(start, start + size) % n, device) for name, value in kwargs.items()}
         try:
             x = diffusion.sample(model, size, progress=progress, **batch)
-        except ValueError as e:
+        except ValueError as e:  # its refusals: a sampler and steps that do not go together
             raise UserError(str(e)) from None
         yield x[:n - start].float().cpu()
 
@@ -1041,8 +1027,7 @@ def describe(run):
 
 
 def sample_out(out, default):
-    """--out → (the path, whether it is a folder for a PNG each), proved writable now. Default: outputs/<default>,
-    not samples/: the repo's pictures stay as they are."""
+    """--out, by default outputs/<default> (not samples/) → (the path, whether a folder for a PNG each), writable."""
     out = out or os.path.join("outputs", default)
     per_file = out.endswith(("/", os.sep)) or os.path.isdir(out)
     ensure_writable(out if per_file else os.path.dirname(out) or ".", "--out")
@@ -1093,10 +1078,9 @@ def forward_process(x0, noise, diffusions, columns=10):
 
 
 def edit_inputs(args, run):
-    """IMAGE|FOLDER of inpaint and img2img, decoded as training decodes images, at the model's size, in [-1, 1]: the
-    image, or a random --n of the folder's → (images (k, C, S, S), the labels of the --n results or None, the index of
-    each result's image: the images in turn). Labels: --class, else each image's own where its folder is named as one
-    of the model's classes (a CIFAR-10 test folder), else none (the null label's model)."""
+    """IMAGE|FOLDER of inpaint and img2img at the model's size, in [-1, 1]: the image, or a random --n of the folder's
+    → (images (k, C, S, S), the labels of the --n results or None, the index of each result's image, in turn). Labels:
+    --class, else each image's own if its folder is named as a class of the model's (CIFAR-10's test set), else none."""
     cfg = run.cfg
     labels = None
     if os.path.isfile(args.input):
@@ -1132,12 +1116,12 @@ def load_mask(path, size, image=None):
             mask = im.convert("L")
     except Exception as e:
         raise UserError(f"--mask {path}: cannot read it as an image ({type(e).__name__})") from None
-    image_size = None
+    sizes = [(size, size)]
     if image is not None and os.path.isfile(image):
         with Image.open(image) as im:
-            image_size = im.size
-    if mask.size not in ((size, size), image_size):
-        wanted = f"{size}×{size}" if image_size is None else f"{size}×{size} or {image_size[0]}×{image_size[1]}"
+            sizes.append(im.size)
+    if mask.size not in sizes:
+        wanted = " or ".join(f"{w}×{h}" for w, h in sizes)
         raise UserError(f"--mask {path}: {mask.size[0]}×{mask.size[1]} pixels; it must be {wanted}")
     mask = TF.center_crop(TF.resize(mask, size, TF.InterpolationMode.NEAREST), size)
     return (TF.pil_to_tensor(mask)[None] < 128).float()
@@ -1164,9 +1148,8 @@ def inception(path, device):
 # ======== 9. The Trainer: batches, DDP and the bookkeeping around train_step ==========================================
 PRESETS = {"paper": {}, "small": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(), dropout=0.0, lr=1e-3,
                                       batch_size=32, warmup=200, steps=1150, ema_decay=0.999, eta=1.0, log_every=50)}
-# The network for larger images when --ch-mult is not given: at 256 px Ho et al.'s LSUN and CelebA-HQ one (114M
-# parameters; App. B and their run_celebahq.py: lr 2e-5, batch 64, no dropout); at 64 and 128 px the channel
-# multipliers of guided-diffusion's script_util, with attention at 16 and 8 px as improved-diffusion's default.
+# The network for larger images without --ch-mult: at 256 px Ho et al.'s LSUN and CelebA-HQ one (114M parameters;
+# App. B, run_celebahq.py); at 64 and 128 px guided-diffusion's multipliers, attention at 16 and 8 px (improved DDPM).
 NET_BY_SIZE = {64: dict(ch_mult=(1, 2, 3, 4), attn_res=(16, 8)), 128: dict(ch_mult=(1, 1, 2, 3, 4), attn_res=(16, 8)),
                256: dict(ch_mult=(1, 1, 2, 2, 4, 4), attn_res=(16,), lr=2e-5, batch_size=64, dropout=0.0)}
 INIT_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_res", "timesteps", "schedule", "unconditional", "same_padding",
@@ -1193,9 +1176,6 @@ class Trainer:
         self.cfg = cfg
         self.model = self.build_model(ckpt)
         self.params = sum(p.numel() for p in self.model.parameters())
-        if self.params > 20e6 and device.type == "cpu":
-            self.say(f"note: this {self.params / 1e6:.1f}M-parameter U-Net is sized for a GPU (2 CPU cores train it at "
-                     "~3.3 images/s); --preset small learns digits (--data mnist) on a CPU in 3-10 minutes")
         self.ema = EMA(self.model, cfg["ema_decay"])
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg["lr"], fused=device.type == "cuda")
         self.diffusion = Diffusion(cfg["timesteps"], cfg["schedule"], device=device)
@@ -1228,8 +1208,7 @@ class Trainer:
             print(line, file=sys.stderr)
 
     def build_model(self, ckpt):
-        """The U-Net on the device, NHWC (the layout of tensor-core convolutions, and the one oneDNN prefers on a CPU),
-        from --init's weights for a new run that has it."""
+        """The U-Net on the device, NHWC (tensor cores' layout, oneDNN's on a CPU); --init's weights for a new run."""
         cfg = self.cfg
         self.fmt = torch.contiguous_format if self.device.type == "mps" else torch.channels_last
         try:
@@ -1282,9 +1261,8 @@ class Trainer:
         return forward
 
     def init_from(self, path, model):
-        """Fine-tuning: start from the EMA weights of `path`, a checkpoint or an exported model. Its class embedding is
-        kept if its classes are the data's; else the class rows start anew (as a new network's) and only the null
-        label's row, the unconditional model that guidance needs, is kept."""
+        """Fine-tuning: from the EMA weights of `path` (a checkpoint or an export); if its classes are not the data's,
+        the class rows start anew but for the null label's, the unconditional model that guidance needs."""
         init = load_checkpoint(path)
         emb = model.class_emb
         weights = dict(init["ema"]["model"])
@@ -1372,8 +1350,7 @@ class Trainer:
         self.t_log, self.step_log = time.time(), self.step
 
     def draw_progress(self):
-        """progress.png: the loss (and FID) against the step, redrawn from log.txt; without pictures.py (or matplotlib)
-        the run goes on without it, after a note."""
+        """progress.png: the loss (and FID) against the step, from log.txt; without pictures.py, a note, and on."""
         if self.pictures is None:
             try:
                 import pictures
@@ -1433,8 +1410,7 @@ class Trainer:
         self.t_log, self.step_log = time.time(), self.step  # images/s counts training only
 
     def setup_fid(self):
-        """Inception and the reference statistics, before the first step (cached in data_root/fid/): the training
-        images, or --fid-ref as `fid --ref` takes it."""
+        """Inception and the statistics of the training images or of --fid-ref, before the first step (cached)."""
         cfg = self.cfg
         self.fid, self.inception = inception(cfg["inception"], self.device)
         if cfg["fid_ref"] is None:
@@ -1447,10 +1423,9 @@ class Trainer:
         """FID of fid_n EMA samples against the reference, into log.txt and the progress bar."""
         cfg = self.cfg
         n = cfg["fid_n"]
-        fid = self.fid
         with self.amp:  # Inception itself runs in fp32 (inception_stats)
-            stats = fid.inception_stats(self.inception, map(to_uint8, self.ema_samples(n, cfg["batch_size"])))
-        score = fid.frechet_distance(*stats[:2], *self.fid_ref[:2])
+            stats = self.fid.inception_stats(self.inception, map(to_uint8, self.ema_samples(n, cfg["batch_size"])))
+        score = self.fid.frechet_distance(*stats[:2], *self.fid_ref[:2])
         self.postfix["fid"] = f"{score:.2f}"
         self.bar.set_postfix(self.postfix)
         self.report(f"fid {score:.4f} n {n} DDIM {min(100, cfg['timesteps'])} steps, eta {cfg['eta']}, guidance 2.0",
@@ -1473,6 +1448,9 @@ class Trainer:
         """Train to cfg["steps"] → 0, or after a signal save and → 128 + its number."""
         cfg = self.cfg
         out = self.out
+        if self.params > 20e6 and self.device.type == "cpu":
+            self.say(f"note: this {self.params / 1e6:.1f}M-parameter U-Net is sized for a GPU (2 CPU cores train it at "
+                     "~3.3 images/s); --preset small learns digits (--data mnist) on a CPU in 3-10 minutes")
         processes = f"{self.world} processes" if self.world > 1 else "1 process"
         self.say(f"training {self.params / 1e6:.2f}M-parameter U-Net on {len(self.images)} images "
                  f"({len(self.classes)} classes) on {self.device} in {processes}, step "
@@ -1504,6 +1482,8 @@ class Trainer:
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
+            if self.trackers:
+                self.trackers.close()
         if signum:
             self.say(f"interrupted at step {self.step}; saved {out}/ckpt.pt. Resume with: "
                      f"{'torchrun … ' if self.ddp else 'python '}ddpm.py train --resume --out {out}")
@@ -1512,24 +1492,10 @@ class Trainer:
         return 0
 
 
-def train(cfg, ckpt=None):
-    """Train with config `cfg` (TRAIN_DEFAULTS' keys) into cfg["out"] or continue `ckpt`; → 0, or 128 + signal."""
-    device, rank, world, ctrl = init_processes(cfg["batch_size"], cfg["device"], cfg["micro_batch"])
-    trainer = Trainer(cfg, ckpt, device, rank, world, ctrl)
-    try:
-        return trainer.run()
-    finally:
-        if getattr(trainer, "trackers", None):  # not None
-            trainer.trackers.close()
-
-
 
 
 # ======== 10. Command line: each command's flags beside its handler, in the README's order ==========================
 class _Parser(argparse.ArgumentParser):
-    def __init__(self, **kwargs):  # no abbreviations: interpolate --n would be read as --no-compile
-        super().__init__(allow_abbrev=False, **kwargs)
-
     def error(self, message):  # one line, not usage + line
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
@@ -1556,9 +1522,7 @@ def _numbers(kind, lo, hi):
 
 
 def _steps(text):  # "all" → 0 (every step), else a whole number of steps
-    if text == "all":
-        return 0
-    return _num(int, 1, 10 ** 5)(text)
+    return 0 if text == "all" else _num(int, 1, 10 ** 5)(text)
 
 
 def _trackers(text):  # "tensorboard,wandb" → ("tensorboard", "wandb"); "none" → ()
@@ -1570,8 +1534,7 @@ def _trackers(text):  # "tensorboard,wandb" → ("tensorboard", "wandb"); "none"
 
 def _add_options(parser, rows, given_only=False):
     """rows of (flag, kind, default, help): kind a type, a tuple of choices, "switch" or "on/off" (--x and --no-x);
-    default ...: required; the help ends with the default. given_only (train): argparse's default is None, so that a
-    flag given can be told from one not given (a resumed run keeps its own)."""
+    default ...: required. given_only (train): None where not given, so that a resumed run keeps its own."""
     for flag, kind, value, text in rows:
         default = None if given_only else value
         if not flag.startswith("-"):  # a positional argument: its kind is its name in the usage line
@@ -1596,21 +1559,17 @@ SEED = ("--seed", _num(int, 0, 2 ** 62), 0, "random seed")
 RUN = [  # every command that runs the network
     ("--device", str, None, "cuda, cuda:N, mps or cpu (default: the best found)"),
     ("--precision", ("auto", "fp32", "bf16"), "auto", "auto: bf16 autocast on CUDA, and to sample on a CPU that "
-     "computes bf16 natively (AMX or AVX512-BF16); fp32 to train on a CPU and for nll (its L_0 needs ε̂ to within a "
-     "bin of 2/255, finer than bf16 resolves)"), SEED,
+     "computes bf16 natively (AMX, AVX512-BF16); fp32 to train on a CPU and for nll (L_0 needs more than bf16)"), SEED,
     ("--batch-size", _num(int, 1, 65536), None, "images a training step (train: 128), or a batch (to sample: 1,024 on "
      "CUDA, else 16; nll's (image, t) pairs: 1,024 or 64)")]
-CKPT = ("--ckpt", str, None, "checkpoint, exported model or diffusers model (default: the newest runs/*/ckpt.pt, else "
-        "samples/cifar10_small.pt)")
+CKPT = ("--ckpt", str, None, "checkpoint, export or diffusers model (default: newest runs/*/ckpt.pt, else bundled)")
 COMPILE = ("--compile", "on/off", None, "torch.compile (default: on CUDA to train, and where samples × steps ≥ 2e5)")
 SAMPLER = [CKPT, COMPILE,  # every command that samples
            ("--class", str, None, "class name or index (default: every class in turn; to edit, an image's own where "
             "its folder is named as one of the model's, else none)"),
            ("--guidance", _num(float, 0, 100), 2.0, "guidance s: 1 = conditional, 0 = unconditional"),
-           ("--steps", _steps, None, "steps of the sampler, or 'all' T; --steps N alone samples with DDIM, 'all' "
-            "ancestrally"),
-           ("--eta", _num(float, 0, 1), None, "DDIM noise: 0 deterministic, 1 DDPM-like (default: the model's train "
-            "--eta: 0, for --preset small 1)"),
+           ("--steps", _steps, None, "the sampler's steps, or all T (alone: N samples with DDIM, all ancestrally)"),
+           ("--eta", _num(float, 0, 1), None, "DDIM noise: 0 deterministic, 1 DDPM-like (default: the model's)"),
            ("--sampler", tuple(SAMPLERS), None, "ancestral (Algorithm 2), DDIM, or DPM-Solver++(2M) (default: "
             "ancestral on a GPU; on a CPU dpm++, 10 steps, or ddim, 25, for a model of train --eta > 0)"),
            ("--spacing", ("uniform", "quadratic", "logsnr"), None, "the steps' spacing: uniform or quadratic in t, "
@@ -1619,23 +1578,20 @@ OUT = ("--out", str, None, "a PNG, or a folder/ for a PNG each (default: outputs
 INPUT = ("input", "IMAGE|FOLDER", ..., "an image, or a folder of images (<folder>/<class>/*.png|jpg, or *.png|jpg)")
 DATA_ROOT = ("--data-root", str, "./data", "where cifar10 and mnist are downloaded, and decoded images cached")
 WORKERS = ("--num-workers", _num(int, 1, 256), 4, "decoding threads")
-INCEPTION = ("--inception", str, None, "local copy of torch-fidelity's Inception weights, for offline use (default: "
-             "$DDPM_INCEPTION, else downloaded once)")
+INCEPTION = ("--inception", str, None, "Inception's weights, for offline use (default: $DDPM_INCEPTION, else fetched)")
 JSON = ("--json", "switch", None, "print the result as one JSON object")
 
 
 BIG = 10 ** 9
 TRAIN = RUN + [DATA_ROOT, WORKERS, INCEPTION, COMPILE] + [  # and their defaults: Ho et al.'s CIFAR-10 run
     ("--data", str, "cifar10", "cifar10, mnist, fashion-mnist, or an image folder <folder>/<class>/*.png|jpg"),
-    ("--image-size", _num(int, 4, 4096), None, "side in pixels (default: the data's own, 28 for MNIST, if the U-Net "
-     "can take it, else 32)"),
+    ("--image-size", _num(int, 4, 4096), None, "side in pixels (default: the data's own if the U-Net can, else 32)"),
     ("--out", str, None, "run folder: ckpt.pt, log.txt, progress.png, samples_*.png (default: runs/<data name>)"),
     ("--steps", _num(int, 1, BIG), 800_000, "training steps"), ("--warmup", _num(int, 0, BIG), 5000, "warm-up steps"),
     ("--lr", _num(float, 0, 1, True), 2e-4, "Adam's learning rate"),
     ("--grad-clip", _num(float, 0, 1e6, True), 1.0, "the gradient's norm is clipped to this"),
-    ("--ch", _num(int, 8, 4096), 128, "base channels"),
+    ("--ch", _num(int, 8, 4096), 128, "base channels"), ("--num-res-blocks", _num(int, 1, 64), 2, "blocks a level"),
     ("--ch-mult", _numbers(int, 1, 4096), (1, 2, 2, 2), "channels per level, e.g. 1,2,2"),
-    ("--num-res-blocks", _num(int, 1, 64), 2, "residual blocks per level"),
     ("--attn-res", _numbers(int, 1, 4096), (16,), "resolutions with self-attention, e.g. 16 or 16,8 ('' for none)"),
     ("--dropout", _num(float, 0, 0.99), 0.1, "dropout"), ("--ema-decay", _num(float, 0, 1), 0.9999, "EMA decay"),
     ("--timesteps", _num(int, 2, 100_000), 1000, "diffusion steps T"),
@@ -1643,12 +1599,10 @@ TRAIN = RUN + [DATA_ROOT, WORKERS, INCEPTION, COMPILE] + [  # and their defaults
     ("--p-uncond", _num(float, 0, 1), 0.1, "probability of the null label in training (for guidance)"),
     ("--eta", _num(float, 0, 1), 0.0, "DDIM noise for this model's samples (previews, `sample`'s default); 1 cleans "
      "up an undertrained model's samples"),
-    ("--save-every", _num(int, 1, BIG), 5000, "checkpoint interval in steps"),
+    ("--save-every", _num(int, 1, BIG), 5000, "save interval"), ("--log-every", _num(int, 1, BIG), 100, "log interval"),
     ("--keep-every", _num(int, 0, BIG), 0, "also keep ckpt_<step>.pt every N steps (0: only the last)"),
     ("--sample-every", _num(int, 0, BIG), 10000, "EMA sample grid interval (0: never)"),
-    ("--log-every", _num(int, 1, BIG), 100, "log line interval"),
-    ("--fid-every", _num(int, 0, BIG), 0, "FID of the EMA model into log.txt and progress.png every N steps (0: "
-     "never)"),
+    ("--fid-every", _num(int, 0, BIG), 0, "FID of the EMA model into log.txt every N steps (0: never)"),
     ("--fid-n", _num(int, 2, 10 ** 6), 1000, "samples for that FID (DDIM as the previews)"),
     ("--fid-ref", str, None, "FID reference as `fid --ref` takes it (default: the training images)"),
     ("--micro-batch", _num(int, 1, 65536), None, "images through the network at a time, gradients accumulated "
@@ -1658,9 +1612,8 @@ TRAIN = RUN + [DATA_ROOT, WORKERS, INCEPTION, COMPILE] + [  # and their defaults
     ("--loss", ("l2", "l1", "huber"), "l2", "the loss on ε̂: l2 (Ho et al.'s Eq. 14), l1, huber (smooth L1, β = 1)"),
     ("--report-to", _trackers, (), "also log to tensorboard (<out>/tensorboard/), wandb ($WANDB_PROJECT, "
      "WANDB_MODE=offline), or both: tensorboard,wandb"),
-    ("--unconditional", "switch", False, "ignore the classes"),
     ("--flip", "on/off", None, "random horizontal flips (default: on, but off for --data mnist: turn them off for "
-     "any digits, letters or text)")]
+     "any digits, letters or text)"), ("--unconditional", "switch", False, "ignore the classes")]
 # Every key of a run's config: the flags' defaults, and what is not a flag: Ho et al.'s exact network and σ²_t
 TRAIN_DEFAULTS = dict({row[0][2:].replace("-", "_"): row[2] for row in TRAIN}, batch_size=128, same_padding=True,
                       norm_eps=1e-6, variance="fixedlarge")
@@ -1676,15 +1629,18 @@ def cmd_train(args):
     given = {k: v for k, v in vars(args).items() if k in TRAIN_DEFAULTS and v is not None}
     name = os.path.basename(os.path.normpath(given.get("data", "cifar10")))
     out = given.setdefault("out", os.path.join("runs", name))
-    new = not os.path.isdir(out)
-    lock = None if int(os.environ.get("RANK", 0)) else hold(out)  # rank 0 holds the folder before anything reads it
+    first = not int(os.environ.get("RANK", 0))  # rank 0 holds the run folder
+    lock = hold(out) if first and os.path.isdir(out) else None  # before anything reads it
     try:
-        return train(*train_config(args, given, out))
+        cfg, ckpt = train_config(args, given, out)
+        device, rank, world, ctrl = init_processes(cfg["batch_size"], cfg["device"], cfg["micro_batch"])
+        trainer = Trainer(cfg, ckpt, device, rank, world, ctrl)
+        if first and lock is None:  # a new run's folder, made only now: a run that cannot start leaves none
+            lock = hold(out)
+        return trainer.run()  # → 0, or 128 + the signal that stopped it
     finally:
         if lock:
             lock.close()
-        if new and os.path.isdir(out) and not set(os.listdir(out)) - {".lock"}:  # a run that never started: no folder
-            shutil.rmtree(out)
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -1741,19 +1697,16 @@ SAMPLE = RUN + SAMPLER + [OUT, ("--n", _num(int, 1, 10 ** 7), 64, "samples"),
 
 
 def cmd_sample(args):
-    """sample a PNG grid (or a PNG per image), or picture the reverse process"""
+    """sample a PNG grid (or a PNG per image), or picture the reverse process
+
+    --process: NAME.gif (x_t beside x̂_0 at 10 steps, looping, the last frame held) and NAME.png (the same 10 steps
+    left to right, two rows for each of the first 8 samples: x_t above x̂_0)."""
     pictures = importlib.import_module("pictures") if args.process else None
     run = load_run(args)
     labels, nrow, name = labels_from_args(args, run, args.n, rows=True)
     n = args.n if labels is None else len(labels)
-    if args.process:
-        return write_process(pictures, args, run, labels, n, nrow, name)
-    return write_run(args, run, f"{name}.png", draw(run, n, y=labels), partial(to_image, nrow=nrow), "samples")
-
-
-def write_process(pictures, args, run, labels, n, nrow, name):
-    """The reverse process as NAME.gif (x_t beside x̂_0 at 10 steps, looping, the last frame held) and NAME.png (the
-    same 10 steps left to right, two rows for each of the first 8 samples: x_t above x̂_0)."""
+    if not args.process:
+        return write_run(args, run, f"{name}.png", draw(run, n, y=labels), partial(to_image, nrow=nrow), "samples")
     out, per_file = sample_out(args.out, f"{name}.png")
     base = os.path.join(out, name) if per_file else os.path.splitext(out)[0]
     y = None if labels is None else labels.to(run.device)
@@ -1835,33 +1788,29 @@ def cmd_img2img(args):
     import pictures
     run = load_run(args)
     images, labels, index = edit_inputs(args, run)
-    strengths = args.strength
 
     def strip(results):
-        results = results.view(len(strengths), args.n, *run.shape)
-        rows = [[image, *results[s][index == i]] for i, image in enumerate(images) for s in range(len(strengths))]
+        results = results.view(len(args.strength), args.n, *run.shape)
+        rows = [[image, *results[s][index == i]] for i, image in enumerate(images) for s in range(len(results))]
         columns = ["input"] + [f"seed {k + 1}" for k in range(len(rows[0]) - 1)]
-        names = [f"s={s:g}" for s in strengths] * len(images)
+        names = [f"s={s:g}" for s in args.strength] * len(images)
         return pictures.editing_strip([[to_uint8(x) for x in row] for row in rows], columns, names)
-    batches = (b for s in strengths for b in draw(run, args.n, y=labels, image=images[index], strength=s))
+    batches = (b for s in args.strength for b in draw(run, args.n, y=labels, image=images[index], strength=s))
     return write_run(args, run, "img2img.png", batches, strip, "results of img2img")
 
 
 FID = RUN + SAMPLER + [INCEPTION, DATA_ROOT, WORKERS, JSON,
-        ("--ref", str, ..., "cifar10 or mnist (their training sets), an image folder, or an .npz with mu and sigma "
-         "(pytorch-fid's format); the statistics of images are cached in --data-root/fid/"),
-        ("--n", _num(int, 2, 10 ** 7), None, "samples (default: 50,000 on CUDA, as the papers; 1,000 on a CPU, which "
-         "biases FID upwards: compare only figures of equal n)"),
+        ("--ref", str, ..., "cifar10 or mnist (their training sets), an image folder, or an .npz of mu and sigma "
+         "(pytorch-fid's format)"),
+        ("--n", _num(int, 2, 10 ** 7), None, "samples (default: 50,000 on CUDA, as the papers; 1,000 on a CPU: small n "
+         "biases FID upwards, compare only equal n)"),
         ("--samples", str, None, "score this image folder instead of a checkpoint (all its images, or a random --n)"),
         ("--image-size", _num(int, 4, 4096), None, "with --samples: decode at this size (default: the folder's own)"),
         ("--ref-n", _num(int, 2, 10 ** 7), None, "a fixed random subset of the reference images (default: all)")]
 
 
 def cmd_fid(args):
-    """FID of a checkpoint's samples (or of --samples DIR) against --ref, with TensorFlow's Inception as torch-fidelity
-    ports it
-
-    The samples are drawn as `sample` draws them: the same flags give the same images."""
+    """FID of a checkpoint's samples, drawn as `sample` draws them, or of --samples DIR, against --ref"""
     device = get_device(args.device)
     fid, net = inception(args.inception, device)
     amp = nullcontext()
@@ -1897,15 +1846,14 @@ NLL_CPU_T_SAMPLES = 100  # `nll --t-samples` on a CPU (GPU: all T terms); measur
 
 
 NLL = RUN + [CKPT, DATA_ROOT, WORKERS, JSON,
-        ("--data", str, None, "cifar10, mnist, fashion-mnist or an image folder, scored whole (default: the model's "
-         "training data)"),
+        ("--data", str, None, "cifar10, mnist, fashion-mnist or a folder, scored whole (default: the model's data)"),
         ("--split", ("train", "test"), None, "the split of cifar10, mnist or fashion-mnist (default: test)"),
         ("--n", _num(int, 2, 10 ** 7), None, "a fixed random subset of the images, as fid --n (default: all)"),
         ("--t-samples", _num(int, 1, 10 ** 5), None, "estimate the sum of the KL terms from K of them an image: "
          "t = 1 … K/2 exactly, K/2 of the rest drawn uniformly and scaled; unbiased, and the prior and decoder stay "
          f"exact (default: all T − 1 on a GPU, {NLL_CPU_T_SAMPLES} on a CPU)"),
-        ("--variance", ("fixedlarge", "fixedsmall"), None, "σ²_t of p_θ: β_t (Ho et al.'s CIFAR-10 model) or the "
-         "posterior's β̃_t (default: the model's, fixedlarge for ddpm.py's)")]
+        ("--variance", ("fixedlarge", "fixedsmall"), None, "σ²_t of p_θ: β_t (Ho et al.'s CIFAR-10) or the posterior's "
+         "β̃_t (default: the model's)")]
 
 
 def cmd_nll(args):
@@ -1913,14 +1861,13 @@ def cmd_nll(args):
 
     Of the EMA model; a class-conditional one through its null label: p(x), as the paper's."""
     import nll
-    run = load_model(args, "nll")
-    cfg = run.cfg
-    variance = args.variance or cfg["variance"]
-    diffusion = Diffusion(cfg["timesteps"], cfg["schedule"], variance, device=run.device)
+    run = load_run(args, "nll")
+    variance = args.variance or run.cfg["variance"]
+    diffusion = Diffusion(run.cfg["timesteps"], run.cfg["schedule"], variance, device=run.device)
     T = diffusion.num_timesteps
     if args.t_samples is not None and args.t_samples > T - 1:
         raise UserError(f"--t-samples {args.t_samples}: the model has T − 1 = {T - 1} terms with t ≥ 1 to draw from")
-    data = args.data or cfg["data"]
+    data = args.data or run.cfg["data"]
     if data is None:
         raise UserError(f"--data: {run.path} does not say what it was trained on; pass cifar10, mnist or a folder")
     folder = data not in NATIVE_SIZE
@@ -1957,16 +1904,13 @@ def cmd_nll(args):
 EXPORT = [CKPT,
         ("--out", str, ..., "the file (fp16) or folder (diffusers) to write; it must not exist"),
         ("--format", ("fp16", "diffusers"), "fp16", "fp16: EMA weights, config and classes, a quarter of ckpt.pt; "
-         "diffusers: a DDPMPipeline folder (UNet2DModel + DDPMScheduler), a class-conditional model as the "
-         "unconditional one guidance uses"),
+         "diffusers: a DDPMPipeline folder, a class-conditional model as the unconditional one guidance uses"),
         ("--keep-classes", "switch", None, "with --format diffusers: keep the class embedding (num_class_embeds = "
-         "classes + 1, the last the null label) for those who call the U-Net with class_labels")]
+         "classes + 1, the last the null label)")]
 
 
 def cmd_export(args):
-    """a checkpoint's EMA model, to share (fp16) or for diffusers' DDPMPipeline
-
-    fp16: ckpt-like, loads with weights_only; diffusers: a folder that diffusers loads and samples from."""
+    """a checkpoint's EMA model, to share (fp16) or for diffusers' DDPMPipeline"""
     out = args.out.rstrip("/" + os.sep) or args.out
     if os.path.exists(out):
         raise UserError(f"--out {out} exists: choose a new path")
@@ -1994,9 +1938,7 @@ FORWARD = [SEED, DATA_ROOT,
 
 
 def cmd_forward(args):
-    """picture the forward process q(x_t | x_0): training images turning into noise
-
-    Random training images at 10 t from 0 to T − 1, one ε along each row, beside the schedules behind them."""
+    """picture the forward process q(x_t | x_0): training images at 10 t turning into noise, and the schedules"""
     import pictures
     size = args.image_size or NATIVE_SIZE.get(args.data, 32)
     g = torch.Generator().manual_seed(args.seed)
@@ -2029,8 +1971,9 @@ def main(argv=None):
     parser = _Parser(prog="ddpm.py", description="DDPM (Ho et al. 2020): train on images, sample with guidance.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (handler, rows) in COMMANDS.items():
-        help_line = handler.__doc__.split("\n\n")[0].replace("\n    ", " ")
-        _add_options(sub.add_parser(name, help=help_line, description=help_line), rows, given_only=name == "train")
+        help_line = handler.__doc__.splitlines()[0]  # no abbreviations: interpolate --n is not --no-compile
+        command = sub.add_parser(name, help=help_line, description=help_line, allow_abbrev=False)
+        _add_options(command, rows, given_only=name == "train")
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command][0](args)
