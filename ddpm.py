@@ -8,7 +8,7 @@ ddpm.py: Denoising Diffusion Probabilistic Models in one file. The method first,
     cosine  Nichol & Dhariwal 2021, https://arxiv.org/abs/2102.09672  (cosine noise schedule)
 
 The method, top to bottom: schedule and math, samplers, U-Net, EMA, Algorithm 1's step. It needs
-only torch and tqdm. Below the divider the tool runs it: ddpm.py train|sample|fid|nll|forward --help
+only torch and tqdm. Below the divider the tool runs it: `python ddpm.py --help` lists its commands.
 
 Notation: T steps, 0-based in code: code t is the paper's t + 1 (t = 0: the last denoising step).
 β_t is the noise variance of step t, α_t = 1 − β_t, ᾱ_t = ∏_{s≤t} α_s. Data x_0 is in [-1, 1];

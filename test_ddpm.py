@@ -647,6 +647,25 @@ def test_padded_batches_yield_exactly_n_samples():
         assert [len(b) for b in batches] == [2, 2, 1] and all(b.shape[1:] == (3, 8, 8) for b in batches)
 
 
+def test_the_batched_loop_slices_per_image_tensors_also_in_a_tuple_and_pads_the_last_batch():
+    """sample_batches: noise and inpainting's (x_known, mask) are sliced along the batches, the last one padded (a
+    compiled model's one shape): sliced noise gives one batch's samples, a sliced mask each row's own known pixels."""
+    model = randomize(ddpm.UNet(3, 16, (1,), 1, (), 0.0, 8, num_classes=3))
+    d = ddpm.Diffusion(20)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(5, 3, 8, 8, generator=g)
+    x_known = torch.rand(5, 3, 8, 8, generator=g) * 2 - 1
+    mask = (torch.rand(5, 1, 8, 8, generator=g) > 0.5).float().expand(5, 3, 8, 8)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    whole = d.sample(model, 5, y, 2.0, steps=4, noise=noise)  # DDIM, η = 0: a function of the noise
+    for pad in (False, True):
+        batches = list(ddpm.sample_batches(model, d, 5, 2, pad, y=y, guidance=2.0, steps=4, noise=noise))
+        assert [len(b) for b in batches] == [2, 2, 1] and torch.allclose(torch.cat(batches), whole, atol=1e-5)
+        x = torch.cat(list(ddpm.sample_batches(model, d, 5, 2, pad, y=y, guidance=2.0, steps=4, noise=noise,
+                                               known=(x_known, mask))))  # each batch pastes its own rows
+        assert torch.equal(x[mask > 0], x_known[mask > 0]) and not torch.allclose(x, whole, atol=1e-3)
+
+
 def four_images(size=8):
     """Four size×size images with distinct colours and shapes; pairwise MSE ≥ 0.85."""
     data = torch.full((4, 3, size, size), -0.8)
@@ -849,6 +868,8 @@ def _bad_inputs(ckpts, folder, tmp):
         "--init at a size its attention misses": ([*train, "--data", folder, "--init", c, "--image-size", "32"],
                                                   "do not fit"),
         "unknown flag": ([*train, "--bogus"], "unrecognized"),
+        "forward --n over the folder": (["forward", "--data", folder, "--n", "7", "--out", str(tmp / "f.png")],
+                                        "--n 7: the data has only 6 images"),
     }
 
 
@@ -1277,6 +1298,10 @@ def test_fid_bad_inputs_are_one_line(ckpts, folder, tmp_path, capsys, monkeypatc
         "not an npz": (["fid", "--samples", folder, "--ref", str(tmp_path / "junk.npz")], "mu and sigma", 2),
         "grey against RGB": (["fid", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--ref", folder], "R = G = B", 2),
         "n = 1": (["fid", "--samples", folder, "--ref", folder, "--n", "1"], "--n", 2),
+        "n over the folder": (["fid", "--samples", folder, "--ref", folder, "--n", "7"],
+                              "--n 7: the data has only 6 images", 2),
+        "ref-n over the folder": (["fid", "--samples", folder, "--ref", folder, "--ref-n", "7"],
+                                  "--ref-n 7: the data has only 6 images", 2),
         "one image": (["fid", "--samples", str(tmp_path / "one"), "--ref", folder], "at least 2 images", 2),
         "pytorch-fid --dims 64": (["fid", "--samples", folder, "--ref", str(tmp_path / "d64.npz")],
                                   "holds statistics of 64-dimensional features", 2),

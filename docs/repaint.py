@@ -1,6 +1,6 @@
 """Does RePaint's resampling (Lugmayr et al. 2022) help the bundled model inpaint? CIFAR-10 test images with their
 centre square (half the side) hidden, filled by DDIM with η = 1 (RePaint needs a stochastic sampler) over S steps,
-with and without resampling: after each step (the known pixels pasted back, as `sample --inpaint` does) the chain
+with and without resampling: after each step (the known pixels pasted back, as `inpaint` does) the chain
 jumps back one step by q(x_t | x_{t'}) and redoes it, r times. The score is the error in the hole against the
 hidden pixels: the mean squared error, and the same for the ring of pixels along the hole's edge (the seam).
 
@@ -21,7 +21,7 @@ p.add_argument("--n", type=int, default=100)
 p.add_argument("--steps", type=int, default=25)
 p.add_argument("--r", type=int, nargs="+", default=[1, 5])
 p.add_argument("--seed", type=int, default=0)
-p.add_argument("--check", action="store_true", help="first check that r = 1 is sample --inpaint, bit for bit")
+p.add_argument("--check", action="store_true", help="first check that r = 1 is the inpaint command, bit for bit")
 args = p.parse_args()
 model, d, classes, cfg = ddpm.load_sampler(args.ckpt, torch.device("cpu"))
 S = cfg["image_size"]
@@ -67,7 +67,7 @@ def inpaint(r, g):
     return x
 
 
-if args.check:  # r = 1 is `sample --inpaint` with DDIM, η = 1: the same bits
+if args.check:  # r = 1 is `inpaint` with DDIM, η = 1: the same bits
     check = d.sample(model, args.n, y, 2.0, args.steps, 1.0, torch.Generator().manual_seed(args.seed),
                      known=(x_known, known))
     assert torch.equal(check, inpaint(1, torch.Generator().manual_seed(args.seed)))
