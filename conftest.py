@@ -50,10 +50,16 @@ class Oracle(torch.nn.Module):
 
 @pytest.fixture(scope="session", autouse=True)
 def data_root(tmp_path_factory):
-    """train's --data-root (downloads, the decode cache) in a temporary folder, not ./data of wherever pytest runs."""
+    """train's --data-root (downloads) and the caches ($DDPM_CACHE) in temporary folders, not ./data of wherever pytest
+    runs, nor the user's ~/.cache/ddpm."""
     root, ddpm.TRAIN_DEFAULTS["data_root"] = ddpm.TRAIN_DEFAULTS["data_root"], str(tmp_path_factory.mktemp("data"))
+    cache = os.environ.get("DDPM_CACHE")
+    os.environ["DDPM_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     yield ddpm.TRAIN_DEFAULTS["data_root"]
     ddpm.TRAIN_DEFAULTS["data_root"] = root
+    os.environ.pop("DDPM_CACHE")
+    if cache is not None:
+        os.environ["DDPM_CACHE"] = cache
 
 
 @pytest.fixture(scope="session")

@@ -1,15 +1,12 @@
 """
-convert.py: ddpm.py's U-Net to and from diffusers' UNet2DModel, exactly or not at all.
-
-Ho et al.'s network, as ddpm.py builds it for new runs, is the function google/ddpm-cifar10-32 computes: the same
-layers, TensorFlow's "SAME" downsampling padding, GroupNorm ε 1e-6, one attention head, the sinusoidal embedding
-[sin, cos] with exp(−log(10⁴)·i/(half − 1)). from_diffusers reads a folder (a DDPMPipeline's unet/ and scheduler/, or
-a bare UNet2DModel) or a hub id through diffusers' own UNet2DModel.from_pretrained, so legacy key names are renamed;
-it never builds a pipeline or a class a folder names. to_diffusers writes a DDPMPipeline folder. A setting ddpm.py
-does not compute exactly is refused with a ConvertError naming it. It imports nothing from ddpm.py: the keys of
-ddpm.py's U-Net are spelled out here (time_mlp, class_emb, conv_in, down, mid, up, out), as are its config keys.
+convert.py: ddpm.py's U-Net to and from diffusers' UNet2DModel, exactly or not at all. Ho et al.'s network, as
+ddpm.py builds it for new runs, is the function google/ddpm-cifar10-32 computes. load_diffusers reads a folder (a
+DDPMPipeline's unet/ and scheduler/, or a bare UNet2DModel) or a hub id through diffusers' own from_pretrained (legacy
+key names renamed), never building a class a folder names; save_diffusers writes a DDPMPipeline folder. What ddpm.py
+does not compute exactly, and every damaged file, is a ConvertError naming it. It imports nothing from ddpm.py: its
+U-Net's keys (time_mlp, class_emb, conv_in, down, mid, up, out) and config keys are spelled out here.
 """
-import inspect, json, os, re
+import inspect, json, os, re, sys
 
 import torch
 
@@ -17,7 +14,19 @@ DOWN, ATTN_DOWN, UP, ATTN_UP = "DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "A
 
 
 class ConvertError(ValueError):
-    """A model that cannot be converted exactly: the message names the setting."""
+    """A model that cannot be converted exactly, or a damaged one: the message names the file and the setting."""
+
+
+def read_json(path):
+    """The JSON object in the file `path`, or ConvertError naming the file and what is wrong with it."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except ValueError as e:
+        raise ConvertError(f"{path}: not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ConvertError(f"{path}: a JSON {type(value).__name__}, not the object of a config")
+    return value
 
 
 def groups(channels):
@@ -146,9 +155,8 @@ def diffusers_scheduler(cfg):
 
 
 def save_diffusers(ckpt, out, keep_classes=False):
-    """A ddpm.py checkpoint's EMA model → a DDPMPipeline folder `out` (DDPMPipeline.from_pretrained(out) samples
-    from it). A class-conditional model becomes the unconditional one guidance uses, unless keep_classes: then
-    num_class_embeds = classes + 1 (the last: the null label), for those who call the U-Net with labels."""
+    """A ddpm.py checkpoint's EMA model → a DDPMPipeline folder `out`. A class-conditional model becomes the
+    unconditional one guidance uses, unless keep_classes: num_class_embeds = classes + 1 (the last: the null label)."""
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
     cfg = ckpt["config"]
     num_classes = None if cfg["unconditional"] else len(ckpt["classes"])
@@ -157,11 +165,15 @@ def save_diffusers(ckpt, out, keep_classes=False):
     unet.load_state_dict(to_diffusers_state(ema, cfg, fold_null=not keep_classes))
     pipeline = DDPMPipeline(unet=unet.eval(), scheduler=DDPMScheduler(**diffusers_scheduler(cfg)))
     pipeline.save_pretrained(out)
+    if keep_classes and num_classes:  # the class names, in a key diffusers skips (its private keys start with "_")
+        path = os.path.join(out, "unet", "config.json")
+        config = dict(read_json(path), _ddpm_classes=list(ckpt["classes"]))
+        with open(path, "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
 
 
 def refuse_pickles(folder):
-    """Every .bin in folder loaded with weights_only=True first: one with a pickled object that would run code
-    is refused here, before diffusers opens anything."""
+    """Every .bin in folder loaded with weights_only=True first: a pickled object is refused before diffusers runs."""
     for name in sorted(os.listdir(folder)):
         if not name.endswith(".bin"):
             continue
@@ -192,12 +204,14 @@ def locate(path):
 
 
 def our_schedule(scheduler_file):
-    """The scheduler's config → (T, schedule, variance) of ddpm.py, or ConvertError; none: Ho et al.'s."""
+    """The scheduler's config → (T, schedule, variance) of ddpm.py, or ConvertError; none: Ho et al.'s, with a note."""
     if not os.path.isfile(scheduler_file):
         return 1000, "linear", "fixedlarge"
-    with open(scheduler_file) as f:
-        s = json.load(f)
+    s = read_json(scheduler_file)
     T = s.get("num_train_timesteps", 1000)
+    for key in [k for k in ("num_train_timesteps", "beta_start", "beta_end", "clip_sample_range") if k in s]:
+        if type(s[key]) not in (int, float):  # bool too
+            raise ConvertError(f"{scheduler_file}: {key} is {s[key]!r}, not a number")
     refuse = [(s.get("prediction_type", "epsilon") != "epsilon", f"prediction_type {s.get('prediction_type')}"),
               (s.get("trained_betas") is not None, "trained_betas"),
               (str(s.get("variance_type")).startswith("learned"), f"variance_type {s.get('variance_type')} (learned)"),
@@ -220,6 +234,13 @@ def our_schedule(scheduler_file):
 
 def our_config(c, where):
     """UNet2DModel's (complete) config → ddpm.py's network keys, or ConvertError naming what differs."""
+    kinds = dict(sample_size=(int, list), block_out_channels=(list,), norm_eps=(int, float), **{k: (int,) for k in (
+        "in_channels", "out_channels", "layers_per_block", "norm_num_groups", "downsample_padding")})
+    for key, kind in kinds.items():  # a list: of whole numbers > 0
+        value = c.get(key)
+        positive = type(value) is list and value and all(type(v) is int and v > 0 for v in value)
+        if type(value) not in kind or type(value) is list and not positive:
+            raise ConvertError(f"{where}: {key} is {value!r}: missing, or not what a UNet2DModel's config holds")
     bc = list(c["block_out_channels"])
     ch = bc[0]
     S = c["sample_size"] if isinstance(c["sample_size"], int) else c["sample_size"][0]
@@ -257,30 +278,42 @@ def our_config(c, where):
 
 
 def load_diffusers(path):
-    """A diffusers UNet2DModel (a DDPMPipeline's folder, a bare UNet2DModel's, or a hub id owner/name) → a
-    ddpm.py checkpoint: {config, classes, ema: {model}, step}. Classes: "0" … for num_class_embeds − 1 labels
-    (the last embedding: the null label), none for an unconditional model (google/ddpm-cifar10-32)."""
+    """A diffusers UNet2DModel (a DDPMPipeline's folder, a bare UNet2DModel's, or a hub id owner/name) → a ddpm.py
+    checkpoint. Classes: ddpm.py's names if it exported them, else "0" … for num_class_embeds − 1 (the last: null)."""
     from diffusers import UNet2DModel
     from diffusers.utils import logging
-    logging.set_verbosity_error()  # its notes (accelerate, deprecations) would break our one-line messages
+    if "DIFFUSERS_VERBOSITY" not in os.environ:  # unless asked for, its notes and errors would break our one line
+        logging.set_verbosity(logging.CRITICAL)
     folder, scheduler_file = locate(path)
-    with open(os.path.join(folder, "config.json")) as f:
-        name = json.load(f).get("_class_name", "UNet2DModel")
+    config_file = os.path.join(folder, "config.json")
+    config = read_json(config_file)
+    name = config.get("_class_name", "UNet2DModel")
     if name != "UNet2DModel":
         raise ConvertError(f"{folder}: a {name}; ddpm.py reads UNet2DModel only")
     T, schedule, variance = our_schedule(scheduler_file)
     given = UNet2DModel.extract_init_dict(UNet2DModel.load_config(folder))[0]  # legacy keys renamed
     signature = inspect.signature(UNet2DModel.__init__).parameters.values()
     defaults = {p.name: p.default for p in signature if p.default is not inspect.Parameter.empty}
-    cfg = our_config({**defaults, **given}, folder)  # refused before any weights are read
+    cfg = our_config({**defaults, **given}, config_file)  # refused before any weights are read
     refuse_pickles(folder)
+    weights = [n for n in sorted(os.listdir(folder)) if n.startswith("diffusion_pytorch_model.")]
+    if not weights:
+        raise ConvertError(f"{folder}: no weights file (diffusion_pytorch_model.safetensors or .bin)")
     try:
         unet = UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False)
-    except Exception as e:
-        raise ConvertError(f"{folder}: diffusers could not load it ({type(e).__name__}: {str(e)[:200]})") from None
-    if our_config(dict(unet.config), folder) != cfg:
+    except Exception as e:  # truncated, or of another shape than the config's
+        what = " ".join(str(e).split())[:200]
+        raise ConvertError(f"{folder}/{weights[0]}: truncated, or weights of another shape than config.json's "
+                           f"({type(e).__name__}: {what})") from None
+    if our_config(dict(unet.config), config_file) != cfg:
         raise ConvertError(f"{folder}: its config reads differently once loaded")
     cfg.update(timesteps=T, schedule=schedule, variance=variance, data=None, eta=0.0, flip=None, steps=0)
     classes = [] if cfg["unconditional"] else [str(k) for k in range(unet.config["num_class_embeds"] - 1)]
+    if not os.path.isfile(scheduler_file):  # said once the model has loaded
+        print(f"note: no {scheduler_file}: Ho et al.'s schedule assumed (linear β 1e-4 → 0.02, T = 1000, σ²_t = β_t)",
+              file=sys.stderr)
+    names = config.get("_ddpm_classes")  # ddpm.py's export --keep-classes: the class names
+    if isinstance(names, list) and len(names) == len(classes) and all(isinstance(n, str) for n in names):
+        classes = names
     state = from_diffusers_state(unet.state_dict(), cfg)
     return dict(config=cfg, classes=classes, ema=dict(model=state), step=0, source=path)

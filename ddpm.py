@@ -636,6 +636,13 @@ def ensure_writable(folder, flag):
         raise UserError(f"{flag} {folder}: cannot write there ({e.strerror})") from None
 
 
+def cache_dir(kind):
+    """Where caches of `kind` ("images", "fid") live, as torch hub's and Hugging Face's do: $DDPM_CACHE/kind, else
+    $XDG_CACHE_HOME/ddpm/kind, else ~/.cache/ddpm/kind; never inside a folder that is read as data."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(os.environ.get("DDPM_CACHE") or os.path.join(base, "ddpm"), kind)
+
+
 def hold(folder):
     """Create the run folder (proved writable) and lock folder/.lock for the life of this process: flock, which the
     kernel drops when the process ends however it ends (SIGKILL, a power cut), so no stale lock blocks a resume.
@@ -741,11 +748,13 @@ def load_images(data, root="./data", image_size=32, workers=4, pick=None, flag="
         return torchvision_images(data, sets[data], root, image_size, pick, train)
     if not os.path.isdir(data):
         raise UserError(f"{flag} {data}: no such folder (use {', '.join(sets)} or a folder <folder>/<class>/*.png)")
-    classes = sorted(d for d in os.listdir(data) if os.path.isdir(os.path.join(data, d)) and not d.startswith("."))
-    dirs = [os.path.join(data, c) for c in classes] or [data]
-    classes = classes or [os.path.basename(os.path.normpath(data))]
-    files = [(os.path.join(d, f), i) for i, d in enumerate(dirs) for f in sorted(os.listdir(d))
-             if f.lower().endswith(extensions)]
+    def images_in(folder):
+        return [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.lower().endswith(extensions)]
+    subfolders = [os.path.join(data, d) for d in sorted(os.listdir(data)) if not d.startswith(".")]
+    by_class = {d: images_in(d) for d in subfolders if os.path.isdir(d)}
+    by_class = {d: found for d, found in by_class.items() if found} or {data: images_in(data)}  # a cache: no class
+    classes = [os.path.basename(os.path.normpath(d)) for d in by_class]
+    files = [(f, i) for i, found in enumerate(by_class.values()) for f in found]
     if not files:
         raise UserError(f"{flag} {data}: no images ({', '.join(extensions)}) in {data}/<class>/ or {data}/")
     files = files if pick is None else [files[i] for i in pick(len(files))]
@@ -754,7 +763,7 @@ def load_images(data, root="./data", image_size=32, workers=4, pick=None, flag="
             image_size = min(im.size)
     paths, labels = [f for f, _ in files], torch.tensor([y for _, y in files])
     if cache and pick is None:
-        return cached_images(data, paths, image_size, root, workers), labels, classes
+        return cached_images(data, paths, image_size, workers), labels, classes
     return decode_images(paths, image_size, workers), labels, classes
 
 
@@ -762,10 +771,13 @@ def torchvision_images(data, name, root, image_size, pick=None, train=True):
     """load_images of torchvision's data set `name` (its training or test split), downloaded into root."""
     import torchvision
     import torchvision.transforms.functional as TF
+    made = not os.path.exists(root)
     try:
         ds = getattr(torchvision.datasets, name)(root, train=train, download=True)
-    except Exception as e:  # no network, full disk: say so in one line
-        raise UserError(f"could not get {data} into {root} ({e}); pass --data path/to/images instead")
+    except Exception as e:  # no network, full disk: say so in one line, and leave no folder of ours behind
+        if made:
+            shutil.rmtree(root, ignore_errors=True)
+        raise UserError(f"could not get {data} into {root} ({e}); pass a folder of its images instead")
     keep = slice(None) if pick is None else pick(len(ds.data))
     images = torch.as_tensor(ds.data)[keep]  # CIFAR-10: (N, 32, 32, 3); MNIST: (N, 28, 28), grey
     images = images[:, None] if images.dim() == 3 else images.permute(0, 3, 1, 2).contiguous()
@@ -794,14 +806,14 @@ def decode_images(paths, image_size, workers=4):
     return torch.stack([x.expand(channels, -1, -1) for x in images])
 
 
-def cached_images(data, paths, image_size, root, workers=4):
-    """decode_images of the folder data, kept in root/cache/images-<hash>.npy and mapped from there later. The hash
+def cached_images(data, paths, image_size, workers=4):
+    """decode_images of the folder data, kept in cache_dir("images")/images-<hash>.npy and mapped later. The hash
     covers the folder, each file's name, size and time and the image size: a changed folder is decoded anew. A damaged
     cache is decoded anew, one that cannot be written is skipped with a note: a cache is never a reason to stop."""
     import hashlib, numpy as np
     made_of = [(os.path.relpath(f, data), s.st_size, s.st_mtime_ns) for f, s in ((f, os.stat(f)) for f in paths)]
     key = hashlib.sha256(repr((os.path.abspath(data), image_size, made_of)).encode()).hexdigest()[:20]
-    path = os.path.join(root, "cache", f"images-{key}.npy")
+    path = os.path.join(cache_dir("images"), f"images-{key}.npy")
     try:  # mapped, not read: pages come from disk as batches touch them (copy-on-write, so torch may index it)
         images = torch.from_numpy(np.load(path, mmap_mode="c"))
         if images.shape[0] == len(paths) and images.shape[1] in (1, 3) and images.shape[2:] == (image_size,) * 2:
@@ -1129,11 +1141,11 @@ def load_mask(path, size, image=None):
 
 def fid_reference(fid, net, ref, root="./data", image_size=32, n=None, workers=4, channels=None):
     """fid.reference_stats of --ref: an .npz with mu and sigma, or cifar10, mnist, an image folder decoded as training
-    decodes it at image_size (all its images or a fixed random n), their statistics cached in root/fid/."""
+    decodes it at image_size (all its images or a fixed random n), their statistics cached in cache_dir("fid")."""
     def decode(ref):
         pick = random_subset(n, torch.Generator().manual_seed(0), "--ref-n")
         return load_images(ref, root, image_size, workers, pick, flag="--ref")[0]
-    return fid.reference_stats(net, ref, decode, os.path.join(root, "fid"), channels)
+    return fid.reference_stats(net, ref, decode, cache_dir("fid"), channels)
 
 
 def inception(path, device):
@@ -1230,8 +1242,10 @@ class Trainer:
                             "to continue it on the data where it is now" if ckpt else e) from None
         if self.ddp and not self.rank:
             dist.barrier()
-        if ckpt is not None and ckpt["classes"] != classes:
-            raise UserError(f"--data {cfg['data']} has classes {classes}, the run being resumed had {ckpt['classes']}")
+        if ckpt is not None and ckpt["classes"] != classes:  # a class list is fixed in the checkpoint: never changed
+            differ = sorted(set(classes) ^ set(ckpt["classes"]))
+            raise UserError(f"--data {cfg['data']} has classes {classes}, the run being resumed had {ckpt['classes']} "
+                            f"(they differ in {differ})")
         return images, labels, classes
 
     def place(self, images):
@@ -1414,7 +1428,7 @@ class Trainer:
         cfg = self.cfg
         self.fid, self.inception = inception(cfg["inception"], self.device)
         if cfg["fid_ref"] is None:
-            self.fid_ref = self.fid.cached_stats(self.inception, self.images, os.path.join(cfg["data_root"], "fid"))
+            self.fid_ref = self.fid.cached_stats(self.inception, self.images, cache_dir("fid"))
         else:
             self.fid_ref = fid_reference(self.fid, self.inception, cfg["fid_ref"], cfg["data_root"], cfg["image_size"],
                                          None, cfg["num_workers"], cfg["channels"])
@@ -1576,7 +1590,8 @@ SAMPLER = [CKPT, COMPILE,  # every command that samples
             "uniform in log-SNR (default: dpm++ quadratic, ddim uniform)")]
 OUT = ("--out", str, None, "a PNG, or a folder/ for a PNG each (default: outputs/<class or command>.png)")
 INPUT = ("input", "IMAGE|FOLDER", ..., "an image, or a folder of images (<folder>/<class>/*.png|jpg, or *.png|jpg)")
-DATA_ROOT = ("--data-root", str, "./data", "where cifar10 and mnist are downloaded, and decoded images cached")
+DATA_ROOT = ("--data-root", str, "./data", "where cifar10, mnist and fashion-mnist are downloaded (decoded images and "
+             "FID statistics are cached in $DDPM_CACHE, by default ~/.cache/ddpm: set it to move them)")
 WORKERS = ("--num-workers", _num(int, 1, 256), 4, "decoding threads")
 INCEPTION = ("--inception", str, None, "Inception's weights, for offline use (default: $DDPM_INCEPTION, else fetched)")
 JSON = ("--json", "switch", None, "print the result as one JSON object")
@@ -1800,8 +1815,8 @@ def cmd_img2img(args):
 
 
 FID = RUN + SAMPLER + [INCEPTION, DATA_ROOT, WORKERS, JSON,
-        ("--ref", str, ..., "cifar10 or mnist (their training sets), an image folder, or an .npz of mu and sigma "
-         "(pytorch-fid's format)"),
+        ("--ref", str, None, "cifar10 or mnist (their training sets), an image folder, or an .npz of mu and sigma "
+         "(pytorch-fid's format) (default: the checkpoint's training data)"),
         ("--n", _num(int, 2, 10 ** 7), None, "samples (default: 50,000 on CUDA, as the papers; 1,000 on a CPU: small n "
          "biases FID upwards, compare only equal n)"),
         ("--samples", str, None, "score this image folder instead of a checkpoint (all its images, or a random --n)"),
@@ -1820,6 +1835,7 @@ def cmd_fid(args):
         batches = images.split(50)
         shape = images.shape[1:]
         source = args.samples
+        data = None
         result = dict(samples=source)
     else:
         run = load_run(args)
@@ -1828,17 +1844,21 @@ def cmd_fid(args):
         shape = run.shape
         amp = autocast(device, run.precision)  # Inception itself runs in fp32 (inception_stats)
         source = f"{run.path} ({describe(run)}, guidance {args.guidance}, seed {args.seed}, {run.precision})"
+        data = run.cfg["data"]
         result = dict(ckpt=run.path, sampler=describe(run), guidance=args.guidance, seed=args.seed,
                       precision=run.precision)
+    ref = args.ref or data
+    if ref is None:
+        raise UserError("--ref: which images to compare with? (cifar10, mnist, a folder or an .npz)")
     # The reference first: its statistics are cached, and a bad --ref is refused before any sampling
-    ref = fid_reference(fid, net, args.ref, args.data_root, shape[-1], args.ref_n, args.num_workers, shape[0])
+    stats = fid_reference(fid, net, ref, args.data_root, shape[-1], args.ref_n, args.num_workers, shape[0])
     torch.manual_seed(args.seed)
     with amp:
         mu, sigma, n = fid.inception_stats(net, batches)
-    score = fid.frechet_distance(mu, sigma, *ref[:2])
-    result = dict(fid=round(score, 4), n=n, **result, ref=args.ref, ref_n=ref[2])
-    print(json.dumps(result) if args.json else f"FID {score:.3f} of {n} images from {source} against {args.ref} (n "
-          f"{ref[2]})")
+    score = fid.frechet_distance(mu, sigma, *stats[:2])
+    result = dict(fid=round(score, 4), n=n, **result, ref=ref, ref_n=stats[2])
+    print(json.dumps(result) if args.json else f"FID {score:.3f} of {n} images from {source} against {ref} (n "
+          f"{stats[2]})")
     return 0
 
 

@@ -2,7 +2,7 @@
 --format diffusers`): the downsampling padding against TensorFlow's "SAME" rule written out by hand, ε̂ against
 diffusers' UNet2DModel in both directions, the ancestral sampler against DDPMPipeline, and each refusal in one line.
 CPU only; nothing is downloaded (HF_HUB_OFFLINE)."""
-import json, os
+import json, os, shutil
 
 import numpy as np
 import pytest
@@ -131,8 +131,12 @@ def test_export_loads_in_ddpm_pipeline_with_equal_eps_and_back_bit_for_bit(tmp_p
                 assert (pipe.unet(x, t, class_labels=y).sample - model(x, t, y)).abs().max() <= 1e-4
             else:  # the unconditional model that guidance uses
                 assert (pipe.unet(x, t).sample - model(x, t, None)).abs().max() <= 1e-4
-    back = ddpm.load_checkpoint(str(tmp_path / "kept"))
-    assert back["classes"] == ["0", "1", "2"] and back["config"]["ch_mult"] == (1, 1)
+    back = ddpm.load_checkpoint(str(tmp_path / "kept"))  # the names ride in unet/config.json's "_ddpm_classes"
+    assert back["classes"] == ["a", "b", "c"] and back["config"]["ch_mult"] == (1, 1)
+    assert json.load(open(tmp_path / "kept" / "unet" / "config.json"))["_ddpm_classes"] == ["a", "b", "c"]
+    code, err = run_main(["sample", "--ckpt", str(tmp_path / "kept"), "--class", "c", "--n", "1", "--steps", "1",
+                          "--out", str(tmp_path / "c.png")], capsys)
+    assert code == 0 and "Traceback" not in err and os.path.isfile(tmp_path / "c.png")
     ours = model.state_dict()
     assert back["ema"]["model"].keys() == ours.keys()
     assert all(torch.equal(back["ema"]["model"][k], ours[k]) for k in ours)
@@ -192,3 +196,58 @@ def test_without_diffusers_its_paths_are_one_line(tmp_path, monkeypatch, capsys)
     bundled = os.path.join(os.path.dirname(ddpm.__file__), "samples", "cifar10_small.pt")
     code, err = run_main(["export", "--ckpt", bundled, "--out", str(tmp_path / "d"), "--format", "diffusers"], capsys)
     assert code == 2 and err.count("\n") == 1 and "needs diffusers: pip install diffusers" in err
+
+
+def test_a_damaged_folder_is_one_line_that_names_the_file_and_diffusers_prints_nothing(tmp_path, capsys):
+    def damaged(name, damage):
+        folder = save_pipeline(tmp_path, SMALL, name=name)
+        damage(folder)
+        return folder
+
+    def write(path, text):
+        with open(path, "w") as f:
+            f.write(text)
+
+    def truncate(folder):
+        path = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+
+    def other_shape(folder):
+        random_unet(dict(SMALL, block_out_channels=[128, 256])).save_pretrained(tmp_path / "other")
+        os.replace(tmp_path / "other" / "diffusion_pytorch_model.safetensors",
+                   os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+    unet_config = os.path.join("unet", "config.json")
+    cases = [
+        (lambda f: write(os.path.join(f, unet_config), "{not json"), f"{unet_config}: not JSON"),
+        (lambda f: write(os.path.join(f, unet_config), '{"_class_name": "UNet2DModel"}'),
+         f"{unet_config}: sample_size is None: missing"),
+        (lambda f: write(os.path.join(f, unet_config), json.dumps(dict(SMALL, layers_per_block="1"))),
+         f"{unet_config}: layers_per_block is '1': missing, or not what"),
+        (lambda f: write(os.path.join(f, "scheduler", "scheduler_config.json"), "[1, 2]"),
+         "scheduler_config.json: a JSON list, not the object of a config"),
+        (lambda f: write(os.path.join(f, "scheduler", "scheduler_config.json"), '{"beta_end": "0.02"}'),
+         "scheduler_config.json: beta_end is '0.02', not a number"),
+        (lambda f: os.remove(os.path.join(f, "unet", "diffusion_pytorch_model.safetensors")),
+         "unet: no weights file (diffusion_pytorch_model.safetensors or .bin)"),
+        (truncate, "diffusion_pytorch_model.safetensors: truncated, or weights of another shape"),
+        (other_shape, "diffusion_pytorch_model.safetensors: truncated, or weights of another shape"),
+    ]
+    for i, (damage, message) in enumerate(cases):
+        folder = damaged(f"case{i}", damage)
+        code, err = run_main(["sample", "--ckpt", folder, "--n", "1", "--steps", "1", "--out",
+                              str(tmp_path / "o.png")], capsys)
+        assert code == 2 and err.count("\n") == 1 and message in err and "Traceback" not in err, (message, err)
+        assert err.startswith("ddpm.py: error: " + folder)  # the file's own path, and nothing of diffusers' own
+    assert not os.path.exists(tmp_path / "o.png")
+
+
+def test_a_folder_without_a_scheduler_samples_with_hos_schedule_and_says_so(tmp_path, capsys):
+    folder = save_pipeline(tmp_path, SMALL)
+    shutil.rmtree(os.path.join(folder, "scheduler"))
+    code, err = run_main(["sample", "--ckpt", folder, "--n", "1", "--steps", "1", "--out", str(tmp_path / "o.png")],
+                         capsys)
+    note = f"note: no {folder}/scheduler/scheduler_config.json: Ho et al.'s schedule assumed (linear β 1e-4 → 0.02"
+    assert code == 0 and err.count(note) == 1 and err.count("note:") == 1
+    cfg = ddpm.load_checkpoint(folder)["config"]
+    assert (cfg["timesteps"], cfg["schedule"], cfg["variance"]) == (1000, "linear", "fixedlarge")

@@ -419,12 +419,15 @@ def test_a_checkpoint_that_would_call_os_system_is_refused_by_name(tmp_path, cap
 
 
 def test_a_run_that_fails_before_its_first_step_leaves_no_folder(tmp_path, monkeypatch, capsys):
-    def offline(*a, **k):
+    def offline(root, *a, **k):  # torchvision makes its root, then fails to download
+        os.makedirs(root, exist_ok=True)
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: no network")
     monkeypatch.setattr("torchvision.datasets.CIFAR10", offline)
     for data in ["cifar10", str(tmp_path / "nowhere")]:
-        code, err = run_main(["train", "--data", data, "--out", str(tmp_path / "run")], capsys)
+        code, err = run_main(["train", "--data", data, "--out", str(tmp_path / "run"), "--data-root",
+                              str(tmp_path / "downloads")], capsys)
         assert code == 2 and err.count("\n") == 1 and not os.path.exists(tmp_path / "run"), err
+        assert not os.path.exists(tmp_path / "downloads")  # the download folder it made: gone again
 
 
 def test_truncated_or_garbage_checkpoint_is_a_clear_error(ckpts, tmp_path, capsys):
@@ -756,21 +759,22 @@ def test_mixed_image_modes_are_converted(tmp_path):
 
 def test_a_folder_is_decoded_once_into_a_cache_keyed_by_what_made_it(folder, tmp_path, monkeypatch):
     shutil.copytree(folder, tmp_path / "imgs")
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "root"))
     data, root, opened = str(tmp_path / "imgs"), str(tmp_path / "root"), []
     real_open = ddpm.Image.open
     monkeypatch.setattr(ddpm.Image, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
     load = lambda size=16, d=data: (ddpm.load_images(d, root, size, 1, cache=True), len(opened))
     (first, labels, classes), n = load()
-    cached = glob.glob(os.path.join(root, "cache", "images-*.npy"))
+    cached = glob.glob(os.path.join(root, "images", "images-*.npy"))
     assert n == 6 and len(cached) == 1
     (again, labels2, classes2), n = load()
     assert n == 6 and torch.equal(again, first) and torch.equal(labels2, labels) and classes2 == classes  # mapped
-    assert load(8)[1] == 12 and len(glob.glob(os.path.join(root, "cache", "*.npy"))) == 2  # another size: its own
+    assert load(8)[1] == 12 and len(glob.glob(os.path.join(root, "images", "*.npy"))) == 2  # another size: its own
     shutil.copytree(data, tmp_path / "twin")  # the same files in another folder: its own cache too
-    assert load(16, str(tmp_path / "twin"))[1] == 18 and len(glob.glob(os.path.join(root, "cache", "*.npy"))) == 3
+    assert load(16, str(tmp_path / "twin"))[1] == 18 and len(glob.glob(os.path.join(root, "images", "*.npy"))) == 3
     some = os.path.join(data, "cat", sorted(os.listdir(os.path.join(data, "cat")))[0])
     os.utime(some, ns=(1, 1))  # a file changed (its time): decoded anew
-    assert load()[1] == 24 and len(glob.glob(os.path.join(root, "cache", "*.npy"))) == 4
+    assert load()[1] == 24 and len(glob.glob(os.path.join(root, "images", "*.npy"))) == 4
     with open(cached[0], "r+b") as f:  # a damaged cache: decoded anew and rewritten whole, never half-read
         f.truncate(os.path.getsize(cached[0]) // 2)
     shutil.rmtree(tmp_path / "imgs")
@@ -1250,7 +1254,8 @@ def test_reference_statistics_of_a_folder_are_cached_by_what_made_them(folder, t
     shutil.copytree(folder, tmp_path / "d")
     computed, real = [], fid.inception_stats
     monkeypatch.setattr(fid, "inception_stats", lambda *a: computed.append(1) or real(*a))
-    net, root = FakeInception(), str(tmp_path / "root")
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "root"))
+    net, root = FakeInception(), str(tmp_path / "downloads")
     stats = lambda size=16, network=net, **k: ddpm.fid_reference(fid, network, str(tmp_path / "d"), root, size, **k)
     first, again = stats(), stats()
     assert len(computed) == 1 and all(torch.equal(x, y) for x, y in zip(first[:2], again[:2])) and first[2] == 6
@@ -1261,7 +1266,7 @@ def test_reference_statistics_of_a_folder_are_cached_by_what_made_them(folder, t
     assert len(computed) == 2 and not torch.equal(changed[0], first[0])
     stats(8)                                                                     # another size, another network
     stats(network=FakeInception(seed=1))
-    assert len(computed) == 4 and len(os.listdir(tmp_path / "root" / "fid")) == 4
+    assert len(computed) == 4 and len(os.listdir(tmp_path / "root" / "fid")) == 4 and not os.path.exists(root)
     for path in glob.glob(str(tmp_path / "root" / "fid" / "*.npz")):  # a file whose key is not ours: never used
         with np.load(path) as f:
             np.savez(path, **{**f, "key": "someone else's"})
@@ -1291,7 +1296,7 @@ def test_fid_bad_inputs_are_one_line(ckpts, folder, tmp_path, capsys, monkeypatc
     grey_run(tmp_path)
     capsys.readouterr()
     cases = {
-        "no --ref": (["fid", "--ckpt", ckpts["cond"]], "--ref", 2),
+        "no --ref for a folder": (["fid", "--samples", folder], "--ref: which images to compare with?", 2),
         "no images": (["fid", "--samples", str(tmp_path / "empty"), "--ref", folder], "--samples", 2),
         "empty ref": (["fid", "--samples", folder, "--ref", str(tmp_path / "empty")], "--ref", 2),
         "npz without mu": (["fid", "--samples", folder, "--ref", str(tmp_path / "nomu.npz")], "mu and sigma", 2),
@@ -1386,11 +1391,10 @@ def test_a_decode_cache_that_cannot_be_written_never_stops_a_run(folder, tmp_pat
         raise OSError("12288 requested and 3968 written")
     monkeypatch.setattr(np, "save", full)
     root, out = tmp_path / "root", tmp_path / "run"
-    code, err = run_main(["train", "--data", folder, "--out", str(out), "--steps", "2", *TINY,
-                          "--data-root", str(root)],
-                         capsys)
+    monkeypatch.setenv("DDPM_CACHE", str(root))
+    code, err = run_main(["train", "--data", folder, "--out", str(out), "--steps", "2", *TINY], capsys)
     assert code == 0 and err.count("note: the decoded images are not cached in") == 1, err
-    assert "(No space left on device); they are decoded again next time" in err and os.listdir(root / "cache") == []
+    assert "(No space left on device); they are decoded again next time" in err and os.listdir(root / "images") == []
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
 
 
