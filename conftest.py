@@ -39,7 +39,7 @@ class Oracle(torch.nn.Module):
     def __init__(self, diffusion, x_star):
         super().__init__()
         self.d, self.x_star, self.calls = diffusion, x_star, []
-        self.in_channels, self.image_size, self.num_classes = x_star.shape[1], x_star.shape[2], None
+        self.in_channels, self.image_size, self.num_classes = x_star.shape[1], tuple(x_star.shape[2:]), None
         self.dummy = torch.nn.Parameter(torch.zeros(1))
 
     def forward(self, x, t, y=None):

@@ -35,6 +35,10 @@ def groups(channels):
     return gcd(32, max(channels // 4, 1))
 
 
+def shorter_side(size):  # attention goes by a feature map's shorter side, as in ddpm.py's U-Net
+    return size if isinstance(size, int) else min(size)
+
+
 def unet_plan(cfg):
     """ddpm.py's U-Net, module by module → ([(our prefix, diffusers prefix, how)], the channel counts its GroupNorms
     see). how: None (the same tensors), "1x1" (a 1×1 convolution diffusers holds as a linear layer) or "qkv" (our
@@ -44,7 +48,7 @@ def unet_plan(cfg):
              ("conv_in", "conv_in", None), ("out.0", "conv_norm_out", None), ("out.2", "conv_out", None)]
     norms = [ch]
     blocks = []  # (ours, diffusers block, index in it, attention?)
-    res = cfg["image_size"]
+    res = shorter_side(cfg["image_size"])
     cur = ch
     skips = [ch]
     for level, m in enumerate(mult):
@@ -130,10 +134,11 @@ def diffusers_config(cfg, num_classes=None, keep_classes=False):
         raise ConvertError(f"its GroupNorms have {sorted({groups(c) for c in norms})} groups (ddpm.py uses gcd(32, "
                            "C/4)); diffusers has one norm_num_groups for the whole network: only networks whose "
                            "channel counts are all multiples of 128 convert exactly")
-    S, mult = cfg["image_size"], cfg["ch_mult"]
-    attn = [S // 2 ** level in cfg["attn_res"] for level in range(len(mult))]
+    size, mult = cfg["image_size"], cfg["ch_mult"]
+    attn = [shorter_side(size) // 2 ** level in cfg["attn_res"] for level in range(len(mult))]
     classes = num_classes + 1 if num_classes and keep_classes else None
-    return dict(sample_size=S, in_channels=cfg["channels"], out_channels=cfg["channels"],
+    return dict(sample_size=size if isinstance(size, int) else list(size), in_channels=cfg["channels"],
+                out_channels=cfg["channels"],
                 block_out_channels=[cfg["ch"] * m for m in mult], layers_per_block=cfg["num_res_blocks"],
                 down_block_types=[ATTN_DOWN if a else DOWN for a in attn],
                 up_block_types=[ATTN_UP if a else UP for a in reversed(attn)],
@@ -243,9 +248,13 @@ def our_config(c, where):
             raise ConvertError(f"{where}: {key} is {value!r}: missing, or not what a UNet2DModel's config holds")
     bc = list(c["block_out_channels"])
     ch = bc[0]
-    S = c["sample_size"] if isinstance(c["sample_size"], int) else c["sample_size"][0]
+    sides = [c["sample_size"]] * 2 if isinstance(c["sample_size"], int) else c["sample_size"]
+    if len(sides) != 2:
+        raise ConvertError(f"{where}: sample_size {sides}: one side, or height and width")
+    size = sides[0] if sides[0] == sides[1] else tuple(sides)
+    S = shorter_side(size)
     attn = [t == ATTN_DOWN for t in c["down_block_types"]]
-    cfg = dict(channels=c["in_channels"], ch=ch, ch_mult=tuple(b // ch for b in bc), image_size=S,
+    cfg = dict(channels=c["in_channels"], ch=ch, ch_mult=tuple(b // ch for b in bc), image_size=size,
                num_res_blocks=c["layers_per_block"], attn_res=tuple(S // 2 ** i for i, a in enumerate(attn) if a),
                dropout=c.get("dropout", 0.0), same_padding=c["downsample_padding"] == 0, norm_eps=c["norm_eps"],
                unconditional=c.get("num_class_embeds") is None)

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.special import log_ndtr, ndtr
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 
@@ -229,7 +230,10 @@ class Diffusion:
                              "steps, ddim and dpm++ any")
         if sampler == "dpm++" and known is not None and len(known) > 2 and known[2] > 1:
             raise ValueError("resampling needs ancestral or ddim: DPM-Solver++ has a memory")
-        shape = (n, model.in_channels, model.image_size, model.image_size)
+        size = model.image_size  # (H, W), or one side
+        if isinstance(size, int):
+            size = (size, size)
+        shape = (n, model.in_channels, *size)
         device = next(model.parameters()).device
         x = noise if noise is not None else torch.randn(shape, generator=generator, device=device)
         x = x.to(device)
@@ -397,7 +401,8 @@ class AttnBlock(nn.Module):
 
 class ResBlock(nn.Module):
     """GroupNorm, SiLU, conv, + the projected embedding, GroupNorm, SiLU, dropout, conv, + skip;
-    then attention, if asked for."""
+    then attention, if asked for. checkpoint: keep only x in training, redo the rest in the
+    backward pass (activation checkpointing): most of the activation memory for one more forward."""
     def __init__(self, in_ch, out_ch, emb_ch, dropout, attn=False):
         super().__init__()
         self.norm1 = _norm(in_ch)
@@ -409,8 +414,14 @@ class ResBlock(nn.Module):
         # Ho et al.'s "nin_shortcut" where the channels change
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
         self.attn = AttnBlock(out_ch) if attn else nn.Identity()
+        self.checkpoint = False
 
     def forward(self, x, emb):
+        if self.checkpoint and torch.is_grad_enabled():  # the same dropout mask when redone
+            return checkpoint(self.block, x, emb, use_reentrant=False)
+        return self.block(x, emb)
+
+    def block(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x)))
         h = h + self.emb_proj(F.silu(emb))[:, :, None, None]  # time (and class) enter here
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
@@ -429,12 +440,13 @@ class UNet(nn.Module):
         if not ch_mult:
             raise ValueError("ch_mult needs at least one level")
         factor = 2 ** (len(ch_mult) - 1)  # each level but the last halves the image
-        if image_size % factor:
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if size[0] % factor or size[1] % factor:
             raise ValueError(f"image size {image_size} is not divisible by {factor}, which a U-Net "
                              f"with {len(ch_mult)} levels needs")
         self.in_channels = in_channels
         self.ch = ch
-        self.image_size = image_size
+        self.image_size = size
         self.num_classes = num_classes
         emb_ch = 4 * ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
@@ -444,7 +456,7 @@ class UNet(nn.Module):
         self.up = nn.ModuleList()
         skips = [ch]  # the channels of every output on the way down
         cur = ch
-        res = image_size
+        res = min(size)  # attention by the feature map's shorter side: 16 means 16×16, 16×32, …
         for level, mult in enumerate(ch_mult):
             for _ in range(num_res_blocks):
                 attn = res in attn_resolutions
@@ -712,6 +724,21 @@ def to_uint8(x):
     return ((x.float() + 1) / 2).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
 
 
+def hw(size):  # an image size, S or (H, W) → (H, W)
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def resize_crop(image, size, nearest=False):
+    """A PIL image, or images (…, h, w), resized to cover `size` (S or (H, W)) and centre-cropped to it: another
+    aspect ratio loses its edges along the longer way, never stretched. S alone: the shorter side to S."""
+    import torchvision.transforms.functional as TF
+    H, W = hw(size)
+    w, h = TF.get_image_size(image)
+    cover = [H, int(w * H / h)] if H * w >= W * h else [int(h * W / w), W]  # the side that binds gets its size
+    mode = TF.InterpolationMode.NEAREST if nearest else TF.InterpolationMode.BILINEAR
+    return TF.center_crop(TF.resize(image, cover, mode, antialias=True), [H, W])
+
+
 def random_subset(n, generator, flag="--n"):
     """A `pick` for load_images: a random n of the N images, drawn with generator (n None: all; n > N: UserError)."""
     if n is None:
@@ -770,7 +797,6 @@ def load_images(data, root="./data", image_size=32, workers=4, pick=None, flag="
 def torchvision_images(data, name, root, image_size, pick=None, train=True):
     """load_images of torchvision's data set `name` (its training or test split), downloaded into root."""
     import torchvision
-    import torchvision.transforms.functional as TF
     made = not os.path.exists(root)
     try:
         ds = getattr(torchvision.datasets, name)(root, train=train, download=True)
@@ -781,8 +807,8 @@ def torchvision_images(data, name, root, image_size, pick=None, train=True):
     keep = slice(None) if pick is None else pick(len(ds.data))
     images = torch.as_tensor(ds.data)[keep]  # CIFAR-10: (N, 32, 32, 3); MNIST: (N, 28, 28), grey
     images = images[:, None] if images.dim() == 3 else images.permute(0, 3, 1, 2).contiguous()
-    if image_size != images.shape[-1]:
-        images = TF.resize(images, [image_size, image_size], antialias=True)
+    if hw(image_size) != images.shape[-2:]:
+        images = resize_crop(images, image_size)
     # Names to type after --class: "7 - seven" → "7", "T-shirt/top" → "t-shirt", "Ankle boot" → "ankle-boot"
     classes = [c.split(" - ")[0].split("/")[0].lower().replace(" ", "-") for c in ds.classes]
     return images, torch.as_tensor(ds.targets)[keep], classes
@@ -797,7 +823,7 @@ def decode_images(paths, image_size, workers=4):
         try:
             with Image.open(path) as im:
                 im = im.convert("L" if im.mode in ("1", "L", "LA", "I", "I;16") else "RGB")
-                return TF.pil_to_tensor(TF.center_crop(TF.resize(im, image_size), image_size))
+                return TF.pil_to_tensor(resize_crop(im, image_size))
         except Exception as e:
             raise UserError(f"cannot read image {path} ({type(e).__name__}); fix or remove it")
     with ThreadPoolExecutor(workers) as pool:
@@ -816,7 +842,7 @@ def cached_images(data, paths, image_size, workers=4):
     path = os.path.join(cache_dir("images"), f"images-{key}.npy")
     try:  # mapped, not read: pages come from disk as batches touch them (copy-on-write, so torch may index it)
         images = torch.from_numpy(np.load(path, mmap_mode="c"))
-        if images.shape[0] == len(paths) and images.shape[1] in (1, 3) and images.shape[2:] == (image_size,) * 2:
+        if images.shape[0] == len(paths) and images.shape[1] in (1, 3) and images.shape[2:] == hw(image_size):
             return images
     except Exception:  # none yet, or truncated or damaged: decoded anew
         pass
@@ -964,7 +990,7 @@ def load_run(args, task="sample", deterministic=False, resample=1):
     device = get_device(args.device)
     path = find_checkpoint(args.ckpt)
     model, diffusion, classes, cfg = load_sampler(path, device)
-    shape = (cfg["channels"], cfg["image_size"], cfg["image_size"])
+    shape = (cfg["channels"], *hw(cfg["image_size"]))
     run = argparse.Namespace(device=device, path=path, model=model, diffusion=diffusion, classes=classes, cfg=cfg,
                              shape=shape, precision=resolve_precision(args.precision, device, task))
     if task == "sample":
@@ -1117,26 +1143,26 @@ def edit_inputs(args, run):
 
 def load_mask(path, size, image=None):
     """--mask: a PNG, white where the model paints, of the model's size, or of inpaint's image (then resized and
-    cropped as it is) → (1, 1, S, S): 1 where a pixel is known. None: the centre square of half the side."""
+    cropped as it is) → (1, 1, H, W): 1 where a pixel is known. None: the centre, half of each side."""
     import torchvision.transforms.functional as TF
-    known = torch.ones(1, 1, size, size)
+    H, W = hw(size)
+    known = torch.ones(1, 1, H, W)
     if path is None:
-        known[..., size // 4:size // 4 + size // 2, size // 4:size // 4 + size // 2] = 0
+        known[..., H // 4:H // 4 + H // 2, W // 4:W // 4 + W // 2] = 0
         return known
     try:
         with Image.open(path) as im:
             mask = im.convert("L")
     except Exception as e:
         raise UserError(f"--mask {path}: cannot read it as an image ({type(e).__name__})") from None
-    sizes = [(size, size)]
+    sizes = [(W, H)]  # PIL's (width, height)
     if image is not None and os.path.isfile(image):
         with Image.open(image) as im:
             sizes.append(im.size)
     if mask.size not in sizes:
         wanted = " or ".join(f"{w}×{h}" for w, h in sizes)
-        raise UserError(f"--mask {path}: {mask.size[0]}×{mask.size[1]} pixels; it must be {wanted}")
-    mask = TF.center_crop(TF.resize(mask, size, TF.InterpolationMode.NEAREST), size)
-    return (TF.pil_to_tensor(mask)[None] < 128).float()
+        raise UserError(f"--mask {path}: {mask.size[0]}×{mask.size[1]} pixels; it must be {wanted} (width × height)")
+    return (TF.pil_to_tensor(resize_crop(mask, size, nearest=True))[None] < 128).float()
 
 
 def fid_reference(fid, net, ref, root="./data", image_size=32, n=None, workers=4, channels=None):
@@ -1169,7 +1195,7 @@ INIT_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_res", "timesteps", "schedu
 # What a resumed run may change; everything else must match the checkpoint, or the run would silently differ.
 RESUMABLE = {"steps", "save_every", "keep_every", "sample_every", "log_every", "device", "num_workers", "eta",
              "precision", "compile", "data", "data_root", "out", "fid_every", "fid_n", "fid_ref", "inception",
-             "micro_batch", "report_to"}
+             "micro_batch", "report_to", "grad_checkpoint"}
 TRACKERS = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}  # --report-to: the module each needs
 
 
@@ -1229,6 +1255,9 @@ class Trainer:
             raise UserError(str(e)) from None
         if ckpt is None and cfg["init"]:
             self.init_from(cfg["init"], model)
+        for block in model.modules():
+            if isinstance(block, ResBlock):
+                block.checkpoint = cfg["grad_checkpoint"]
         return model
 
     def load_data(self, cfg, ckpt):
@@ -1288,8 +1317,9 @@ class Trainer:
         try:
             model.load_state_dict(weights)
         except RuntimeError as e:  # another number of channels, or attention at other levels at this --image-size
+            size = "×".join(map(str, hw(self.cfg["image_size"])))
             raise UserError(f"--init {path}: its weights do not fit a network for {self.cfg['channels']}-channel "
-                            f"{self.cfg['image_size']}-px images ({str(e).splitlines()[-1].strip()})") from None
+                            f"{size} images ({str(e).splitlines()[-1].strip()})") from None
 
     def resume(self, ckpt):
         self.model.load_state_dict(ckpt["model"])
@@ -1535,6 +1565,13 @@ def _numbers(kind, lo, hi):
     return parse
 
 
+def _size(text):  # "32" → 32; "16,32" → (16, 32): height, width
+    sides = _numbers(int, 4, 4096)(text)
+    if len(sides) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"{text!r}: a side, or height,width")
+    return sides[0] if len(set(sides)) == 1 else sides
+
+
 def _steps(text):  # "all" → 0 (every step), else a whole number of steps
     return 0 if text == "all" else _num(int, 1, 10 ** 5)(text)
 
@@ -1600,7 +1637,8 @@ JSON = ("--json", "switch", None, "print the result as one JSON object")
 BIG = 10 ** 9
 TRAIN = RUN + [DATA_ROOT, WORKERS, INCEPTION, COMPILE] + [  # and their defaults: Ho et al.'s CIFAR-10 run
     ("--data", str, "cifar10", "cifar10, mnist, fashion-mnist, or an image folder <folder>/<class>/*.png|jpg"),
-    ("--image-size", _num(int, 4, 4096), None, "side in pixels (default: the data's own if the U-Net can, else 32)"),
+    ("--image-size", _size, None, "side in pixels, or height,width (default: the data's own if the U-Net can, else "
+     "32): images are resized to cover it and centre-cropped, never stretched; --attn-res counts a map's short side"),
     ("--out", str, None, "run folder: ckpt.pt, log.txt, progress.png, samples_*.png (default: runs/<data name>)"),
     ("--steps", _num(int, 1, BIG), 800_000, "training steps"), ("--warmup", _num(int, 0, BIG), 5000, "warm-up steps"),
     ("--lr", _num(float, 0, 1, True), 2e-4, "Adam's learning rate"),
@@ -1622,6 +1660,8 @@ TRAIN = RUN + [DATA_ROOT, WORKERS, INCEPTION, COMPILE] + [  # and their defaults
     ("--fid-ref", str, None, "FID reference as `fid --ref` takes it (default: the training images)"),
     ("--micro-batch", _num(int, 1, 65536), None, "images through the network at a time, gradients accumulated "
      "over the batch: less memory, the same step (default: the whole batch)"),
+    ("--grad-checkpoint", "switch", False, "activation checkpointing: each residual block keeps only its input and is "
+     "redone in the backward pass: less memory, the same step, one more forward pass of time"),
     ("--init", str, None, "fine-tune: start from this checkpoint's or exported model's EMA weights and network, with "
      "a new optimizer, step and random streams"),
     ("--loss", ("l2", "l1", "huber"), "l2", "the loss on ε̂: l2 (Ho et al.'s Eq. 14), l1, huber (smooth L1, β = 1)"),
@@ -1632,6 +1672,30 @@ TRAIN = RUN + [DATA_ROOT, WORKERS, INCEPTION, COMPILE] + [  # and their defaults
 # Every key of a run's config: the flags' defaults, and what is not a flag: Ho et al.'s exact network and σ²_t
 TRAIN_DEFAULTS = dict({row[0][2:].replace("-", "_"): row[2] for row in TRAIN}, batch_size=128, same_padding=True,
                       norm_eps=1e-6, variance="fixedlarge")
+
+
+def new_config(preset, given):
+    """A new run's config: the flags given, over the preset, over Ho et al.'s defaults; --init's network."""
+    cfg = {**TRAIN_DEFAULTS, **PRESETS[preset], **given}
+    if cfg["init"]:  # fine-tuning: the network and schedule are --init's, and its image size unless given
+        init = load_checkpoint(cfg["init"], mmap=True)["config"]  # the weights are read once, by the Trainer
+        for key in INIT_KEYS:
+            if key in given and given[key] != init[key]:
+                raise UserError(f"--{key.replace('_', '-')} {given[key]}: the network comes from --init "
+                                f"{cfg['init']}, which has {init[key]}")
+        cfg.update({k: init[k] for k in INIT_KEYS}, image_size=cfg["image_size"] or init["image_size"])
+    native = NATIVE_SIZE.get(cfg["data"], 32)  # the data's own size if the U-Net can halve it enough, else 32
+    cfg["image_size"] = cfg["image_size"] or (32 if native % 2 ** (len(cfg["ch_mult"]) - 1) else native)
+    if preset == "paper" and not cfg["init"] and "ch_mult" not in given:  # a network sized for the images
+        cfg.update({k: v for k, v in NET_BY_SIZE.get(max(hw(cfg["image_size"])), {}).items() if k not in given})
+    factor = 2 ** (len(cfg["ch_mult"]) - 1)  # now, not once the data is decoded
+    sides = hw(cfg["image_size"])
+    if any(side % factor for side in sides):
+        near = [" or ".join(map(str, sorted({max(factor, s - s % factor), s + -s % factor}))) for s in sides]
+        raise UserError(f"--image-size {','.join(map(str, dict.fromkeys(sides)))}: a U-Net of {len(cfg['ch_mult'])} "
+                        f"levels halves it {len(cfg['ch_mult']) - 1} times, so each side must be a multiple of "
+                        f"{factor}; the nearest: {' by '.join(near)}")
+    return cfg
 
 
 TRAIN_ONLY = [("--preset", tuple(PRESETS), "paper", "paper: Ho et al.'s setup (the defaults shown); small: "
@@ -1676,18 +1740,7 @@ def train_config(args, given, out):
     elif os.path.exists(path):
         raise UserError(f"{path} exists: pass --resume to continue that run, or choose another --out")
     else:
-        cfg = {**TRAIN_DEFAULTS, **PRESETS[args.preset or "paper"], **given}
-        if cfg["init"]:  # fine-tuning: the network and schedule are --init's, and its image size unless given
-            init = load_checkpoint(cfg["init"], mmap=True)["config"]  # the weights are read once, by the Trainer
-            for key in INIT_KEYS:
-                if key in given and given[key] != init[key]:
-                    raise UserError(f"--{key.replace('_', '-')} {given[key]}: the network comes from --init "
-                                    f"{cfg['init']}, which has {init[key]}")
-            cfg.update({k: init[k] for k in INIT_KEYS}, image_size=cfg["image_size"] or init["image_size"])
-        native = NATIVE_SIZE.get(cfg["data"], 32)  # the data's own size if the U-Net can halve it enough, else 32
-        cfg["image_size"] = cfg["image_size"] or (32 if native % 2 ** (len(cfg["ch_mult"]) - 1) else native)
-        if args.preset in (None, "paper") and not cfg["init"] and "ch_mult" not in given:  # sized for the images
-            cfg.update({k: v for k, v in NET_BY_SIZE.get(cfg["image_size"], {}).items() if k not in given})
+        cfg = new_config(args.preset or "paper", given)
     cfg["flip"] = cfg["data"] != "mnist" if cfg["flip"] is None else cfg["flip"]  # a mirrored 7 is no 7
     for key, value in given.items():  # a new run holds `given` already; a resumed one may change RESUMABLE only
         if key not in RESUMABLE and value != cfg[key]:
@@ -1820,7 +1873,7 @@ FID = RUN + SAMPLER + [INCEPTION, DATA_ROOT, WORKERS, JSON,
         ("--n", _num(int, 2, 10 ** 7), None, "samples (default: 50,000 on CUDA, as the papers; 1,000 on a CPU: small n "
          "biases FID upwards, compare only equal n)"),
         ("--samples", str, None, "score this image folder instead of a checkpoint (all its images, or a random --n)"),
-        ("--image-size", _num(int, 4, 4096), None, "with --samples: decode at this size (default: the folder's own)"),
+        ("--image-size", _size, None, "with --samples: decode at this size (default: the folder's own)"),
         ("--ref-n", _num(int, 2, 10 ** 7), None, "a fixed random subset of the reference images (default: all)")]
 
 
@@ -1851,7 +1904,7 @@ def cmd_fid(args):
     if ref is None:
         raise UserError("--ref: which images to compare with? (cifar10, mnist, a folder or an .npz)")
     # The reference first: its statistics are cached, and a bad --ref is refused before any sampling
-    stats = fid_reference(fid, net, ref, args.data_root, shape[-1], args.ref_n, args.num_workers, shape[0])
+    stats = fid_reference(fid, net, ref, args.data_root, tuple(shape[1:]), args.ref_n, args.num_workers, shape[0])
     torch.manual_seed(args.seed)
     with amp:
         mu, sigma, n = fid.inception_stats(net, batches)
@@ -1895,7 +1948,7 @@ def cmd_nll(args):
         raise UserError(f"--split {args.split}: --data {data} is a folder, scored whole; --split is for "
                         f"{', '.join(NATIVE_SIZE)}")
     pick = random_subset(args.n, torch.Generator().manual_seed(args.seed))
-    images = load_images(data, args.data_root, NATIVE_SIZE.get(data), args.num_workers, pick,
+    images = load_images(data, args.data_root, run.cfg["image_size"], args.num_workers, pick,
                          train=args.split == "train")[0]
     if images.shape[1:] != run.shape:
         raise UserError(f"--data {data}: its images are {'×'.join(map(str, images.shape[1:]))} (channels × pixels), "

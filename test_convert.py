@@ -251,3 +251,22 @@ def test_a_folder_without_a_scheduler_samples_with_hos_schedule_and_says_so(tmp_
     assert code == 0 and err.count(note) == 1 and err.count("note:") == 1
     cfg = ddpm.load_checkpoint(folder)["config"]
     assert (cfg["timesteps"], cfg["schedule"], cfg["variance"]) == (1000, "linear", "fixedlarge")
+
+
+def test_a_16_by_32_model_exports_with_sample_size_h_w_and_ddpm_pipeline_samples_that(tmp_path, capsys):
+    cfg = dict(ddpm.TRAIN_DEFAULTS, ch=128, ch_mult=(1, 1), num_res_blocks=1, attn_res=(8,), image_size=(16, 32),
+               channels=3, unconditional=True, timesteps=50, variance="fixedlarge")
+    model = randomize(ddpm.unet_from_config(cfg, 0))
+    torch.save(dict(config=cfg, classes=[], step=1, ema=dict(model=model.state_dict())), tmp_path / "ckpt.pt")
+    code, err = run_main(["export", "--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "d"), "--format",
+                          "diffusers"], capsys)
+    assert code == 0, err
+    pipe = diffusers.DDPMPipeline.from_pretrained(str(tmp_path / "d"), low_cpu_mem_usage=False)
+    assert list(pipe.unet.config.sample_size) == [16, 32]
+    x, t = torch.randn(2, 3, 16, 32), torch.tensor([0, 30])
+    with torch.no_grad():
+        assert (pipe.unet(x, t).sample - model(x, t)).abs().max() <= 1e-4   # attention at 8: the 8×16 level
+    images = pipe(batch_size=1, num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 16, 32, 3)
+    back = ddpm.load_checkpoint(str(tmp_path / "d"))["config"]
+    assert back["image_size"] == (16, 32) and tuple(back["attn_res"]) == (8,)

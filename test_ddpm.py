@@ -849,7 +849,11 @@ def _bad_inputs(ckpts, folder, tmp):
         "empty folder": ([*train, "--data", str(tmp / "empty")], "no images"),
         "unreadable image": ([*train, "--data", str(tmp / "broken")], "cannot read image"),
         "indivisible image size": ([*train, "--data", folder, "--image-size", "18", "--ch-mult", "1,2,2"],
-                                   "not divisible"),
+                                   "each side must be a multiple of 4; the nearest: 16 or 20 by 16 or 20"),
+        "indivisible side": ([*train, "--data", folder, "--image-size", "16,30", "--ch-mult", "1,2,2"],
+                             "--image-size 16,30: a U-Net of 3 levels halves it 2 times, so each side must be a "
+                             "multiple of 4; the nearest: 16 by 28 or 32"),
+        "three sides": ([*train, "--data", folder, "--image-size", "16,16,16"], "a side, or height,width"),
         "unwritable train --out": (["train", "--data", folder, "--out", str(tmp / "afile" / "run")], "cannot write"),
         "resume without a run": (["train", "--resume", "--out", str(tmp / "none")], "no checkpoint"),
         "train steps = 0": ([*train, "--steps", "0"], "--steps"),
@@ -1004,7 +1008,8 @@ def test_two_processes_take_the_same_step_as_one(folder, tmp_path, capsys):
     args = ["train", "--data", folder, "--steps", "1", "--dropout", "0", "--warmup", "0", "--p-uncond", "0.5", *TINY]
     assert ddpm.main(args + ["--out", str(tmp_path / "one")]) == 0
     report = ["--report-to", "tensorboard"] if importlib.util.find_spec("tensorboard") else []
-    assert run_ddp(args + ["--out", str(tmp_path / "two"), *report]) == [0, 0]
+    # and with activation checkpointing under DDP: the same step (it changes memory, not results)
+    assert run_ddp(args + ["--out", str(tmp_path / "two"), *report, "--grad-checkpoint"]) == [0, 0]
     assert len(glob.glob(str(tmp_path / "two" / "tensorboard" / "*"))) == len(report) // 2  # rank 0's events only
     a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("one", "two"))
     for key, value in a["model"].items():
