@@ -1033,6 +1033,7 @@ def sample_batches(model, diffusion, n, batch_size, pad=False, progress=False, *
     """Yields n samples of Diffusion.sample(model, …, **kwargs) in batches on the CPU; a tensor of n rows among kwargs
     (y, noise, image, known's) is sliced along. pad: a last batch drawn whole and cut, for a compiled model."""
     device = next(model.parameters()).device
+    spoilt = 0
     for start in tqdm(range(0, n, batch_size), "batches", leave=False, disable=True if n <= batch_size else None):
         size = batch_size if pad else min(batch_size, n - start)
         batch = {name: _rows(value, torch.arange(start, start + size) % n, device) for name, value in kwargs.items()}
@@ -1040,7 +1041,12 @@ def sample_batches(model, diffusion, n, batch_size, pad=False, progress=False, *
             x = diffusion.sample(model, size, progress=progress, **batch)
         except ValueError as e:  # its refusals: a sampler and steps that do not go together
             raise UserError(str(e)) from None
-        yield x[:n - start].float().cpu()
+        x = x[:n - start].float().cpu()
+        spoilt += int((~x.isfinite()).flatten(1).any(1).sum())
+        yield x
+    if spoilt:  # a NaN quantises to black: say so rather than leave black images unexplained
+        print(f"note: {spoilt} of {n} samples hold NaN or inf (black in a PNG): the model's weights are not finite, or "
+              "bf16 overflowed (try --precision fp32)", file=sys.stderr)
 
 
 def draw(run, n, **per_image):

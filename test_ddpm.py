@@ -1601,3 +1601,15 @@ def test_method_half_reads_no_module_globals_but_imports_functions_and_classes(t
                     continue
                 callables = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type)
                 assert isinstance(value, callables), (name, f.__name__, used)
+
+
+def test_samples_that_are_not_finite_are_written_black_and_said(ckpts, tmp_path, capsys):
+    """A model whose weights hold a NaN samples NaN, which a PNG stores as 0: a note says why the images are black."""
+    ckpt = torch.load(ckpts["cond"], weights_only=True)
+    ckpt["ema"]["model"]["conv_in.weight"][0] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.pt")
+    out = tmp_path / "black.png"
+    code, err = run_main(["sample", "--ckpt", str(tmp_path / "nan.pt"), "--n", "2", "--steps", "3", "--out", str(out)],
+                         capsys)
+    assert code == 0 and "note: 2 of 2 samples hold NaN or inf" in err
+    assert np.asarray(Image.open(out)).max() == 0  # the samples and make_grid's padding: all black
