@@ -115,3 +115,17 @@ def test_caches_live_where_caches_conventionally_live_and_ddpm_cache_moves_them(
     assert ddpm.cache_dir("fid") == str(tmp_path / "xdg" / "ddpm" / "fid")
     monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "mine"))
     assert ddpm.cache_dir("fid") == str(tmp_path / "mine" / "fid")
+
+
+def test_a_download_that_fails_is_one_line_and_leaves_no_folder_it_made(tmp_path, monkeypatch, capsys):
+    import torchvision
+
+    def offline(root, train, download):  # torchvision makes the root, starts the file, then the network fails
+        os.makedirs(root, exist_ok=True)
+        open(os.path.join(root, "cifar-10-python.tar.gz"), "wb").close()
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    root = tmp_path / "new"
+    code, err = run_main(["forward", "--data", "cifar10", "--data-root", str(root)], capsys)
+    assert code == 2 and err.count("\n") == 1 and f"could not get cifar10 into {root} (<urlopen" in err
+    assert not root.exists() and not os.path.exists("outputs/forward_cifar10.png")
