@@ -1899,7 +1899,9 @@ def cmd_fid(args):
     else:
         run = load_run(args)
         n = args.n or (50_000 if device.type == "cuda" else 1000)  # the papers' 50,000; a CPU: seconds a sample
-        batches = map(to_uint8, draw(run, n, y=labels_from_args(args, run, n, rows=False)[0]))
+        images = (x for batch in draw(run, n, y=labels_from_args(args, run, n, rows=False)[0]) for x in batch)
+        # Inception takes them 50 at a time, as it takes --samples: the same images score the same to the last bit
+        batches = (to_uint8(torch.stack(b)) for b in iter(lambda: list(itertools.islice(images, 50)), []))
         shape = run.shape
         amp = autocast(device, run.precision)  # Inception itself runs in fp32 (inception_stats)
         source = f"{run.path} ({describe(run)}, guidance {args.guidance}, seed {args.seed}, {run.precision})"

@@ -1,7 +1,7 @@
 """Tests for ddpm.py: formulas against closed forms or independent computations, the network, the samplers,
 the training loop (overfit, exact resume, interruption) and every user error. CPU only, under a minute."""
 import errno, glob, importlib, json, math, multiprocessing, os, re, shutil, signal, socket, struct, subprocess, sys
-import time
+import builtins, time
 
 import numpy as np
 
@@ -1240,16 +1240,19 @@ def test_mnist_defaults_to_its_own_28_px_and_no_flips_where_the_unet_allows(tmp_
 # ---------------------------------------------------------------------------------------------- FID
 
 
-def test_fid_of_a_checkpoint_equals_fid_of_its_samples_written_as_pngs(ckpts, folder, tmp_path, capsys, fake_inception):
+def test_fid_of_a_checkpoint_equals_fid_of_its_samples_written_as_pngs(ckpts, folder, tmp_path, capsys, fake_inception,
+                                                                        monkeypatch):
     args = ["--ref", folder, "--data-root", str(tmp_path / "root"), "--json"]
-    assert ddpm.main(["sample", "--ckpt", ckpts["cond"], "--n", "6", "--steps", "3",
-                      "--out", str(tmp_path / "s") + "/"]) == 0
+    drawn = ["--n", "56", "--steps", "3", "--batch-size", "8"]  # Inception's batches of 50 are not the sampler's
+    assert ddpm.main(["sample", "--ckpt", ckpts["cond"], *drawn, "--out", str(tmp_path / "s") + "/"]) == 0
     capsys.readouterr()
-    assert ddpm.main(["fid", "--ckpt", ckpts["cond"], "--n", "6", "--steps", "3", *args]) == 0
+    real_round = builtins.round
+    monkeypatch.setattr(builtins, "round", lambda x, *digits: x if digits else real_round(x))  # all the JSON's digits
+    assert ddpm.main(["fid", "--ckpt", ckpts["cond"], *drawn, *args]) == 0
     sampled = json.loads(capsys.readouterr().out)
     assert ddpm.main(["fid", "--samples", str(tmp_path / "s"), *args]) == 0
     written = json.loads(capsys.readouterr().out)
-    assert sampled["fid"] == written["fid"] > 0 and sampled["n"] == written["n"] == 6 and sampled["ref_n"] == 6
+    assert sampled["fid"] == written["fid"] > 0 and sampled["n"] == written["n"] == 56 and sampled["ref_n"] == 6
     assert sampled["sampler"] == "DDIM 3 steps, eta 0.0" and sampled["guidance"] == 2.0 and sampled["seed"] == 0
     assert ddpm.main(["fid", "--samples", folder, *args]) == 0                   # a set against itself
     assert abs(json.loads(capsys.readouterr().out)["fid"]) < 1e-6
