@@ -1644,14 +1644,15 @@ BIG = 10 ** 9
 TRAIN = RUN + [DATA_ROOT, WORKERS, INCEPTION, COMPILE] + [  # and their defaults: Ho et al.'s CIFAR-10 run
     ("--data", str, "cifar10", "cifar10, mnist, fashion-mnist, or an image folder <folder>/<class>/*.png|jpg"),
     ("--image-size", _size, None, "side in pixels, or height,width (default: the data's own if the U-Net can, else "
-     "32): images are resized to cover it and centre-cropped, never stretched; --attn-res counts a map's short side"),
+     "32): images are resized to cover it and centre-cropped, never stretched"),
     ("--out", str, None, "run folder: ckpt.pt, log.txt, progress.png, samples_*.png (default: runs/<data name>)"),
     ("--steps", _num(int, 1, BIG), 800_000, "training steps"), ("--warmup", _num(int, 0, BIG), 5000, "warm-up steps"),
     ("--lr", _num(float, 0, 1, True), 2e-4, "Adam's learning rate"),
     ("--grad-clip", _num(float, 0, 1e6, True), 1.0, "the gradient's norm is clipped to this"),
     ("--ch", _num(int, 8, 4096), 128, "base channels"), ("--num-res-blocks", _num(int, 1, 64), 2, "blocks a level"),
     ("--ch-mult", _numbers(int, 1, 4096), (1, 2, 2, 2), "channels per level, e.g. 1,2,2"),
-    ("--attn-res", _numbers(int, 1, 4096), (16,), "resolutions with self-attention, e.g. 16 or 16,8 ('' for none)"),
+    ("--attn-res", _numbers(int, 1, 4096), (16,), "resolutions with self-attention, e.g. 16 or 16,8 ('' for none); "
+     "a map counts by its shorter side, so H×W gets attention where a square image of side min(H, W) would"),
     ("--dropout", _num(float, 0, 0.99), 0.1, "dropout"), ("--ema-decay", _num(float, 0, 1), 0.9999, "EMA decay"),
     ("--timesteps", _num(int, 2, 100_000), 1000, "diffusion steps T"),
     ("--schedule", ("linear", "cosine"), "linear", "noise schedule"),
