@@ -766,10 +766,11 @@ def class_rows(num_classes, n):
 
 def load_images(data, root="./data", image_size=32, workers=4, pick=None, flag="--data", cache=False,
                 extensions=(".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif"), train=True):
-    """→ (images uint8 (N, C, S, S), labels (N,), class names) of "cifar10", "mnist", "fashion-mnist" (downloaded into
+    """→ (images uint8 (N, C, H, W), labels (N,), class names) of "cifar10", "mnist", "fashion-mnist" (downloaded into
     root; train: the training split, else the test split) or a folder data/<class>/*.png|jpg (or data/*.png), decoded
-    now: a bad file is refused before training. C = 1 if all are grey, else 3; resized and centre-cropped to S (None:
-    the first image's short side). pick(N) → the indices kept, before decoding. flag: what messages call `data`."""
+    now: a bad file is refused before training. C = 1 if all are grey, else 3; resize_crop to image_size, S or
+    (H, W) (None: the first image's short side). pick(N) → the indices kept, before decoding. flag: what messages
+    call `data`."""
     sets = {"cifar10": "CIFAR10", "mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
     if data in sets:
         return torchvision_images(data, sets[data], root, image_size, pick, train)
@@ -815,7 +816,7 @@ def torchvision_images(data, name, root, image_size, pick=None, train=True):
 
 
 def decode_images(paths, image_size, workers=4):
-    """Image files → uint8 (N, C, S, S), each resized on its short side to S and centre-cropped, decoded in threads
+    """Image files → uint8 (N, C, H, W), each resized to cover image_size and centre-cropped, decoded in threads
     (PIL releases the GIL); C = 1 if every image is grey, else 3, grey images repeated into R, G and B."""
     import torchvision.transforms.functional as TF
 
@@ -1123,7 +1124,7 @@ def forward_process(x0, noise, diffusions, columns=10):
 
 def edit_inputs(args, run):
     """IMAGE|FOLDER of inpaint and img2img at the model's size, in [-1, 1]: the image, or a random --n of the folder's
-    → (images (k, C, S, S), the labels of the --n results or None, the index of each result's image, in turn). Labels:
+    → (images (k, C, H, W), the labels of the --n results or None, the index of each result's image, in turn). Labels:
     --class, else each image's own if its folder is named as a class of the model's (CIFAR-10's test set), else none."""
     cfg = run.cfg
     labels = None
@@ -1900,9 +1901,7 @@ def cmd_fid(args):
     else:
         run = load_run(args)
         n = args.n or (50_000 if device.type == "cuda" else 1000)  # the papers' 50,000; a CPU: seconds a sample
-        images = (x for batch in draw(run, n, y=labels_from_args(args, run, n, rows=False)[0]) for x in batch)
-        # Inception takes them 50 at a time, as it takes --samples: the same images score the same to the last bit
-        batches = (to_uint8(torch.stack(b)) for b in iter(lambda: list(itertools.islice(images, 50)), []))
+        batches = map(to_uint8, draw(run, n, y=labels_from_args(args, run, n, rows=False)[0]))
         shape = run.shape
         amp = autocast(device, run.precision)  # Inception itself runs in fp32 (inception_stats)
         source = f"{run.path} ({describe(run)}, guidance {args.guidance}, seed {args.seed}, {run.precision})"

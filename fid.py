@@ -54,12 +54,25 @@ def load_inception(path=None, device="cpu"):
     return net.to(device, memory_format=torch.channels_last)
 
 
-@torch.inference_mode()
-def inception_stats(net, batches):
-    """μ, Σ (float64) and n of the Inception features of uint8 image batches (B, C, H, W); grey images (C = 1) enter
-    as R = G = B, as PIL's convert("RGB") makes them. Σ is the unbiased covariance, from sums: no (n, 2048) array."""
-    device, n, total, outer = next(net.parameters()).device, 0, 0, 0
+def rebatch(batches, size):
+    """Tensors (B, …) of any B → tensors of `size` rows (the last one fewer), in the same order."""
+    held = None
     for x in batches:
+        held = x if held is None else torch.cat([held, x])
+        while len(held) >= size:
+            yield held[:size]
+            held = held[size:]
+    if held is not None and len(held):
+        yield held
+
+
+@torch.inference_mode()
+def inception_stats(net, batches, batch_size=50):
+    """μ, Σ (float64) and n of the Inception features of uint8 image batches (B, C, H, W); grey images (C = 1) enter
+    as R = G = B, as PIL's convert("RGB") makes them. Σ is the unbiased covariance, from sums: no (n, 2048) array.
+    Inception sees batch_size images at a time however they come, so the same images give the same bits."""
+    device, n, total, outer = next(net.parameters()).device, 0, 0, 0
+    for x in rebatch(batches, batch_size):
         with torch.autocast(device.type, enabled=False):  # fp32 even inside a sampler's bf16 autocast
             f = net(x.expand(-1, 3, -1, -1).to(device))[0].double().cpu()
         n, total, outer = n + len(f), total + f.sum(0), outer + f.T @ f

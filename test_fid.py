@@ -39,6 +39,14 @@ def test_inception_stats_are_the_mean_and_unbiased_covariance_of_the_features():
         fid.inception_stats(net, [images[:1]])
 
 
+def test_inception_sees_the_same_batches_however_the_images_come():
+    """Batches of 3, 4 and 6 regrouped as 5, 5, 3: bit for bit the statistics of those images split(5)."""
+    net, images = FakeInception(), (torch.rand(13, 3, 9, 9) * 255).to(torch.uint8)
+    assert [len(x) for x in fid.rebatch(images.split([3, 4, 6]), 5)] == [5, 5, 3]
+    uneven, even = fid.inception_stats(net, images.split([3, 4, 6]), 5), fid.inception_stats(net, images.split(5), 5)
+    assert uneven[2] == even[2] == 13 and torch.equal(uneven[0], even[0]) and torch.equal(uneven[1], even[1])
+
+
 def test_statistics_files_round_trip_and_other_dimensions_are_named(tmp_path):
     mu, sigma = np.arange(fid.DIMS, dtype=np.float64), np.eye(fid.DIMS)
     fid.save_stats(str(tmp_path / "s.npz"), mu, sigma, 7)
