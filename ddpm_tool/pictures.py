@@ -3,22 +3,24 @@ pictures.py: pictures of a diffusion model and its training. Labelled grids, the
 strip, the forward process as a strip, and two charts drawn with matplotlib's object API on the Agg canvas (no pyplot
 state, no display: safe inside a training loop and under tests): the progress of a training log and a noise
 schedule. Images come in as uint8 tensors (C, H, W), C = 1 (grey) or 3; pictures go out as PIL images or matplotlib
-Figures (fig.savefig(file, format="png")). It imports nothing from ddpm.py, so it copies alone into another project.
+Figures (fig.savefig(file, format="png")). It imports nothing from ddpm.py or the tool, so it copies alone into
+another project; matplotlib only where a chart is drawn, so the grids need no more than torchvision and Pillow.
 """
 import re
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import LogFormatter, NullLocator
 from PIL import Image, ImageDraw, ImageOps
 from torchvision.utils import make_grid
 
 
+def tiles(images, nrow, padding=1):
+    """uint8 images (B, C, H, W) → one uint8 image (C, H', W') of them in rows of nrow; grey stays one channel."""
+    return make_grid(images, nrow=nrow, padding=padding)[:images.shape[1]]  # make_grid makes grey RGB
+
+
 def grid(images, nrow, padding=1):
     """uint8 images (B, C, H, W) → one PIL image of them in rows of nrow, grey ("L") for one channel."""
-    tiles = make_grid(images, nrow=nrow, padding=padding)[:images.shape[1]]  # make_grid makes grey RGB
-    return Image.fromarray(tiles.permute(1, 2, 0).squeeze(2).numpy())
+    return Image.fromarray(tiles(images, nrow, padding).permute(1, 2, 0).squeeze(2).numpy())
 
 
 def labelled_grid(rows, col_labels=(), row_labels=(), scale=2):
@@ -45,8 +47,8 @@ def reverse_process(frames, nrow, samples=8):
     """frames [(t, x_t, x̂_0)] of uint8 batches (B, C, H, W), in the order a sampler visits them → (the frames of a
     GIF: the batch's x_t beside its x̂_0 at each t; a strip: those t left to right, two rows for each of the first
     `samples` images, x_t above x̂_0)."""
-    tile = lambda x: make_grid(x, nrow, padding=1)[:x.shape[1]]  # grey stays one channel
-    gif = [labelled_grid([[tile(x_t), tile(x0)]], [f"x_t, t = {t}", "x_0 predicted from it"]) for t, x_t, x0 in frames]
+    gif = [labelled_grid([[tiles(x_t, nrow), tiles(x0, nrow)]], [f"x_t, t = {t}", "x_0 predicted from it"])
+           for t, x_t, x0 in frames]
     n = min(len(frames[0][1]), samples)
     rows = [[frame[k][i] for frame in frames] for i in range(n) for k in (1, 2)]
     return gif, labelled_grid(rows, [f"t={t}" for t, _, _ in frames], ["x_t", "x_0 pred"] * n)
@@ -60,6 +62,8 @@ def save_gif(frames, file, ms=400, hold=3000):
 
 def figure(size=(640, 320)):
     """A matplotlib Figure of `size` pixels on its own Agg canvas: no pyplot, no global state, no display."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     fig = Figure(figsize=(size[0] / 100, size[1] / 100), dpi=100)
     FigureCanvasAgg(fig)
     return fig
@@ -76,6 +80,7 @@ def read_log(path, key):
 def progress_chart(log_path, size=(640, 320)):
     """A Figure of a training log: the loss against the step on a log scale (grey: each line; black: smoothed) and
     the FID where measured (orange dots, its own scale on the right)."""
+    from matplotlib.ticker import LogFormatter, NullLocator
     loss, fid = [(s, v) for s, v in read_log(log_path, "loss") if v > 0], read_log(log_path, "fid")
     smooth = [v for _, v in loss[:1]]
     for _, v in loss[1:]:
@@ -112,7 +117,7 @@ def schedule_chart(alphas_cumprod, steps, label, grey=(), grey_label="", size=(6
             ax.plot(scale, color=colour, lw=1.5, label=f"{name}: {what}")
             ax.plot(steps[name], scale[steps[name]], "o", color=colour, ms=5)
     if len(grey):
-        ax.plot(grey, [0] * len(grey), "o", color="0.6", ms=4, clip_on=False, label=grey_label)
+        ax.plot(grey, [0 for _ in grey], "o", color="0.6", ms=4, clip_on=False, label=grey_label)
     ax.set(xlabel="t", ylim=(0, 1.02), title=f"dots: the t of {label}")
     ax.legend(fontsize=7, loc="center right")
     return fig

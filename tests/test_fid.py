@@ -1,13 +1,97 @@
-"""Tests for fid.py alone: the Fréchet distance against a closed form and torch-fidelity's own, the statistics, the
-.npz format and the cache. Inception itself is stood in for by a small network (conftest.FakeInception)."""
-import errno, os
+"""Tests for ddpm.py: formulas against closed forms or independent computations, the network, the samplers,
+the training loop (overfit, exact resume, interruption) and every user error. CPU only, under a minute."""
+import builtins, errno, glob, json, os, shutil
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-import fid
-from conftest import FakeInception
+from ddpm_tool import cli, fid, sampling
+from conftest import FakeInception, grey_run, run_main
+
+
+def test_fid_of_a_checkpoint_equals_fid_of_its_samples_written_as_pngs(ckpts, folder, tmp_path, capsys, fake_inception,
+                                                                        monkeypatch):
+    args = ["--ref", folder, "--data-root", str(tmp_path / "root"), "--json"]
+    drawn = ["--n", "56", "--steps", "3", "--batch-size", "8"]  # Inception's batches of 50 are not the sampler's
+    assert cli.main(["sample", "--ckpt", ckpts["cond"], *drawn, "--out", str(tmp_path / "s") + "/"]) == 0
+    capsys.readouterr()
+    real_round = builtins.round
+    monkeypatch.setattr(builtins, "round", lambda x, *digits: x if digits else real_round(x))  # all the JSON's digits
+    assert cli.main(["fid", "--ckpt", ckpts["cond"], *drawn, *args]) == 0
+    sampled = json.loads(capsys.readouterr().out)
+    assert cli.main(["fid", "--samples", str(tmp_path / "s"), *args]) == 0
+    written = json.loads(capsys.readouterr().out)
+    assert sampled["fid"] == written["fid"] > 0 and sampled["n"] == written["n"] == 56 and sampled["ref_n"] == 6
+    assert sampled["sampler"] == "DDIM 3 steps, eta 0.0" and sampled["guidance"] == 2.0 and sampled["seed"] == 0
+    assert cli.main(["fid", "--samples", folder, *args]) == 0                   # a set against itself
+    assert abs(json.loads(capsys.readouterr().out)["fid"]) < 1e-6
+
+
+def test_reference_statistics_of_a_folder_are_cached_by_what_made_them(folder, tmp_path, monkeypatch):
+    shutil.copytree(folder, tmp_path / "d")
+    computed, real = [], fid.inception_stats
+    monkeypatch.setattr(fid, "inception_stats", lambda *a: computed.append(1) or real(*a))
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "root"))
+    net, root = FakeInception(), str(tmp_path / "downloads")
+    stats = lambda size=16, network=net, **k: sampling.fid_reference(network, str(tmp_path / "d"), root, size, **k)
+    first, again = stats(), stats()
+    assert len(computed) == 1 and all(torch.equal(x, y) for x, y in zip(first[:2], again[:2])) and first[2] == 6
+    with pytest.raises(fid.FIDError, match="R = G = B"):                       # RGB images for grey samples
+        stats(channels=1)
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "d" / "cat" / "1.png")     # the folder changed: computed anew
+    changed = stats()
+    assert len(computed) == 2 and not torch.equal(changed[0], first[0])
+    stats(8)                                                                     # another size, another network
+    stats(network=FakeInception(seed=1))
+    assert len(computed) == 4 and len(os.listdir(tmp_path / "root" / "fid")) == 4 and not os.path.exists(root)
+    for path in glob.glob(str(tmp_path / "root" / "fid" / "*.npz")):  # a file whose key is not ours: never used
+        with np.load(path) as f:
+            np.savez(path, **{**f, "key": "someone else's"})
+    stats()
+    assert len(computed) == 5
+    for path in glob.glob(str(tmp_path / "root" / "fid" / "*.npz")):           # a truncated file: computed anew
+        with open(path, "r+b") as f:
+            f.truncate(100)
+    again = stats()
+    assert len(computed) == 6 and torch.equal(again[0], changed[0])
+
+
+def test_missing_inception_weights_name_the_flag(tmp_path, monkeypatch):
+    monkeypatch.delenv("DDPM_INCEPTION", raising=False)
+    with pytest.raises(fid.FIDError, match=r"no such file; offline, pass --inception PATH .*DDPM_INCEPTION"):
+        sampling.inception(str(tmp_path / "none.pth"), torch.device("cpu"))
+
+
+def test_fid_bad_inputs_are_one_line(ckpts, folder, tmp_path, capsys, monkeypatch, fake_inception):
+    os.makedirs(tmp_path / "empty" / "c")
+    os.makedirs(tmp_path / "one" / "c")
+    Image.new("RGB", (16, 16)).save(tmp_path / "one" / "c" / "0.png")
+    np.savez(tmp_path / "nomu.npz", sigma=np.eye(3))
+    np.savez(tmp_path / "d64.npz", mu=np.zeros(64), sigma=np.eye(64))
+    (tmp_path / "junk.npz").write_bytes(b"not an npz")
+    grey_run(tmp_path)
+    capsys.readouterr()
+    cases = {
+        "no --ref for a folder": (["fid", "--samples", folder], "--ref: which images to compare with?", 2),
+        "no images": (["fid", "--samples", str(tmp_path / "empty"), "--ref", folder], "--samples", 2),
+        "empty ref": (["fid", "--samples", folder, "--ref", str(tmp_path / "empty")], "--ref", 2),
+        "npz without mu": (["fid", "--samples", folder, "--ref", str(tmp_path / "nomu.npz")], "mu and sigma", 2),
+        "not an npz": (["fid", "--samples", folder, "--ref", str(tmp_path / "junk.npz")], "mu and sigma", 2),
+        "grey against RGB": (["fid", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--ref", folder], "R = G = B", 2),
+        "n = 1": (["fid", "--samples", folder, "--ref", folder, "--n", "1"], "--n", 2),
+        "n over the folder": (["fid", "--samples", folder, "--ref", folder, "--n", "7"],
+                              "--n 7: the data has only 6 images", 2),
+        "ref-n over the folder": (["fid", "--samples", folder, "--ref", folder, "--ref-n", "7"],
+                                  "--ref-n 7: the data has only 6 images", 2),
+        "one image": (["fid", "--samples", str(tmp_path / "one"), "--ref", folder], "at least 2 images", 2),
+        "pytorch-fid --dims 64": (["fid", "--samples", folder, "--ref", str(tmp_path / "d64.npz")],
+                                  "holds statistics of 64-dimensional features", 2),
+    }
+    for name, (argv, needle, want) in cases.items():
+        code, err = run_main([*argv, "--data-root", str(tmp_path / "root")], capsys)
+        assert code == want and needle in err and err.count("\n") == 1 and "Traceback" not in err, (name, err)
 
 
 def test_frechet_distance_against_closed_form_and_an_independent_computation():

@@ -3,7 +3,7 @@ say (pixels read back from the rendered canvas at the points the axes map the da
 import numpy as np
 import torch
 
-import pictures
+from ddpm_tool import pictures
 
 
 def pixels(fig):

@@ -1,62 +1,40 @@
-"""What the test files share: a tiny network's flags, ddpm.main in-process, exact-ε oracles, a folder of images, two
-trained checkpoints and a stand-in for Inception. Every test runs on the CPU and downloads nothing."""
+"""What the test files in tests/ share: a tiny network's flags, the command line in-process, a folder of images, two
+trained checkpoints, non-square ones, and a stand-in for Inception; the exact-ε oracle and random weights come from
+test_ddpm.py, the method's tests. Every test runs on the CPU and downloads nothing."""
 import os
 
 import pytest
 import torch
 from PIL import Image
 
-import ddpm
+from ddpm_tool import cli, runs
+from test_ddpm import Oracle, randomize  # noqa: F401 (for the test files)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: ddpm.py, samples/
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 TINY = ["--image-size", "16", "--ch", "16", "--ch-mult", "1,2", "--num-res-blocks", "1", "--attn-res", "8",
         "--timesteps", "50", "--batch-size", "4", "--sample-every", "0", "--num-workers", "1"]
 
 
 def run_main(argv, capsys):
-    """ddpm.main in-process → (exit code, stderr). argparse errors count as their SystemExit code."""
+    """The command line (ddpm.py's) in-process → (exit code, stderr). argparse errors count as their SystemExit code."""
     try:
-        code = ddpm.main(argv)
+        code = cli.main(argv)
     except SystemExit as e:
         code = e.code
     return code, capsys.readouterr().err
-
-
-def randomize(model, seed=0):
-    """Random weights everywhere: with the zero-initialised last layers ε̂ ≡ 0 and guidance checks would be vacuous."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model.eval()
-
-
-class Oracle(torch.nn.Module):
-    """The exact ε for a data distribution that is the single point x_star: ε = (x_t − sqrt(ᾱ_t) x*) / sqrt(1 − ᾱ_t).
-    Records every t it is called with."""
-
-    def __init__(self, diffusion, x_star):
-        super().__init__()
-        self.d, self.x_star, self.calls = diffusion, x_star, []
-        self.in_channels, self.image_size, self.num_classes = x_star.shape[1], tuple(x_star.shape[2:]), None
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self, x, t, y=None):
-        self.calls.append(t.clone())
-        a = self.d.alphas_cumprod[t].double().view(-1, 1, 1, 1)
-        return ((x.double() - a.sqrt() * self.x_star.double()) / (1 - a).sqrt()).float()
 
 
 @pytest.fixture(scope="session", autouse=True)
 def data_root(tmp_path_factory):
     """train's --data-root (downloads) and the caches ($DDPM_CACHE) in temporary folders, not ./data of wherever pytest
     runs, nor the user's ~/.cache/ddpm."""
-    root, ddpm.TRAIN_DEFAULTS["data_root"] = ddpm.TRAIN_DEFAULTS["data_root"], str(tmp_path_factory.mktemp("data"))
+    root = runs.DEFAULTS["data_root"]
+    runs.DEFAULTS["data_root"] = str(tmp_path_factory.mktemp("data"))
     cache = os.environ.get("DDPM_CACHE")
     os.environ["DDPM_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield ddpm.TRAIN_DEFAULTS["data_root"]
-    ddpm.TRAIN_DEFAULTS["data_root"] = root
+    yield runs.DEFAULTS["data_root"]
+    runs.DEFAULTS["data_root"] = root
     os.environ.pop("DDPM_CACHE")
     if cache is not None:
         os.environ["DDPM_CACHE"] = cache
@@ -82,7 +60,7 @@ def ckpts(folder, tmp_path_factory):
     paths = {}
     for kind, extra in [("cond", []), ("uncond", ["--unconditional"])]:
         out = str(base / kind)
-        assert ddpm.main(["train", "--data", folder, "--out", out, "--steps", "2", *TINY, *extra]) == 0
+        assert cli.main(["train", "--data", folder, "--out", out, "--steps", "2", *TINY, *extra]) == 0
         paths[kind] = os.path.join(out, "ckpt.pt")
     return paths
 
@@ -116,7 +94,22 @@ def grey_run(tmp_path):
         (tmp_path / "grey" / "c").mkdir(parents=True, exist_ok=True)
         grey = (torch.rand(16, 16) * 255).to(torch.uint8).numpy()
         Image.fromarray(grey, "L").save(tmp_path / "grey" / "c" / f"{i}.png")
-    assert ddpm.main(["train", "--data", str(tmp_path / "grey"), "--out", str(tmp_path / "run"), "--steps", "1",
+    assert cli.main(["train", "--data", str(tmp_path / "grey"), "--out", str(tmp_path / "run"), "--steps", "1",
                       *TINY]) == 0
     return str(tmp_path / "run" / "ckpt.pt")
 
+
+WIDE = [*TINY, "--image-size", "16,32"]  # TINY's network on 16 × 32 images
+
+
+@pytest.fixture(scope="session")
+def banners(tmp_path_factory):
+    """Two classes of three images each, 40 high and 80 wide: the aspect ratio of 16×32."""
+    root = tmp_path_factory.mktemp("banners")
+    g = torch.Generator().manual_seed(0)
+    for name in ("sky", "sea"):
+        os.makedirs(root / name)
+        for i in range(3):
+            Image.fromarray((torch.rand(40, 80, 3, generator=g) * 255).to(torch.uint8).numpy()).save(
+                root / name / f"{i}.png")
+    return str(root)

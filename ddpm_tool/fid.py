@@ -2,7 +2,7 @@
 fid.py: the Fréchet Inception Distance (Heusel et al. 2017, https://arxiv.org/abs/1706.08500) of uint8 images, as
 the papers measure it: TensorFlow's Inception of 2015-12-05 (pool3, 2048 features) as torch-fidelity ports it, with
 TF1's bilinear resize to 299 px inside. torchvision's ImageNet Inception gives other, incomparable numbers. It
-imports nothing from ddpm.py: copy it to score your own samples.
+imports nothing from ddpm.py or the rest of the tool: copy it to score your own samples.
 
     net = load_inception("weights.pth")           # a local copy of the weights; None: torch-fidelity downloads them
     mu, sigma, n = inception_stats(net, batches)   # batches: uint8 (B, C, H, W), C = 3 or 1 (grey)
@@ -12,7 +12,9 @@ imports nothing from ddpm.py: copy it to score your own samples.
 FID is biased upwards at small n: compare figures of equal n only (the papers: 50,000 samples against the 50,000
 training images). Quantise samples to uint8 as their PNGs would store them before scoring.
 """
-import hashlib, os, sys
+import hashlib
+import os
+import sys
 
 import numpy as np
 import torch
@@ -71,11 +73,16 @@ def inception_stats(net, batches, batch_size=50):
     """μ, Σ (float64) and n of the Inception features of uint8 image batches (B, C, H, W); grey images (C = 1) enter
     as R = G = B, as PIL's convert("RGB") makes them. Σ is the unbiased covariance, from sums: no (n, 2048) array.
     Inception sees batch_size images at a time however they come, so the same images give the same bits."""
-    device, n, total, outer = next(net.parameters()).device, 0, 0, 0
+    device = next(net.parameters()).device
+    n = 0
+    total = 0
+    outer = 0
     for x in rebatch(batches, batch_size):
         with torch.autocast(device.type, enabled=False):  # fp32 even inside a sampler's bf16 autocast
             f = net(x.expand(-1, 3, -1, -1).to(device))[0].double().cpu()
-        n, total, outer = n + len(f), total + f.sum(0), outer + f.T @ f
+        n += len(f)
+        total = total + f.sum(0)
+        outer = outer + f.T @ f
     if n < 2:
         raise FIDError(f"FID needs a covariance, so at least 2 images; got {n}")
     mu = total / n
@@ -116,8 +123,8 @@ def reference_stats(net, ref, decode, cache_dir, channels=None):
         return load_stats(ref)
     images = decode(ref)
     if channels is not None and images.shape[1] != channels:
-        kind = lambda c: "grey" if c == 1 else "RGB"
-        raise FIDError(f"{ref} is {kind(images.shape[1])}, the samples are {kind(channels)}: FID would score the "
+        kind = {1: "grey", 3: "RGB"}
+        raise FIDError(f"{ref} is {kind[images.shape[1]]}, the samples are {kind[channels]}: FID would score the "
                        "colour (grey enters Inception as R = G = B); compare grey with grey")
     return cached_stats(net, images, cache_dir)
 

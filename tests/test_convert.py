@@ -7,20 +7,27 @@ import json, os, shutil
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import ddpm
+from ddpm_tool import runs, sampling
 from conftest import randomize, run_main
 
+
 diffusers = pytest.importorskip("diffusers") if not os.environ.get("DDPM_CI") else __import__("diffusers")
+
+
 GOOGLE_CIFAR10 = dict(  # google/ddpm-cifar10-32's config.json (Ho et al.'s CIFAR-10 network, converted)
     sample_size=32, in_channels=3, out_channels=3, block_out_channels=[128, 256, 256, 256], layers_per_block=2,
     down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
     up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], downsample_padding=0,
     norm_num_groups=32, norm_eps=1e-6, attention_head_dim=None, flip_sin_to_cos=False, freq_shift=1, act_fn="silu",
     center_input_sample=False, mid_block_scale_factor=1, time_embedding_type="positional")
+
+
 SMALL = dict(GOOGLE_CIFAR10, sample_size=8, block_out_channels=[128, 128], layers_per_block=1,
              down_block_types=["AttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "AttnUpBlock2D"])
+
+
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                  variance_type="fixed_large", clip_sample=True)
 
@@ -46,37 +53,15 @@ def save_pipeline(tmp_path, config, scheduler=SCHEDULER, name="pipe", seed=0):
     return str(folder)
 
 
-def test_same_padding_is_tensorflows_stride_2_convolution_written_out():
-    """A stride-2 3×3 convolution with TensorFlow's "SAME" rule on an even size: out[i, j] = Σ w[a, b] x[2i + a,
-    2j + b] over a, b in 0..2, with x zero past the bottom and right edges (0 rows before, 1 after)."""
-    torch.manual_seed(0)
-    down = ddpm.Downsample(2, same=True)
-    x = torch.randn(1, 2, 6, 6)
-    w, b = down.weight.detach(), down.bias.detach()
-    padded = torch.zeros(1, 2, 7, 7)
-    padded[..., :6, :6] = x
-    expected = torch.zeros(1, 2, 3, 3)
-    for o in range(2):
-        for i in range(3):
-            for j in range(3):
-                expected[0, o, i, j] = b[o] + sum(w[o, c, a, d] * padded[0, c, 2 * i + a, 2 * j + d]
-                                                  for c in range(2) for a in range(3) for d in range(3))
-    assert torch.allclose(down(x), expected, atol=1e-5)
-    old = ddpm.Downsample(2, same=False)
-    old.load_state_dict(down.state_dict())
-    assert not torch.allclose(old(x), expected, atol=1e-2)  # the taps one pixel off
-    assert torch.equal(old(x), F.conv2d(x, w, b, stride=2, padding=1))
-
-
 def test_new_networks_are_hos_and_old_checkpoints_load_as_they_were_trained(ckpts):
     net = ddpm.UNet()
     assert all(m.same for m in net.modules() if isinstance(m, ddpm.Downsample))
     assert {m.eps for m in net.modules() if isinstance(m, torch.nn.GroupNorm)} == {1e-6}
-    bundled = ddpm.load_checkpoint(os.path.join(ddpm.__file__.rsplit("/", 1)[0], "samples", "cifar10_small.pt"))
+    bundled = sampling.load_checkpoint(os.path.join(ddpm.__file__.rsplit("/", 1)[0], "samples", "cifar10_small.pt"))
     assert bundled["config"]["same_padding"] is False and bundled["config"]["norm_eps"] == 1e-5
-    model = ddpm.unet_from_config(bundled["config"], 10)
+    model = runs.unet_from_config(bundled["config"], 10)
     assert {m.eps for m in model.modules() if isinstance(m, torch.nn.GroupNorm)} == {1e-5}
-    assert ddpm.load_checkpoint(ckpts["cond"])["config"]["same_padding"] is True  # trained here, now
+    assert sampling.load_checkpoint(ckpts["cond"])["config"]["same_padding"] is True  # trained here, now
 
 
 def test_google_cifar10_folder_loads_through_ckpt_with_diffusers_eps(tmp_path):
@@ -85,7 +70,7 @@ def test_google_cifar10_folder_loads_through_ckpt_with_diffusers_eps(tmp_path):
     unet.save_pretrained(folder)  # a bare UNet2DModel folder, as google/ddpm-cifar10-32's files are laid out
     diffusers.DDPMScheduler(**SCHEDULER).save_pretrained(folder)
     folder = str(folder)
-    model, diffusion, classes, cfg = ddpm.load_sampler(folder, torch.device("cpu"))
+    model, diffusion, classes, cfg = sampling.load_sampler(folder, torch.device("cpu"))
     assert classes == [] and cfg["unconditional"] and sum(p.numel() for p in model.parameters()) == 35_746_307
     assert cfg["same_padding"] and cfg["norm_eps"] == 1e-6 and diffusion.num_timesteps == 1000
     g = torch.Generator().manual_seed(1)
@@ -102,7 +87,7 @@ def test_ancestral_sampler_equals_ddpm_pipeline(tmp_path):
     pipe = diffusers.DDPMPipeline.from_pretrained(folder, low_cpu_mem_usage=False)
     theirs = pipe(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=20,
                   output_type="np").images
-    model, diffusion, _, _ = ddpm.load_sampler(folder, torch.device("cpu"))
+    model, diffusion, _, _ = sampling.load_sampler(folder, torch.device("cpu"))
     ours = diffusion.sample(model, 2, generator=torch.Generator().manual_seed(3))
     ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     # the same function in float32, in another order ((x − sqrt(1 − ᾱ) ε) / sqrt(ᾱ) there, sqrt(1/ᾱ) x − … here):
@@ -112,9 +97,9 @@ def test_ancestral_sampler_equals_ddpm_pipeline(tmp_path):
 
 
 def test_export_loads_in_ddpm_pipeline_with_equal_eps_and_back_bit_for_bit(tmp_path, capsys):
-    cfg = dict(ddpm.TRAIN_DEFAULTS, ch=128, ch_mult=(1, 1), num_res_blocks=1, attn_res=(8,), image_size=8,
+    cfg = dict(runs.DEFAULTS, ch=128, ch_mult=(1, 1), num_res_blocks=1, attn_res=(8,), image_size=8,
                channels=3, unconditional=False, timesteps=50, variance="fixedlarge")
-    model = randomize(ddpm.unet_from_config(cfg, 3))
+    model = randomize(runs.unet_from_config(cfg, 3))
     ckpt = dict(config=cfg, classes=["a", "b", "c"], step=7, ema=dict(model=model.state_dict()))
     torch.save(ckpt, tmp_path / "ckpt.pt")
     for keep, out in [(False, "folded"), (True, "kept")]:
@@ -131,7 +116,7 @@ def test_export_loads_in_ddpm_pipeline_with_equal_eps_and_back_bit_for_bit(tmp_p
                 assert (pipe.unet(x, t, class_labels=y).sample - model(x, t, y)).abs().max() <= 1e-4
             else:  # the unconditional model that guidance uses
                 assert (pipe.unet(x, t).sample - model(x, t, None)).abs().max() <= 1e-4
-    back = ddpm.load_checkpoint(str(tmp_path / "kept"))  # the names ride in unet/config.json's "_ddpm_classes"
+    back = sampling.load_checkpoint(str(tmp_path / "kept"))  # the names ride in unet/config.json's "_ddpm_classes"
     assert back["classes"] == ["a", "b", "c"] and back["config"]["ch_mult"] == (1, 1)
     assert json.load(open(tmp_path / "kept" / "unet" / "config.json"))["_ddpm_classes"] == ["a", "b", "c"]
     code, err = run_main(["sample", "--ckpt", str(tmp_path / "kept"), "--class", "c", "--n", "1", "--steps", "1",
@@ -249,14 +234,14 @@ def test_a_folder_without_a_scheduler_samples_with_hos_schedule_and_says_so(tmp_
                          capsys)
     note = f"note: no {folder}/scheduler/scheduler_config.json: Ho et al.'s schedule assumed (linear β 1e-4 → 0.02"
     assert code == 0 and err.count(note) == 1 and err.count("note:") == 1
-    cfg = ddpm.load_checkpoint(folder)["config"]
+    cfg = sampling.load_checkpoint(folder)["config"]
     assert (cfg["timesteps"], cfg["schedule"], cfg["variance"]) == (1000, "linear", "fixedlarge")
 
 
 def test_a_16_by_32_model_exports_with_sample_size_h_w_and_ddpm_pipeline_samples_that(tmp_path, capsys):
-    cfg = dict(ddpm.TRAIN_DEFAULTS, ch=128, ch_mult=(1, 1), num_res_blocks=1, attn_res=(8,), image_size=(16, 32),
+    cfg = dict(runs.DEFAULTS, ch=128, ch_mult=(1, 1), num_res_blocks=1, attn_res=(8,), image_size=(16, 32),
                channels=3, unconditional=True, timesteps=50, variance="fixedlarge")
-    model = randomize(ddpm.unet_from_config(cfg, 0))
+    model = randomize(runs.unet_from_config(cfg, 0))
     torch.save(dict(config=cfg, classes=[], step=1, ema=dict(model=model.state_dict())), tmp_path / "ckpt.pt")
     code, err = run_main(["export", "--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "d"), "--format",
                           "diffusers"], capsys)
@@ -268,5 +253,5 @@ def test_a_16_by_32_model_exports_with_sample_size_h_w_and_ddpm_pipeline_samples
         assert (pipe.unet(x, t).sample - model(x, t)).abs().max() <= 1e-4   # attention at 8: the 8×16 level
     images = pipe(batch_size=1, num_inference_steps=2, output_type="np").images
     assert images.shape == (1, 16, 32, 3)
-    back = ddpm.load_checkpoint(str(tmp_path / "d"))["config"]
+    back = sampling.load_checkpoint(str(tmp_path / "d"))["config"]
     assert back["image_size"] == (16, 32) and tuple(back["attn_res"]) == (8,)

@@ -4,16 +4,25 @@ ddpm.py builds it for new runs, is the function google/ddpm-cifar10-32 computes.
 DDPMPipeline's unet/ and scheduler/, or a bare UNet2DModel) or a hub id through diffusers' own from_pretrained (legacy
 key names renamed), never building a class a folder names; save_diffusers writes a DDPMPipeline folder. What ddpm.py
 does not compute exactly, and every damaged file, is a ConvertError naming it. It imports nothing from ddpm.py: its
-U-Net's keys (time_mlp, class_emb, conv_in, down, mid, up, out) and config keys are spelled out here.
+U-Net's keys (time_mlp, class_emb, conv_in, down, mid, up, out) and config keys are spelled out here. From the tool it
+takes the run files' error type, weights-only loading, the hub-id test and run_config, which completes its config.
 """
-import inspect, json, os, re, sys
+import inspect
+import json
+import os
+import sys
 
 import torch
 
-DOWN, ATTN_DOWN, UP, ATTN_UP = "DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D"
+from .runs import UserError, is_hub_id, load_weights, run_config
+
+DOWN = "DownBlock2D"
+ATTN_DOWN = "AttnDownBlock2D"
+UP = "UpBlock2D"
+ATTN_UP = "AttnUpBlock2D"
 
 
-class ConvertError(ValueError):
+class ConvertError(UserError):
     """A model that cannot be converted exactly, or a damaged one: the message names the file and the setting."""
 
 
@@ -180,20 +189,14 @@ def save_diffusers(ckpt, out, keep_classes=False):
 def refuse_pickles(folder):
     """Every .bin in folder loaded with weights_only=True first: a pickled object is refused before diffusers runs."""
     for name in sorted(os.listdir(folder)):
-        if not name.endswith(".bin"):
-            continue
-        try:
-            torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
-        except Exception as e:
-            found = re.search(r"GLOBAL ([\w.]+)", str(e))
-            what = f"a pickled Python object ({found[1]})" if found else f"no readable weights ({type(e).__name__})"
-            raise ConvertError(f"{os.path.join(folder, name)}: refused, it holds {what}") from None
+        if name.endswith(".bin"):
+            load_weights(os.path.join(folder, name), unreadable="refused, it holds no readable weights")
 
 
 def locate(path):
     """A folder or a hub id → (the UNet2DModel's folder, the scheduler's config file or None)."""
     if not os.path.isdir(path):
-        if not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        if not is_hub_id(path):
             raise ConvertError(f"{path}: no such file or folder, nor a hub id owner/name")
         from huggingface_hub import snapshot_download
         try:
@@ -316,7 +319,7 @@ def load_diffusers(path):
                            f"({type(e).__name__}: {what})") from None
     if our_config(dict(unet.config), config_file) != cfg:
         raise ConvertError(f"{folder}: its config reads differently once loaded")
-    cfg.update(timesteps=T, schedule=schedule, variance=variance, data=None, eta=0.0, flip=None, steps=0)
+    cfg.update(timesteps=T, schedule=schedule, variance=variance, data=None)  # the data it learnt: unknown
     classes = [] if cfg["unconditional"] else [str(k) for k in range(unet.config["num_class_embeds"] - 1)]
     if not os.path.isfile(scheduler_file):  # said once the model has loaded
         print(f"note: no {scheduler_file}: Ho et al.'s schedule assumed (linear β 1e-4 → 0.02, T = 1000, σ²_t = β_t)",
@@ -325,4 +328,4 @@ def load_diffusers(path):
     if isinstance(names, list) and len(names) == len(classes) and all(isinstance(n, str) for n in names):
         classes = names
     state = from_diffusers_state(unet.state_dict(), cfg)
-    return dict(config=cfg, classes=classes, ema=dict(model=state), step=0, source=path)
+    return dict(config=run_config(cfg), classes=classes, ema=dict(model=state), step=0, source=path)
