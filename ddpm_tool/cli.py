@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import sys
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -23,7 +22,7 @@ from .runs import (DEFAULTS, NATIVE_SIZE, PRESETS, UserError, ensure_writable, e
                    save_atomic)
 from .sampling import (SAMPLERS, class_labels, describe, draw, edit_inputs, fid_reference, find_checkpoint, inception,
                        load_checkpoint, load_mask, load_run, reverse_process, forward_process, sample_out,
-                       write_samples)
+                       sampler_options, write_samples)
 from .trainer import Trainer
 
 TRACKERS = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}  # --report-to: the module each needs
@@ -62,8 +61,17 @@ def _size(text):  # "32" → 32; "16,32" → (16, 32): height, width
     return sides[0] if len(set(sides)) == 1 else sides
 
 
+# The kinds of number several flags take
+COUNT = _num(int, 1, 10 ** 9)  # steps, intervals
+EVERY = _num(int, 0, 10 ** 9)  # an interval, or 0: never
+SOME = _num(int, 1, 10 ** 5)  # results, steps, terms
+SUBSET = _num(int, 2, 10 ** 7)  # a random subset of images (2: a covariance)
+FRACTION = _num(float, 0, 1)
+SIDES = _numbers(int, 1, 4096)  # channel multipliers, resolutions
+
+
 def _steps(text):  # "all" → 0 (every step), else a whole number of steps
-    return 0 if text == "all" else _num(int, 1, 10 ** 5)(text)
+    return 0 if text == "all" else SOME(text)
 
 
 def _trackers(text):  # "tensorboard,wandb" → ("tensorboard", "wandb"); "none" → ()
@@ -74,14 +82,12 @@ def _trackers(text):  # "tensorboard,wandb" → ("tensorboard", "wandb"); "none"
 
 
 def _add_options(parser, rows, given_only=False):
-    """rows of (flag, kind, default, help), or of (flag, kind, help) for a key of a run's config, whose default is
-    runs.DEFAULTS': kind a type, a tuple of choices, "switch" or "on/off" (--x and --no-x); default ...: required.
-    given_only (train): None where not given, so that a resumed run keeps its own."""
-    for row in rows:
-        flag = row[0]
-        kind = row[1]
-        text = row[-1]
-        value = row[2] if len(row) == 4 else DEFAULTS[flag[2:].replace("-", "_")]
+    """rows of (flag, kind, default, help), or of (flag, kind, help) for a flag without a default of its own: a run
+    config's key takes its default (runs.DEFAULTS), any other flag None. kind: a type, a tuple of choices, "switch" or
+    "on/off" (--x and --no-x); default ...: required. given_only (train): None where not given, so that a resumed run
+    keeps its own."""
+    for flag, kind, *value, text in rows:
+        value = value[0] if value else DEFAULTS.get(flag[2:].replace("-", "_"))
         default = None if given_only else value
         if not flag.startswith("-"):  # a positional argument: its kind is its name in the usage line
             parser.add_argument(flag, metavar=kind, help=text)
@@ -108,50 +114,49 @@ RUN = [  # every command that runs the network
      "computes bf16 natively (AMX, AVX512-BF16); fp32 to train on a CPU and for nll (L_0 needs more than bf16)"), SEED,
     ("--batch-size", _num(int, 1, 65536), None, "images a training step (train: 128), or a batch (to sample: 1,024 on "
      "CUDA, else 16; nll's (image, t) pairs: 1,024 or 64)")]
-CKPT = ("--ckpt", str, None, "checkpoint, export or diffusers model (default: newest runs/*/ckpt.pt, else bundled)")
+CKPT = ("--ckpt", str, "checkpoint, export or diffusers model (default: newest runs/*/ckpt.pt, else bundled)")
 COMPILE = ("--compile", "on/off", "torch.compile (default: on CUDA to train, and where samples × steps ≥ 2e5)")
 SAMPLER = [CKPT, COMPILE,  # every command that samples
-           ("--class", str, None, "class name or index (default: every class in turn; to edit, an image's own where "
+           ("--class", str, "class name or index (default: every class in turn; to edit, an image's own where "
             "its folder is named as one of the model's, else none)"),
            ("--guidance", _num(float, 0, 100), 2.0, "guidance s: 1 = conditional, 0 = unconditional"),
            ("--steps", _steps, None, "the sampler's steps, or all T (alone: N samples with DDIM, all ancestrally)"),
-           ("--eta", _num(float, 0, 1), None, "DDIM noise: 0 deterministic, 1 DDPM-like (default: the model's)"),
-           ("--sampler", tuple(SAMPLERS), None, "ancestral (Algorithm 2), DDIM, or DPM-Solver++(2M) (default: "
+           ("--eta", FRACTION, None, "DDIM noise: 0 deterministic, 1 DDPM-like (default: the model's)"),
+           ("--sampler", tuple(SAMPLERS), "ancestral (Algorithm 2), DDIM, or DPM-Solver++(2M) (default: "
             "ancestral on a GPU; on a CPU dpm++, 10 steps, or ddim, 25, for a model of train --eta > 0)"),
-           ("--spacing", ("uniform", "quadratic", "logsnr"), None, "the steps' spacing: uniform or quadratic in t, "
+           ("--spacing", ("uniform", "quadratic", "logsnr"), "the steps' spacing: uniform or quadratic in t, "
             "uniform in log-SNR (default: dpm++ quadratic, ddim uniform)")]
-OUT = ("--out", str, None, "a PNG, or a folder/ for a PNG each (default: outputs/<class or command>.png)")
+OUT = ("--out", str, "a PNG, or a folder/ for a PNG each (default: outputs/<class or command>.png)")
 INPUT = ("input", "IMAGE|FOLDER", ..., "an image, or a folder of images (<folder>/<class>/*.png|jpg, or *.png|jpg)")
 DATA_ROOT = ("--data-root", str, "where cifar10, mnist and fashion-mnist are downloaded (decoded images and "
              "FID statistics are cached in $DDPM_CACHE, by default ~/.cache/ddpm: set it to move them)")
 WORKERS = ("--num-workers", _num(int, 1, 256), "decoding threads")
 INCEPTION = ("--inception", str, "Inception's weights, for offline use (default: $DDPM_INCEPTION, else fetched)")
-JSON = ("--json", "switch", None, "print the result as one JSON object")
+JSON = ("--json", "switch", "print the result as one JSON object")
 
 
-BIG = 10 ** 9
 TRAIN = RUN + [DATA_ROOT, WORKERS, INCEPTION, COMPILE] + [  # a run's config: their defaults in runs.DEFAULTS
     ("--data", str, "cifar10, mnist, fashion-mnist, or an image folder <folder>/<class>/*.png|jpg"),
     ("--image-size", _size, "side in pixels, or height,width (default: the data's own if the U-Net can, else "
      "32): images are resized to cover it and centre-cropped, never stretched"),
     ("--out", str, "run folder: ckpt.pt, log.txt, progress.png, samples_*.png (default: runs/<data name>)"),
-    ("--steps", _num(int, 1, BIG), "training steps"), ("--warmup", _num(int, 0, BIG), "warm-up steps"),
+    ("--steps", COUNT, "training steps"), ("--warmup", EVERY, "warm-up steps"),
     ("--lr", _num(float, 0, 1, True), "Adam's learning rate"),
     ("--grad-clip", _num(float, 0, 1e6, True), "the gradient's norm is clipped to this"),
     ("--ch", _num(int, 8, 4096), "base channels"), ("--num-res-blocks", _num(int, 1, 64), "blocks a level"),
-    ("--ch-mult", _numbers(int, 1, 4096), "channels per level, e.g. 1,2,2"),
-    ("--attn-res", _numbers(int, 1, 4096), "resolutions with self-attention, e.g. 16 or 16,8 ('' for none); "
+    ("--ch-mult", SIDES, "channels per level, e.g. 1,2,2"),
+    ("--attn-res", SIDES, "resolutions with self-attention, e.g. 16 or 16,8 ('' for none); "
      "a map counts by its shorter side, so H×W gets attention where a square image of side min(H, W) would"),
-    ("--dropout", _num(float, 0, 0.99), "dropout"), ("--ema-decay", _num(float, 0, 1), "EMA decay"),
+    ("--dropout", _num(float, 0, 0.99), "dropout"), ("--ema-decay", FRACTION, "EMA decay"),
     ("--timesteps", _num(int, 2, 100_000), "diffusion steps T"),
     ("--schedule", ("linear", "cosine"), "noise schedule"),
-    ("--p-uncond", _num(float, 0, 1), "probability of the null label in training (for guidance)"),
-    ("--eta", _num(float, 0, 1), "DDIM noise for this model's samples (previews, `sample`'s default); 1 cleans "
+    ("--p-uncond", FRACTION, "probability of the null label in training (for guidance)"),
+    ("--eta", FRACTION, "DDIM noise for this model's samples (previews, `sample`'s default); 1 cleans "
      "up an undertrained model's samples"),
-    ("--save-every", _num(int, 1, BIG), "save interval"), ("--log-every", _num(int, 1, BIG), "log interval"),
-    ("--keep-every", _num(int, 0, BIG), "also keep ckpt_<step>.pt every N steps (0: only the last)"),
-    ("--sample-every", _num(int, 0, BIG), "EMA sample grid interval (0: never)"),
-    ("--fid-every", _num(int, 0, BIG), "FID of the EMA model into log.txt every N steps (0: never)"),
+    ("--save-every", COUNT, "save interval"), ("--log-every", COUNT, "log interval"),
+    ("--keep-every", EVERY, "also keep ckpt_<step>.pt every N steps (0: only the last)"),
+    ("--sample-every", EVERY, "EMA sample grid interval (0: never)"),
+    ("--fid-every", EVERY, "FID of the EMA model into log.txt every N steps (0: never)"),
     ("--fid-n", _num(int, 2, 10 ** 6), "samples for that FID (DDIM as the previews)"),
     ("--fid-ref", str, "FID reference as `fid --ref` takes it (default: the training images)"),
     ("--micro-batch", _num(int, 1, 65536), "images through the network at a time, gradients accumulated "
@@ -169,7 +174,7 @@ TRAIN = RUN + [DATA_ROOT, WORKERS, INCEPTION, COMPILE] + [  # a run's config: th
 
 TRAIN_ONLY = [("--preset", tuple(PRESETS), "paper", "paper: Ho et al.'s setup (the defaults shown); small: "
                + ", ".join(f"{k} {v}" for k, v in PRESETS["small"].items()) + "; flags override"),
-              ("--resume", "switch", None, "continue the run in --out exactly where it stopped")]
+              ("--resume", "switch", "continue the run in --out exactly where it stopped")]
 
 
 def cmd_train(args):
@@ -181,8 +186,7 @@ def cmd_train(args):
     lock = hold(out) if first and os.path.isdir(out) else None  # before anything reads it
     try:
         cfg, ckpt = train_config(given, out, args.resume, args.preset or "paper")
-        device, rank, world, ctrl = init_processes(cfg["batch_size"], cfg["device"], cfg["micro_batch"])
-        trainer = Trainer(cfg, ckpt, device, rank, world, ctrl)
+        trainer = Trainer(cfg, ckpt, *init_processes(cfg["batch_size"], cfg["device"], cfg["micro_batch"]))
         if first and lock is None:  # a new run's folder, made only now: a run that cannot start leaves none
             lock = hold(out)
         return trainer.run()  # → 0, or 128 + the signal that stopped it
@@ -222,14 +226,18 @@ def train_config(given, out, resume, preset):
 
 
 def sampling_run(args, deterministic=False, resample=1):
-    """load_run of --ckpt with the sampler the flags ask for: what every command that samples starts with."""
-    sampler = dict(sampler=args.sampler, steps=args.steps, spacing=args.spacing, eta=args.eta, guidance=args.guidance,
-                   deterministic=deterministic, resample=resample)
-    return load_run(args.ckpt, args.device, args.precision, "sample", args.batch_size, args.compile, sampler)
+    """--ckpt loaded (load_run) with the sampler, batch size and compilation the flags ask for: how every command that
+    samples starts. deterministic: interpolate's; resample: inpaint's --resample."""
+    run = load_run(args.ckpt, args.device, args.precision)
+    options = sampler_options(run.device, run.cfg["eta"], run.diffusion.num_timesteps, args.sampler, args.steps,
+                              args.spacing, args.eta, args.guidance, deterministic, resample)
+    # CPU: batches of 16 keep tensors under glibc's 32 MB mmap threshold, so memory is reused, not faulted in anew
+    batch_size = args.batch_size or (1024 if run.device.type == "cuda" else 16)  # (64 ships, 2 cores: 45 → 34 s)
+    return run._replace(options=options, batch_size=batch_size, compile=args.compile)
 
 
 SAMPLE = RUN + SAMPLER + [OUT, ("--n", _num(int, 1, 10 ** 7), 64, "samples"),
-                          ("--process", "switch", None, "write the reverse process instead: NAME.gif (x_t beside its "
+                          ("--process", "switch", "write the reverse process instead: NAME.gif (x_t beside its "
                            "predicted x_0, 10 steps) and NAME.png (those steps, up to 8 samples) for --out NAME.png")]
 
 
@@ -259,9 +267,9 @@ def cmd_sample(args):
 
 
 INPAINT = [INPUT] + RUN + SAMPLER + [
-    OUT, ("--n", _num(int, 1, 10 ** 5), 8, "results: a random N of FOLDER's images, or IMAGE N times, each with noise "
+    OUT, ("--n", SOME, 8, "results: a random N of FOLDER's images, or IMAGE N times, each with noise "
           "of its own"),
-    ("--mask", str, None, "a PNG, white where the model paints, of the model's or the image's size (default: the "
+    ("--mask", str, "a PNG, white where the model paints, of the model's or the image's size (default: the "
      "centre square of half the side)"),
     ("--resample", _num(int, 1, 100), 1, "RePaint's resampling: each step redone R times (R × the cost; R > 1 samples "
      "with DDIM, 25 steps, η = 1 unless given)")]
@@ -277,8 +285,8 @@ def cmd_inpaint(args):
     known = load_mask(args.mask, run.cfg["image_size"], args.input).expand(args.n, *run.shape)
     shown = (1 - known) * 2 - 1  # white where the model paints
 
-    def strip(results):
-        rows = [[to_uint8(x) for x in row] for row in zip(x_known, shown, results)]
+    def strip(results):  # a row each: input, mask, result
+        rows = to_uint8(torch.stack([x_known, shown, results], 1))
         return pictures.editing_strip(rows, ["input", "mask", "inpainted"])
     batches = draw(run, args.n, y=labels, known=(x_known, known, args.resample))
     return write_samples(run, args.out, args.seed, "inpaint.png", batches, strip, "results of inpaint")
@@ -302,15 +310,14 @@ def cmd_interpolate(args):
     y = None if labels is None else labels.repeat_interleave(args.frames)
     names = [] if labels is None else [run.classes[c][:7] for c in labels.tolist()]
 
-    def strip(results):
-        rows = [[to_uint8(x) for x in row] for row in results.split(args.frames)]
-        return pictures.editing_strip(rows, [f"{lam:.2f}" for lam in lams], names)  # the font has no λ
+    def strip(results):  # the font has no λ
+        return pictures.editing_strip(to_uint8(results).split(args.frames), [f"{lam:.2f}" for lam in lams], names)
     return write_samples(run, args.out, args.seed, "interpolate.png", draw(run, len(noise), y=y, noise=noise), strip,
                          "results of interpolate")
 
 
 IMG2IMG = [INPUT] + RUN + SAMPLER + [
-    OUT, ("--n", _num(int, 1, 10 ** 5), 4, "results for each strength: a random N of FOLDER's images, or IMAGE N "
+    OUT, ("--n", SOME, 4, "results for each strength: a random N of FOLDER's images, or IMAGE N "
           "times, each with noise of its own"),
     ("--strength", _numbers(float, 0, 1), (0.5,), "0 returns the input, 1 is plain sampling; several, comma-separated, "
      "give a row each")]
@@ -324,34 +331,35 @@ def cmd_img2img(args):
     images, labels, index = edit_inputs(args.input, run, args.n, args.seed, getattr(args, "class"), args.command)
 
     def strip(results):
-        results = results.view(len(args.strength), args.n, *run.shape)
-        rows = [[image, *results[s][index == i]] for i, image in enumerate(images) for s in range(len(results))]
+        results = to_uint8(results).view(len(args.strength), args.n, *run.shape)
+        inputs = to_uint8(images)
+        rows = [[image, *results[s][index == i]] for i, image in enumerate(inputs) for s in range(len(results))]
         columns = ["input"] + [f"seed {k + 1}" for k in range(len(rows[0]) - 1)]
         names = [f"s={s:g}" for s in args.strength] * len(images)
-        return pictures.editing_strip([[to_uint8(x) for x in row] for row in rows], columns, names)
+        return pictures.editing_strip(rows, columns, names)
     batches = (b for s in args.strength for b in draw(run, args.n, y=labels, image=images[index], strength=s))
     return write_samples(run, args.out, args.seed, "img2img.png", batches, strip, "results of img2img")
 
 
 FID = RUN + SAMPLER + [INCEPTION, DATA_ROOT, WORKERS, JSON,
-        ("--ref", str, None, "cifar10 or mnist (their training sets), an image folder, or an .npz of mu and sigma "
+        ("--ref", str, "cifar10 or mnist (their training sets), an image folder, or an .npz of mu and sigma "
          "(pytorch-fid's format) (default: the checkpoint's training data)"),
-        ("--n", _num(int, 2, 10 ** 7), None, "samples (default: 50,000 on CUDA, as the papers; 1,000 on a CPU: small n "
+        ("--n", SUBSET, "samples (default: 50,000 on CUDA, as the papers; 1,000 on a CPU: small n "
          "biases FID upwards, compare only equal n)"),
-        ("--samples", str, None, "score this image folder instead of a checkpoint (all its images, or a random --n)"),
-        ("--image-size", _size, None, "with --samples: decode at this size (default: the folder's own)"),
-        ("--ref-n", _num(int, 2, 10 ** 7), None, "a fixed random subset of the reference images (default: all)")]
+        ("--samples", str, "score this image folder instead of a checkpoint (all its images, or a random --n)"),
+        ("--image-size", _size, "with --samples: decode at this size (default: the folder's own)"),
+        ("--ref-n", SUBSET, "a fixed random subset of the reference images (default: all)")]
 
 
 def cmd_fid(args):
     """FID of a checkpoint's samples, drawn as `sample` draws them, or of --samples DIR, against --ref"""
     device = get_device(args.device)
     net = inception(args.inception, device)
-    amp = nullcontext()
+    precision = "fp32"  # Inception itself always runs in fp32 (inception_stats)
     if args.samples:
-        pick = random_subset(args.n, torch.Generator().manual_seed(args.seed))
+        pick = random_subset(args.n, args.seed)
         images = load_images(args.samples, image_size=args.image_size, pick=pick, flag="--samples")[0]
-        batches = images.split(50)
+        batches = [images]  # Inception sees them 50 at a time (fid.inception_stats)
         shape = images.shape[1:]
         source = args.samples
         data = None
@@ -361,7 +369,7 @@ def cmd_fid(args):
         n = args.n or (50_000 if device.type == "cuda" else 1000)  # the papers' 50,000; a CPU: seconds a sample
         batches = map(to_uint8, draw(run, n, y=class_labels(run, n, False, getattr(args, "class"))[0]))
         shape = run.shape
-        amp = autocast(device, run.precision)  # Inception itself runs in fp32 (inception_stats)
+        precision = run.precision
         source = f"{run.path} ({describe(run)}, guidance {args.guidance}, seed {args.seed}, {run.precision})"
         data = run.cfg["data"]
         result = dict(ckpt=run.path, sampler=describe(run), guidance=args.guidance, seed=args.seed,
@@ -372,7 +380,7 @@ def cmd_fid(args):
     # The reference first: its statistics are cached, and a bad --ref is refused before any sampling
     stats = fid_reference(net, ref, args.data_root, tuple(shape[1:]), args.ref_n, args.num_workers, shape[0])
     torch.manual_seed(args.seed)
-    with amp:
+    with autocast(device, precision):
         mu, sigma, n = fid.inception_stats(net, batches)
     score = fid.frechet_distance(mu, sigma, *stats[:2])
     result = dict(fid=round(score, 4), n=n, **result, ref=ref, ref_n=stats[2])
@@ -386,9 +394,9 @@ NLL_CPU_T_SAMPLES = 100  # `nll --t-samples` on a CPU (GPU: all T terms); measur
 
 NLL = RUN + [CKPT, DATA_ROOT, WORKERS, JSON,
         ("--data", str, None, "cifar10, mnist, fashion-mnist or a folder, scored whole (default: the model's data)"),
-        ("--split", ("train", "test"), None, "the split of cifar10, mnist or fashion-mnist (default: test)"),
-        ("--n", _num(int, 2, 10 ** 7), None, "a fixed random subset of the images, as fid --n (default: all)"),
-        ("--t-samples", _num(int, 1, 10 ** 5), None, "estimate the sum of the KL terms from K of them an image: "
+        ("--split", ("train", "test"), "the split of cifar10, mnist or fashion-mnist (default: test)"),
+        ("--n", SUBSET, "a fixed random subset of the images, as fid --n (default: all)"),
+        ("--t-samples", SOME, "estimate the sum of the KL terms from K of them an image: "
          "t = 1 … K/2 exactly, K/2 of the rest drawn uniformly and scaled; unbiased, and the prior and decoder stay "
          f"exact (default: all T − 1 on a GPU, {NLL_CPU_T_SAMPLES} on a CPU)"),
         ("--variance", ("fixedlarge", "fixedsmall"), None, "σ²_t of p_θ: β_t (Ho et al.'s CIFAR-10) or the posterior's "
@@ -412,7 +420,7 @@ def cmd_nll(args):
     if folder and args.split:
         raise UserError(f"--split {args.split}: --data {data} is a folder, scored whole; --split is for "
                         f"{', '.join(NATIVE_SIZE)}")
-    pick = random_subset(args.n, torch.Generator().manual_seed(args.seed))
+    pick = random_subset(args.n, args.seed)
     images = load_images(data, args.data_root, run.cfg["image_size"], args.num_workers, pick,
                          train=args.split == "train")[0]
     if images.shape[1:] != run.shape:
@@ -443,7 +451,7 @@ EXPORT = [CKPT,
         ("--out", str, ..., "the file (fp16) or folder (diffusers) to write; it must not exist"),
         ("--format", ("fp16", "diffusers"), "fp16", "fp16: EMA weights, config and classes, a quarter of ckpt.pt; "
          "diffusers: a DDPMPipeline folder, a class-conditional model as the unconditional one guidance uses"),
-        ("--keep-classes", "switch", None, "with --format diffusers: keep the class embedding (num_class_embeds = "
+        ("--keep-classes", "switch", "with --format diffusers: keep the class embedding (num_class_embeds = "
          "classes + 1, the last the null label)")]
 
 
@@ -470,9 +478,9 @@ def cmd_export(args):
 
 FORWARD = [SEED, DATA_ROOT,
         ("--data", str, "cifar10", "cifar10, mnist, fashion-mnist or an image folder"),
-        ("--image-size", _num(int, 4, 4096), None, "side in pixels (default: the data's own; folders: 32)"),
+        ("--image-size", _num(int, 4, 4096), "side in pixels (default: the data's own; folders: 32)"),
         ("--n", _num(int, 1, 100), 3, "training images, two rows each: linear and cosine schedule"),
-        ("--out", str, None, "PNG file (default: outputs/forward_<data>.png)")]
+        ("--out", str, "PNG file (default: outputs/forward_<data>.png)")]
 
 
 def cmd_forward(args):
@@ -489,7 +497,7 @@ def cmd_forward(args):
     x0 = x0.float() / 127.5 - 1  # decoded: just the n chosen images, not the whole folder
     rows, ts = forward_process(x0, torch.randn(x0.shape, generator=g), list(schedules.values()))
     out = sample_out(args.out, f"forward_{os.path.basename(os.path.normpath(args.data))}.png")[0]
-    save_atomic(out, pictures.forward_strip([[to_uint8(x) for x in row] for row in rows], ts).save)
+    save_atomic(out, pictures.forward_strip(to_uint8(rows), ts).save)
     chart = os.path.splitext(out)[0] + "_schedule.png"  # and the numbers behind it, at the CPU sampler's steps
     save_atomic(chart, lambda f: fig.savefig(f, format="png"))
     print(f"wrote q(x_t | x_0) of {len(x0)} images of {args.data} at t = {ts} to {out}, its schedules to {chart}",

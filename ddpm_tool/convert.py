@@ -3,9 +3,9 @@ convert.py: ddpm.py's U-Net to and from diffusers' UNet2DModel, exactly or not a
 ddpm.py builds it for new runs, is the function google/ddpm-cifar10-32 computes. load_diffusers reads a folder (a
 DDPMPipeline's unet/ and scheduler/, or a bare UNet2DModel) or a hub id through diffusers' own from_pretrained (legacy
 key names renamed), never building a class a folder names; save_diffusers writes a DDPMPipeline folder. What ddpm.py
-does not compute exactly, and every damaged file, is a ConvertError naming it. It imports nothing from ddpm.py: its
-U-Net's keys (time_mlp, class_emb, conv_in, down, mid, up, out) and config keys are spelled out here. From the tool it
-takes the run files' error type, weights-only loading, the hub-id test and run_config, which completes its config.
+does not compute exactly, and every damaged file, is a ConvertError naming it. The key mapping reads the structure
+from ddpm.py's UNet itself; the names on both sides are spelled out here. From the run files it takes the error type,
+weights-only loading, the hub-id test and run_config, which completes a config read from diffusers.
 """
 import inspect
 import json
@@ -14,12 +14,17 @@ import sys
 
 import torch
 
-from .runs import UserError, is_hub_id, load_weights, run_config
+from ddpm import AttnBlock, ResBlock
+
+from .runs import UserError, hw, is_hub_id, load_weights, run_config, unet_from_config
 
 DOWN = "DownBlock2D"
 ATTN_DOWN = "AttnDownBlock2D"
 UP = "UpBlock2D"
 ATTN_UP = "AttnUpBlock2D"
+# UNet2DModel's settings that ddpm.py's U-Net computes only as these: written on export, required on import
+FIXED = dict(freq_shift=1, resnet_time_scale_shift="default", time_embedding_type="positional", class_embed_type=None,
+             act_fn="silu")
 
 
 class ConvertError(UserError):
@@ -38,63 +43,38 @@ def read_json(path):
     return value
 
 
-def groups(channels):
-    """The GroupNorm group count ddpm.py's U-Net uses for `channels` (its _norm)."""
-    from math import gcd
-    return gcd(32, max(channels // 4, 1))
-
-
-def shorter_side(size):  # attention goes by a feature map's shorter side, as in ddpm.py's U-Net
-    return size if isinstance(size, int) else min(size)
-
-
 def unet_plan(cfg):
-    """ddpm.py's U-Net, module by module → ([(our prefix, diffusers prefix, how)], the channel counts its GroupNorms
-    see). how: None (the same tensors), "1x1" (a 1×1 convolution diffusers holds as a linear layer) or "qkv" (our
-    fused q, k, v convolution; the diffusers prefix is then the list of to_q, to_k, to_v)."""
-    ch, mult = cfg["ch"], list(cfg["ch_mult"])
+    """ddpm.py's U-Net for cfg, read from the network itself (built on the meta device: layers, no weights), module by
+    module → ([(our prefix, diffusers prefix, how)], the set of its GroupNorms' group counts). how: None (the same
+    tensors), "1x1" (a 1×1 convolution diffusers holds as a linear layer) or "qkv" (our fused q, k, v convolution; the
+    diffusers prefix is then the list of to_q, to_k, to_v)."""
+    with torch.device("meta"):
+        net = unet_from_config(cfg, None)
     pairs = [("time_mlp.0", "time_embedding.linear_1", None), ("time_mlp.2", "time_embedding.linear_2", None),
              ("conv_in", "conv_in", None), ("out.0", "conv_norm_out", None), ("out.2", "conv_out", None)]
-    norms = [ch]
-    blocks = []  # (ours, diffusers block, index in it, attention?)
-    res = shorter_side(cfg["image_size"])
-    cur = ch
-    skips = [ch]
-    for level, m in enumerate(mult):
-        for j in range(cfg["num_res_blocks"]):
-            blocks.append((f"down.{len(blocks)}", f"down_blocks.{level}", j, res in cfg["attn_res"]))
-            norms += [cur, ch * m]
-            cur = ch * m
-            skips.append(cur)
-        if level < len(mult) - 1:
-            pairs.append((f"down.{len(blocks)}", f"down_blocks.{level}.downsamplers.0.conv", None))
-            blocks.append(None)  # the downsampling layer's place in our list
-            res //= 2
-            skips.append(cur)
-    blocks = [b for b in blocks if b] + [("mid.0", "mid_block", 0, True), ("mid.1", "mid_block", 1, False)]
-    norms += [cur] * 4
-    i = 0
-    for level in reversed(range(len(mult))):
-        block = f"up_blocks.{len(mult) - 1 - level}"
-        for j in range(cfg["num_res_blocks"] + 1):
-            blocks.append((f"up.{i}", block, j, res in cfg["attn_res"]))
-            norms += [cur + skips.pop(), ch * mult[level]]
-            cur = ch * mult[level]
-            i += 1
-        if level > 0:
-            pairs.append((f"up.{i}.1", f"{block}.upsamplers.0.conv", None))
-            res *= 2
-            i += 1
-    for ours, theirs, j, attn in blocks:
+    blocks = [("mid.0", "mid_block", 0, net.mid[0]), ("mid.1", "mid_block", 1, net.mid[1])]  # (ours, theirs, j, block)
+    for side, layers in (("down", net.down), ("up", net.up)):  # diffusers' blocks: a level each, from the image
+        level = 0
+        j = 0
+        for i, layer in enumerate(layers):
+            if isinstance(layer, ResBlock):
+                blocks.append((f"{side}.{i}", f"{side}_blocks.{level}", j, layer))
+                j += 1
+            else:  # the level's last layer: the stride-2 convolution, or nearest and a convolution
+                conv = f"down.{i}" if side == "down" else f"up.{i}.1"
+                pairs.append((conv, f"{side}_blocks.{level}.{side}samplers.0.conv", None))
+                level += 1
+                j = 0
+    for ours, theirs, j, block in blocks:
         resnet = f"{theirs}.resnets.{j}"
         for a, b in [("norm1", "norm1"), ("conv1", "conv1"), ("emb_proj", "time_emb_proj"), ("norm2", "norm2"),
                      ("conv2", "conv2"), ("skip", "conv_shortcut")]:
             pairs.append((f"{ours}.{a}", f"{resnet}.{b}", None))
-        if attn:
+        if isinstance(block.attn, AttnBlock):
             at = f"{theirs}.attentions.{j}"
             pairs += [(f"{ours}.attn.norm", f"{at}.group_norm", None), (f"{ours}.attn.proj", f"{at}.to_out.0", "1x1"),
                       (f"{ours}.attn.qkv", [f"{at}.to_q", f"{at}.to_k", f"{at}.to_v"], "qkv")]
-    return pairs, norms
+    return pairs, {m.num_groups for m in net.modules() if isinstance(m, torch.nn.GroupNorm)}
 
 
 def to_diffusers_state(ours, cfg, fold_null=True):
@@ -102,15 +82,15 @@ def to_diffusers_state(ours, cfg, fold_null=True):
     time_embedding.linear_2.bias, giving the unconditional model guidance uses (DDPMPipeline passes no labels)."""
     state = {}
     for mine, theirs, how in unet_plan(cfg)[0]:
+        names = theirs if how == "qkv" else [theirs]
         for leaf in ("weight", "bias"):
             value = ours.get(f"{mine}.{leaf}")
             if value is None:
                 continue
-            if how == "qkv":
-                for name, part in zip(theirs, value.chunk(3)):
-                    state[f"{name}.{leaf}"] = part.flatten(1) if leaf == "weight" else part
-            else:
-                state[f"{theirs}.{leaf}"] = value.flatten(1) if how == "1x1" and leaf == "weight" else value
+            if how and leaf == "weight":  # a 1×1 convolution's weight is a linear layer's
+                value = value.flatten(1)
+            for name, part in zip(names, value.chunk(len(names))):  # qkv: to_q, to_k, to_v
+                state[f"{name}.{leaf}"] = part
     if "class_emb.weight" in ours and fold_null:
         bias = state["time_embedding.linear_2.bias"]
         state["time_embedding.linear_2.bias"] = bias + ours["class_emb.weight"][-1].to(bias.dtype)
@@ -123,13 +103,11 @@ def from_diffusers_state(theirs, cfg):
     """UNet2DModel's state dict → ours: the inverse of to_diffusers_state without folding."""
     state = {}
     for mine, name, how in unet_plan(cfg)[0]:
+        names = name if how == "qkv" else [name]
         for leaf in ("weight", "bias"):
-            if how == "qkv":
-                value = torch.cat([theirs[f"{n}.{leaf}"] for n in name])
-            else:
-                value = theirs.get(f"{name}.{leaf}")
-            if value is None:
+            if f"{names[0]}.{leaf}" not in theirs:
                 continue
+            value = torch.cat([theirs[f"{n}.{leaf}"] for n in names])
             state[f"{mine}.{leaf}"] = value[:, :, None, None] if how and leaf == "weight" else value
     if "class_embedding.weight" in theirs:
         state["class_emb.weight"] = theirs["class_embedding.weight"]
@@ -138,29 +116,29 @@ def from_diffusers_state(theirs, cfg):
 
 def diffusers_config(cfg, num_classes=None, keep_classes=False):
     """Our config → UNet2DModel's, or ConvertError where diffusers cannot express our network exactly."""
-    _, norms = unet_plan(cfg)
-    if len({groups(c) for c in norms}) > 1:
-        raise ConvertError(f"its GroupNorms have {sorted({groups(c) for c in norms})} groups (ddpm.py uses gcd(32, "
+    groups = unet_plan(cfg)[1]
+    if len(groups) > 1:
+        raise ConvertError(f"its GroupNorms have {sorted(groups)} groups (ddpm.py uses gcd(32, "
                            "C/4)); diffusers has one norm_num_groups for the whole network: only networks whose "
                            "channel counts are all multiples of 128 convert exactly")
     size, mult = cfg["image_size"], cfg["ch_mult"]
-    attn = [shorter_side(size) // 2 ** level in cfg["attn_res"] for level in range(len(mult))]
+    attn = [min(hw(size)) // 2 ** level in cfg["attn_res"] for level in range(len(mult))]
     classes = num_classes + 1 if num_classes and keep_classes else None
     return dict(sample_size=size if isinstance(size, int) else list(size), in_channels=cfg["channels"],
                 out_channels=cfg["channels"],
                 block_out_channels=[cfg["ch"] * m for m in mult], layers_per_block=cfg["num_res_blocks"],
                 down_block_types=[ATTN_DOWN if a else DOWN for a in attn],
                 up_block_types=[ATTN_UP if a else UP for a in reversed(attn)],
-                downsample_padding=0 if cfg["same_padding"] else 1, norm_num_groups=groups(norms[0]),
-                norm_eps=cfg["norm_eps"], attention_head_dim=None, flip_sin_to_cos=False, freq_shift=1,
-                dropout=cfg["dropout"], act_fn="silu", time_embedding_type="positional", num_class_embeds=classes,
+                downsample_padding=0 if cfg["same_padding"] else 1, norm_num_groups=min(groups),
+                norm_eps=cfg["norm_eps"], attention_head_dim=None, flip_sin_to_cos=False, **FIXED,
+                dropout=cfg["dropout"], num_class_embeds=classes,
                 mid_block_scale_factor=1, add_attention=True, center_input_sample=False)
 
 
 def diffusers_scheduler(cfg):
     """Our schedule and variance → DDPMScheduler's config (Ho et al.'s ancestral sampler, x̂_0 clipped)."""
     T = cfg["timesteps"]
-    variance = {"fixedlarge": "fixed_large", "fixedsmall": "fixed_small"}[cfg.get("variance", "fixedlarge")]
+    variance = {"fixedlarge": "fixed_large", "fixedsmall": "fixed_small"}[cfg["variance"]]
     schedule = dict(beta_schedule="squaredcos_cap_v2")
     if cfg["schedule"] == "linear":  # ddpm.py's linear schedule: 1e-4 → 0.02, scaled by 1000/T
         schedule = dict(beta_schedule="linear", beta_start=1000 / T * 1e-4, beta_end=1000 / T * 0.02)
@@ -255,14 +233,17 @@ def our_config(c, where):
     if len(sides) != 2:
         raise ConvertError(f"{where}: sample_size {sides}: one side, or height and width")
     size = sides[0] if sides[0] == sides[1] else tuple(sides)
-    S = shorter_side(size)
+    S = min(hw(size))
     attn = [t == ATTN_DOWN for t in c["down_block_types"]]
     cfg = dict(channels=c["in_channels"], ch=ch, ch_mult=tuple(b // ch for b in bc), image_size=size,
                num_res_blocks=c["layers_per_block"], attn_res=tuple(S // 2 ** i for i, a in enumerate(attn) if a),
                dropout=c.get("dropout", 0.0), same_padding=c["downsample_padding"] == 0, norm_eps=c["norm_eps"],
                unconditional=c.get("num_class_embeds") is None)
     heads = [b // (c["attention_head_dim"] or b) for b in bc]
-    _, norms = unet_plan(cfg)
+    try:
+        groups = unet_plan(cfg)[1]
+    except ValueError as e:  # a size the U-Net cannot halve enough
+        raise ConvertError(f"{where}: {e}") from None
     refuse = [
         (any(b % ch for b in bc), f"block_out_channels {bc} (each a multiple of the first)"),
         (set(c["down_block_types"]) - {DOWN, ATTN_DOWN}, f"down_block_types {c['down_block_types']}"),
@@ -270,18 +251,16 @@ def our_config(c, where):
          f"up_block_types {c['up_block_types']} (the mirror of the down blocks)"),
         (c["out_channels"] != c["in_channels"], "out_channels ≠ in_channels"),
         (any(h != 1 for h in heads), f"attention_head_dim {c['attention_head_dim']}: more than one attention head"),
-        (c["flip_sin_to_cos"], "flip_sin_to_cos true"), (c["freq_shift"] != 1, f"freq_shift {c['freq_shift']}"),
-        (c["resnet_time_scale_shift"] != "default", f"resnet_time_scale_shift {c['resnet_time_scale_shift']}"),
-        (c["time_embedding_type"] != "positional", f"time_embedding_type {c['time_embedding_type']}"),
-        (c.get("class_embed_type") is not None, f"class_embed_type {c.get('class_embed_type')}"),
-        (c["act_fn"] != "silu", f"act_fn {c['act_fn']}"), (c["center_input_sample"], "center_input_sample"),
+        (c["flip_sin_to_cos"], "flip_sin_to_cos true"),
+        *[(c.get(key) != value, f"{key} {c.get(key)}") for key, value in FIXED.items()],
+        (c["center_input_sample"], "center_input_sample"),
         (c["mid_block_scale_factor"] != 1, f"mid_block_scale_factor {c['mid_block_scale_factor']}"),
         (not c.get("add_attention", True), "add_attention false"),
         (c.get("attn_norm_num_groups") not in (None, c["norm_num_groups"]), "attn_norm_num_groups"),
         (c["downsample_padding"] not in (0, 1), f"downsample_padding {c['downsample_padding']}"),
         (c.get("downsample_type", "conv") != "conv" or c.get("upsample_type", "conv") != "conv", "resnet resampling"),
-        ({groups(n) for n in norms} != {c["norm_num_groups"]},
-         f"norm_num_groups {c['norm_num_groups']}: ddpm.py's U-Net builds {sorted({groups(n) for n in norms})} groups"),
+        (groups != {c["norm_num_groups"]},
+         f"norm_num_groups {c['norm_num_groups']}: ddpm.py's U-Net builds {sorted(groups)} groups"),
     ]
     for bad, what in refuse:
         if bad:

@@ -34,10 +34,12 @@ def resize_crop(image, size, nearest=False):
     return TF.center_crop(TF.resize(image, cover, mode, antialias=True), [H, W])
 
 
-def random_subset(n, generator, flag="--n"):
-    """A `pick` for load_images: a random n of the N images, drawn with generator (n None: all; n > N: UserError)."""
+def random_subset(n, seed, flag="--n"):
+    """A `pick` for load_images: a random n of the N images, drawn with a generator seeded with seed, or with seed
+    itself if it is a torch.Generator (n None: all; n > N: UserError)."""
     if n is None:
         return None
+    generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
 
     def pick(total):
         if n > total:

@@ -93,7 +93,7 @@ def hold(folder):
         why = getattr(e, "strerror", None) or "no file locks on this platform"
         print(f"note: {why}: keep a second run out of {folder}", file=sys.stderr)
         f = None
-    if f is not None:
+    else:  # the holder's process id, for a second run's message
         f.truncate(0)
         f.write(f"{os.getpid()}\n")
         f.flush()
@@ -131,7 +131,7 @@ DEFAULTS = dict(  # Ho et al.'s CIFAR-10 run
     report_to=(), flip=None, unconditional=False,
     same_padding=True, norm_eps=1e-6, variance="fixedlarge")  # no flags: Ho et al.'s exact network, σ²_t = β_t
 # What older runs lack, as they ran: among them the network's padding and GroupNorm ε before Ho et al.'s exact ones
-LEGACY = dict(channels=3, flip=None, eta=0.0, same_padding=False, norm_eps=1e-5, variance="fixedlarge")
+LEGACY = dict(channels=3, same_padding=False, norm_eps=1e-5)  # (no flip, eta, variance: as the defaults)
 PRESETS = {"paper": {}, "small": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(), dropout=0.0, lr=1e-3,
                                       batch_size=32, warmup=200, steps=1150, ema_decay=0.999, eta=1.0, log_every=50)}
 # The network for larger images without --ch-mult: at 256 px Ho et al.'s LSUN and CelebA-HQ one (114M parameters;
@@ -152,18 +152,24 @@ def hw(size):  # an image size, S or (H, W) → (H, W)
 
 
 def run_config(saved=None, preset="paper", given=None, init=None):
-    """A run's config, complete. saved (a checkpoint's): the keys older releases lack as they ran, flags added since
-    off, and the flags given where RESUMABLE. Else a new run's: the flags given, over the preset, over Ho et al.'s
-    defaults; init (--init's config): its network and schedule, and its image size unless given; else a network
-    sized for the images. given: {key: value} of the flags given."""
+    """A run's config, complete: saved (a checkpoint's), with the keys older releases lack as they ran and the flags
+    added since off, or else a new run's (new_config); flip None (not given, or a run older than the setting): on,
+    but off for MNIST, as a mirrored 7 is no 7; then the flags given, {key: value}: a resumed run may change only
+    what is RESUMABLE, or it would silently differ (a new run holds them already)."""
     given = given or {}
-    if saved is not None:
-        cfg = with_flips({**DEFAULTS, **LEGACY, **saved})
-        for key, value in given.items():
-            if key not in RESUMABLE and value != cfg[key]:
-                raise UserError(f"--{key.replace('_', '-')} {value}: the run in {given.get('out')} used {cfg[key]}; "
-                                f"drop the flag to resume it, or train into another --out")
-        return {**cfg, **given}
+    cfg = new_config(preset, given, init) if saved is None else {**DEFAULTS, **LEGACY, **saved}
+    if cfg["flip"] is None:
+        cfg["flip"] = cfg["data"] != "mnist"
+    for key, value in given.items():
+        if key not in RESUMABLE and value != cfg[key]:
+            raise UserError(f"--{key.replace('_', '-')} {value}: the run in {given.get('out')} used {cfg[key]}; "
+                            f"drop the flag to resume it, or train into another --out")
+    return {**cfg, **given}
+
+
+def new_config(preset, given, init):
+    """A new run's config: the flags given, over the preset, over Ho et al.'s defaults; init (--init's config): its
+    network and schedule, and its image size unless given; else a network sized for the images."""
     cfg = {**DEFAULTS, **PRESETS[preset], **given}
     if init is not None:  # fine-tuning: the network and schedule are --init's, and its image size unless given
         for key in INIT_KEYS:
@@ -182,13 +188,6 @@ def run_config(saved=None, preset="paper", given=None, init=None):
         raise UserError(f"--image-size {','.join(map(str, dict.fromkeys(sides)))}: a U-Net of {len(cfg['ch_mult'])} "
                         f"levels halves it {len(cfg['ch_mult']) - 1} times, so each side must be a multiple of "
                         f"{factor}; the nearest: {' by '.join(near)}")
-    return with_flips(cfg)
-
-
-def with_flips(cfg):
-    """flip None (not given; or a run older than the setting): on, but off for MNIST: a mirrored 7 is no 7."""
-    if cfg["flip"] is None:
-        cfg["flip"] = cfg["data"] != "mnist"
     return cfg
 
 
@@ -204,7 +203,7 @@ def read_checkpoint(path, mmap=False):
 
 
 def unet_from_config(cfg, num_classes):
-    return UNet(cfg["channels"], cfg["ch"], tuple(cfg["ch_mult"]), cfg["num_res_blocks"], tuple(cfg["attn_res"]),
+    return UNet(cfg["channels"], cfg["ch"], cfg["ch_mult"], cfg["num_res_blocks"], cfg["attn_res"],
                 cfg["dropout"], cfg["image_size"], None if cfg["unconditional"] else num_classes,
                 cfg["same_padding"], cfg["norm_eps"])
 

@@ -9,15 +9,14 @@ import itertools
 import math
 import os
 import sys
+from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
 import ddpm
-from ddpm import Diffusion
 
 from . import convert, fid
 from .data import decode_images, load_images, random_subset, resize_crop, to_uint8, class_rows
@@ -34,19 +33,9 @@ def load_checkpoint(path, mmap=False):
     return read_checkpoint(path, mmap)
 
 
-def load_sampler(path, device):
-    """Checkpoint → (EMA U-Net in eval mode on device, Diffusion, class names, config)."""
-    ckpt = load_checkpoint(path)
-    cfg = ckpt["config"]
-    model = unet_from_config(cfg, len(ckpt["classes"]))
-    model.load_state_dict(ckpt["ema"]["model"])
-    model.to(device, memory_format=torch.contiguous_format if device.type == "mps" else torch.channels_last).eval()
-    return model, Diffusion(cfg["timesteps"], cfg["schedule"], cfg["variance"], device=device), ckpt["classes"], cfg
-
-
 def find_checkpoint(ckpt):
     """--ckpt, else the newest runs/*/ckpt.pt, else the model bundled beside ddpm.py (with a note), or UserError."""
-    path = ckpt or max(glob.glob(os.path.join("runs", "*", "ckpt.pt")), key=os.path.getmtime, default=None)
+    path = ckpt or max(glob.glob("runs/*/ckpt.pt"), key=os.path.getmtime, default=None)
     if path is None:  # a fresh clone: the small CIFAR-10 model that ships in samples/
         path = os.path.join(os.path.dirname(os.path.abspath(ddpm.__file__)), "samples", "cifar10_small.pt")
         if not os.path.isfile(path):
@@ -58,8 +47,7 @@ def find_checkpoint(ckpt):
 SAMPLERS = {"ancestral": (None, "uniform"), "ddim": (25, "uniform"), "dpm++": (10, "quadratic")}  # steps, spacing
 
 
-def sampler_options(device, model_eta, T, sampler=None, steps=None, spacing=None, eta=None, guidance=2.0,
-                    deterministic=False, resample=1):
+def sampler_options(device, model_eta, T, sampler, steps, spacing, eta, guidance, deterministic=False, resample=1):
     """The sampler's flags (--sampler, --steps: 0 for all, --spacing, --eta, --guidance; None where not given) →
     Diffusion.sample's keywords (which refuses what it can't), with the defaults for the device and the model (its
     train --eta, model_eta; its T steps). deterministic: interpolate's; resample: RePaint's R."""
@@ -90,37 +78,26 @@ def sampler_options(device, model_eta, T, sampler=None, steps=None, spacing=None
     return dict(guidance=guidance, steps=steps, eta=eta or 0.0, sampler=sampler, spacing=spacing or own_spacing)
 
 
-class Run(NamedTuple):
-    """A checkpoint loaded to sample or to score: the device, its path, the EMA U-Net (model), its Diffusion, class
-    names and config, the shape (C, H, W) of its images, the precision; to sample, Diffusion.sample's keywords
-    (options), the batch size and whether to compile (None: for long runs on CUDA)."""
-    device: torch.device
-    path: str
-    model: torch.nn.Module
-    diffusion: Diffusion
-    classes: list
-    cfg: dict
-    shape: tuple
-    precision: str
-    options: dict = None
-    batch_size: int = None
-    compile: bool = None
+# A checkpoint loaded to sample or to score (load_run): the device, its path, the EMA U-Net (model), its Diffusion,
+# class names and config, the shape (C, H, W) of its images, the precision; to sample, Diffusion.sample's keywords
+# (options), the batch size and whether to compile (None: for long runs on CUDA), which the command line adds.
+Run = namedtuple("Run", "device path model diffusion classes cfg shape precision options batch_size compile",
+                 defaults=(None, None, None))
 
 
-def load_run(ckpt=None, device=None, precision="auto", task="sample", batch_size=None, compile=None, sampler=None):
-    """--ckpt (find_checkpoint) on --device (get_device) at --precision for `task` ("sample", "nll") → a Run; to
-    sample, sampler: sampler_options' keywords (the sampler's flags), and batch_size (None: 1,024 on CUDA, else 16)."""
+def load_run(ckpt=None, device=None, precision="auto", task="sample"):
+    """A checkpoint (--ckpt, found by find_checkpoint) loaded on a device (None: the best found) → a Run: its EMA U-Net
+    in eval mode and its Diffusion, with `precision` resolved for `task` ("sample", "nll")."""
     device = get_device(device)
     path = find_checkpoint(ckpt)
-    model, diffusion, classes, cfg = load_sampler(path, device)
+    ckpt = load_checkpoint(path)
+    cfg = ckpt["config"]
+    model = unet_from_config(cfg, len(ckpt["classes"]))
+    model.load_state_dict(ckpt["ema"]["model"])
+    model.to(device, memory_format=torch.contiguous_format if device.type == "mps" else torch.channels_last).eval()
+    diffusion = ddpm.Diffusion(cfg["timesteps"], cfg["schedule"], cfg["variance"], device=device)
     shape = (cfg["channels"], *hw(cfg["image_size"]))
-    run = Run(device, path, model, diffusion, classes, cfg, shape, resolve_precision(precision, device, task))
-    if sampler is None:
-        return run
-    options = sampler_options(device, cfg["eta"], diffusion.num_timesteps, **sampler)
-    # CPU: batches of 16 keep tensors under glibc's 32 MB mmap threshold, so memory is reused, not faulted in anew
-    batch_size = batch_size or (1024 if device.type == "cuda" else 16)  # (64 ships, 2 cores: 45 → 34 s)
-    return run._replace(options=options, batch_size=batch_size, compile=compile)
+    return Run(device, path, model, diffusion, ckpt["classes"], cfg, shape, resolve_precision(precision, device, task))
 
 
 def class_labels(run, n, rows, name=None):
@@ -129,9 +106,9 @@ def class_labels(run, n, rows, name=None):
     None for an unconditional model."""
     classes = run.classes
     nrow = math.ceil(math.sqrt(n))
-    if name is not None and run.cfg["unconditional"]:
-        raise UserError(f"--class: {run.path} is an unconditional model")
     if run.cfg["unconditional"]:
+        if name is not None:
+            raise UserError(f"--class: {run.path} is an unconditional model")
         return None, nrow, "all"
     if name is None:
         labels, per = class_rows(len(classes), n)
@@ -170,6 +147,7 @@ def sample_batches(model, diffusion, n, batch_size, pad=False, progress=False, *
         print(f"note: {spoilt} of {n} samples hold NaN or inf (black in a PNG): the model's weights are not finite, or "
               "bf16 overflowed (try --precision fp32)", file=sys.stderr)
 
+
 def draw(run, n, **per_image):
     """sample_batches of run's model with run's sampler: n samples, compiled for long runs (or as --compile says)."""
     compiled = run.compile
@@ -197,6 +175,7 @@ def sample_out(out, default):
     per_file = out.endswith(("/", os.sep)) or os.path.isdir(out)
     ensure_writable(out if per_file else os.path.dirname(out) or ".", "--out")
     return out, per_file
+
 
 def write_samples(run, out, seed, default, batches, picture, what):
     """How every sampling command ends: the samples of `batches`, drawn from `seed`, into --out (sample_out): a PNG each
@@ -233,11 +212,12 @@ def reverse_process(model, diffusion, n, frames=10, **kwargs):
 
 
 def forward_process(x0, noise, diffusions, columns=10):
-    """x_t ~ q(x_t | x_0) (Eq. 4) of images x0 (N, C, H, W) at `columns` evenly spaced t from 0 to T − 1 → (rows:
-    for each image one row for each of the Diffusions, one ε = noise[i] along them; the t of the columns)."""
+    """x_t ~ q(x_t | x_0) (Eq. 4) of images x0 (N, C, H, W) at `columns` evenly spaced t from 0 to T − 1 → (rows
+    (N · len(diffusions), columns, C, H, W): for each image a row for each of the Diffusions, one ε = noise[i] along
+    them; the t of the columns)."""
     ts = torch.tensor(diffusions[0].sampling_steps(columns))  # the t a `columns`-step DDIM sampler visits
-    rows = [list(d.q_sample(x.expand(columns, *x.shape), ts, eps.expand(columns, *eps.shape)))
-            for x, eps in zip(x0, noise) for d in diffusions]
+    rows = torch.stack([d.q_sample(x.expand(columns, *x.shape), ts, eps.expand(columns, *eps.shape))
+                        for x, eps in zip(x0, noise) for d in diffusions])
     return rows, ts.tolist()
 
 def edit_inputs(path, run, n, seed, name=None, command="inpaint"):
@@ -250,7 +230,7 @@ def edit_inputs(path, run, n, seed, name=None, command="inpaint"):
     if os.path.isfile(path):
         images = decode_images([path], cfg["image_size"], 1)
     elif os.path.isdir(path):
-        pick = random_subset(n, torch.Generator().manual_seed(seed))
+        pick = random_subset(n, seed)
         images, folder_labels, names = load_images(path, image_size=cfg["image_size"], pick=pick, flag=command)
         if set(names) <= set(run.classes) and not cfg["unconditional"]:
             labels = torch.tensor([run.classes.index(names[c]) for c in folder_labels.tolist()])
@@ -289,11 +269,11 @@ def load_mask(path, size, image=None):
         raise UserError(f"--mask {path}: {mask.size[0]}×{mask.size[1]} pixels; it must be {wanted} (width × height)")
     return (TF.pil_to_tensor(resize_crop(mask, size, nearest=True))[None] < 128).float()
 
-def fid_reference(net, ref, root="./data", image_size=32, n=None, workers=4, channels=None):
+def fid_reference(net, ref, root, image_size, n=None, workers=4, channels=None):
     """fid.reference_stats of --ref: an .npz with mu and sigma, or cifar10, mnist, an image folder decoded as training
     decodes it at image_size (all its images or a fixed random n), their statistics cached in cache_dir("fid")."""
     def decode(ref):
-        pick = random_subset(n, torch.Generator().manual_seed(0), "--ref-n")
+        pick = random_subset(n, 0, "--ref-n")
         return load_images(ref, root, image_size, workers, pick, flag="--ref")[0]
     return fid.reference_stats(net, ref, decode, cache_dir("fid"), channels)
 

@@ -11,7 +11,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from tqdm import tqdm
 
 from ddpm import EMA, Diffusion, ResBlock, train_step
@@ -26,7 +25,7 @@ from .sampling import fid_reference, inception, load_checkpoint, sample_batches
 class Trainer:
     """One run: __init__ builds its state (data, U-Net, EMA, Adam, the two random streams), new or resumed; train_step
     is Algorithm 1 once; periodic the bookkeeping after it; on_signal and agreed_signal stop it; run is the loop."""
-    def __init__(self, cfg, ckpt=None, device=torch.device("cpu"), rank=0, world=1, ctrl=None):
+    def __init__(self, cfg, ckpt, device, rank=0, world=1, ctrl=None):
         self.device = device
         self.rank = rank
         self.world = world
@@ -38,7 +37,6 @@ class Trainer:
         self.cfg = cfg
         self.fmt = torch.contiguous_format if device.type == "mps" else torch.channels_last  # NHWC: see build_model
         self.model = self.build_model(ckpt)
-        self.params = sum(p.numel() for p in self.model.parameters())
         self.ema = EMA(self.model, cfg["ema_decay"])
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg["lr"], fused=device.type == "cuda")
         self.diffusion = Diffusion(cfg["timesteps"], cfg["schedule"], device=device)
@@ -126,7 +124,8 @@ class Trainer:
             # a hook, as the outputs of the last micro-batch are kept (uncompiled: no 2 s import of the compiler)
             forward.register_forward_pre_hook(lambda module, args: torch.compiler.cudagraph_mark_step_begin())
         if self.ddp:
-            forward = nn.parallel.DistributedDataParallel(forward, device_ids=[self.device.index] if cuda else None)
+            devices = [self.device.index] if cuda else None
+            forward = torch.nn.parallel.DistributedDataParallel(forward, device_ids=devices)
             forward.num_classes = model.num_classes
         return forward
 
@@ -324,11 +323,12 @@ class Trainer:
 
     def announce(self):  # what is trained, on what, where
         cfg = self.cfg
-        if self.params > 20e6 and self.device.type == "cpu":
-            self.say(f"note: this {self.params / 1e6:.1f}M-parameter U-Net is sized for a GPU (2 CPU cores train it at "
+        params = sum(p.numel() for p in self.model.parameters())
+        if params > 20e6 and self.device.type == "cpu":
+            self.say(f"note: this {params / 1e6:.1f}M-parameter U-Net is sized for a GPU (2 CPU cores train it at "
                      "~3.3 images/s); --preset small learns digits (--data mnist) on a CPU in 3-10 minutes")
         processes = f"{self.world} processes" if self.world > 1 else "1 process"
-        self.say(f"training {self.params / 1e6:.2f}M-parameter U-Net on {len(self.images)} images "
+        self.say(f"training {params / 1e6:.2f}M-parameter U-Net on {len(self.images)} images "
                  f"({len(self.classes)} classes) on {self.device} in {processes}, step "
                  f"{self.step} → {cfg['steps']}, run folder {self.out}")
 

@@ -70,9 +70,10 @@ def test_google_cifar10_folder_loads_through_ckpt_with_diffusers_eps(tmp_path):
     unet.save_pretrained(folder)  # a bare UNet2DModel folder, as google/ddpm-cifar10-32's files are laid out
     diffusers.DDPMScheduler(**SCHEDULER).save_pretrained(folder)
     folder = str(folder)
-    model, diffusion, classes, cfg = sampling.load_sampler(folder, torch.device("cpu"))
-    assert classes == [] and cfg["unconditional"] and sum(p.numel() for p in model.parameters()) == 35_746_307
-    assert cfg["same_padding"] and cfg["norm_eps"] == 1e-6 and diffusion.num_timesteps == 1000
+    run = sampling.load_run(folder, "cpu")
+    model = run.model
+    assert run.classes == [] and run.cfg["unconditional"] and sum(p.numel() for p in model.parameters()) == 35_746_307
+    assert run.cfg["same_padding"] and run.cfg["norm_eps"] == 1e-6 and run.diffusion.num_timesteps == 1000
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 32, 32, generator=g)
     t = torch.tensor([3, 917])
@@ -87,8 +88,8 @@ def test_ancestral_sampler_equals_ddpm_pipeline(tmp_path):
     pipe = diffusers.DDPMPipeline.from_pretrained(folder, low_cpu_mem_usage=False)
     theirs = pipe(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=20,
                   output_type="np").images
-    model, diffusion, _, _ = sampling.load_sampler(folder, torch.device("cpu"))
-    ours = diffusion.sample(model, 2, generator=torch.Generator().manual_seed(3))
+    run = sampling.load_run(folder, "cpu")
+    ours = run.diffusion.sample(run.model, 2, generator=torch.Generator().manual_seed(3))
     ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     # the same function in float32, in another order ((x − sqrt(1 − ᾱ) ε) / sqrt(ᾱ) there, sqrt(1/ᾱ) x − … here):
     # rounding, carried through 20 steps of a random network, stays below a tenth of a uint8 level

@@ -38,10 +38,10 @@ def test_nll_command_reports_the_bound_and_its_terms(ckpts, folder, capsys):
     result = json.loads(out.out)
     assert code == 0 and result["n"] == 6 and result["exact"] and result["terms"] == "all terms"
     assert result["bpd"] == pytest.approx(result["prior"] + result["decoder"] + result["kl"], abs=2e-4)
-    model, _, _, cfg = sampling.load_sampler(ckpts["cond"], torch.device("cpu"))
-    d = ddpm.Diffusion(cfg["timesteps"], cfg["schedule"], "fixedlarge")
+    run = sampling.load_run(ckpts["cond"], "cpu")
+    d = ddpm.Diffusion(run.cfg["timesteps"], run.cfg["schedule"], "fixedlarge")
     images = data.load_images(folder, image_size=None, pick=None)[0]
-    prior, decoder, kl = nll.bits_per_dim(model, d, images, progress=False)
+    prior, decoder, kl = nll.bits_per_dim(run.model, d, images, progress=False)
     assert result["bpd"] == pytest.approx((prior + decoder + kl).mean().item(), abs=1e-4)
     assert result["se"] == pytest.approx((prior + decoder + kl).std().item() / 6 ** 0.5, abs=1e-4)
     code = cli.main(["nll", "--ckpt", ckpts["cond"], "--data", folder, "--n", "3", "--t-samples", "5"])

@@ -39,9 +39,9 @@ def test_checkpoint_round_trip_with_weights_only(ckpts):
     raw = torch.load(ckpts["cond"], weights_only=True)
     assert raw["step"] == 2 and raw["classes"] == ["cat", "ship"] and raw["config"]["ch_mult"] == (1, 2)
     assert not any(k.startswith("_orig_mod") for k in raw["model"])
-    model, diffusion, classes, cfg = sampling.load_sampler(ckpts["cond"], torch.device("cpu"))
-    assert diffusion.num_timesteps == 50 and not model.training
-    for k, v in model.state_dict().items():
+    run = sampling.load_run(ckpts["cond"], "cpu")
+    assert run.diffusion.num_timesteps == 50 and not run.model.training
+    for k, v in run.model.state_dict().items():
         assert torch.equal(v, raw["ema"]["model"][k])
 
 

@@ -18,10 +18,10 @@ def test_the_bundled_model_loads_weights_only_and_samples_its_classes(tmp_path, 
     ckpt = torch.load(path, map_location="cpu", weights_only=True)  # plain tensors and values only
     assert ckpt["classes"] == list(CIFAR10_CLASSES) and ckpt["step"] > 0
     assert {v.dtype for v in ckpt["ema"]["model"].values()} == {torch.float16}
-    model, diffusion, classes, cfg = sampling.load_sampler(path, torch.device("cpu"))
-    assert sum(p.numel() for p in model.parameters()) == 8_954_883 and not cfg["unconditional"]
-    x = diffusion.sample(model, 2, torch.tensor([8, 8]), guidance=2.0, steps=3,
-                         generator=torch.Generator().manual_seed(0))
+    run = sampling.load_run(path, "cpu")
+    assert sum(p.numel() for p in run.model.parameters()) == 8_954_883 and not run.cfg["unconditional"]
+    x = run.diffusion.sample(run.model, 2, torch.tensor([8, 8]), guidance=2.0, steps=3,
+                             generator=torch.Generator().manual_seed(0))
     assert x.shape == (2, 3, 32, 32) and x.isfinite().all() and x.abs().max() <= 1 and x.std() > 0.2
     monkeypatch.chdir(tmp_path)  # no runs/ here: `sample` falls back to the bundled model and says so
     code, err = run_main(["sample", "--class", "ship", "--n", "2", "--steps", "2", "--out", "ship.png"], capsys)
@@ -83,7 +83,7 @@ def test_forward_process_rows_follow_eq_4_with_one_eps_a_row():
             assert torch.corrcoef(torch.stack([row[-1].flatten(), x.flatten()]))[0, 1].abs() < 0.1   # noise at T − 1
             if schedule in betas:  # Eq. 4 from an independent ᾱ: the same ε in every column of the row
                 a = torch.cumprod(1 - betas[schedule], 0)[ts].float().view(-1, 1, 1, 1)
-                assert torch.allclose(torch.stack(row), a.sqrt() * x + (1 - a).sqrt() * eps, atol=1e-5)
+                assert torch.allclose(torch.stack(list(row)), a.sqrt() * x + (1 - a).sqrt() * eps, atol=1e-5)
 
 
 def test_a_run_folder_that_vanishes_and_a_full_disk_while_sampling_are_one_line(ckpts, folder, tmp_path, monkeypatch,
