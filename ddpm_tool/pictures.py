@@ -4,17 +4,17 @@ strip, the forward process as a strip, and two charts drawn with matplotlib's ob
 state, no display: safe inside a training loop and under tests): the progress of a training log and a noise
 schedule. Images come in as uint8 tensors (C, H, W), C = 1 (grey) or 3; pictures go out as PIL images or matplotlib
 Figures (fig.savefig(file, format="png")). It imports nothing from ddpm.py or the tool, so it copies alone into
-another project; matplotlib only where a chart is drawn, so the grids need no more than torchvision and Pillow.
+another project; matplotlib and torchvision only where a chart or a grid is drawn.
 """
 import re
 
 import torch
 from PIL import Image, ImageDraw, ImageOps
-from torchvision.utils import make_grid
 
 
 def tiles(images, nrow, padding=1):
     """uint8 images (B, C, H, W) → one uint8 image (C, H', W') of them in rows of nrow; grey stays one channel."""
+    from torchvision.utils import make_grid  # here, not above: importing torchvision takes 2 s, most commands need none
     return make_grid(images, nrow=nrow, padding=padding)[:images.shape[1]]  # make_grid makes grey RGB
 
 

@@ -12,9 +12,9 @@ from PIL import Image
 CHILD = """
 import json, sys, time
 sys.path.insert(0, {here!r})
-import ddpm
+from ddpm_tool import cli, trainer
 marks = []
-periodic = ddpm.Trainer.periodic
+periodic = trainer.Trainer.periodic
 
 
 def timed(self, lr):  # called after each step
@@ -22,8 +22,8 @@ def timed(self, lr):  # called after each step
     return periodic(self, lr)
 
 
-ddpm.Trainer.periodic = timed
-assert ddpm.main({argv!r}) == 0
+trainer.Trainer.periodic = timed
+assert cli.main({argv!r}) == 0
 print(json.dumps([b - a for a, b in zip(marks[1:], marks[2:])]))
 """
 p = argparse.ArgumentParser()

@@ -9,6 +9,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ddpm  # noqa: E402
+from ddpm_tool import data, sampling  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--ckpt", default="samples/cifar10_small.pt")
@@ -16,11 +17,12 @@ p.add_argument("--data", required=True)
 p.add_argument("--n", type=int, default=4)
 p.add_argument("--batch-size", type=int, default=64)
 args = p.parse_args()
-model, _, _, cfg = ddpm.load_sampler(args.ckpt, torch.device("cpu"))
-d = ddpm.Diffusion(cfg["timesteps"], cfg["schedule"], "fixedlarge")
+run = sampling.load_run(args.ckpt, "cpu")
+model = run.model
+d = ddpm.Diffusion(run.cfg["timesteps"], run.cfg["schedule"], "fixedlarge")
 T = d.num_timesteps
-pick = ddpm.random_subset(args.n, torch.Generator().manual_seed(0))
-images = ddpm.load_images(args.data, image_size=None, pick=pick)[0]
+pick = data.random_subset(args.n, 0)
+images = data.load_images(args.data, image_size=None, pick=pick)[0]
 g = torch.Generator().manual_seed(0)
 terms = torch.zeros(args.n, T, dtype=torch.float64)
 start = time.time()

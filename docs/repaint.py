@@ -12,7 +12,7 @@ import argparse, os, sys, time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import ddpm  # noqa: E402
+from ddpm_tool import data, sampling  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--ckpt", default="samples/cifar10_small.pt")
@@ -23,13 +23,16 @@ p.add_argument("--r", type=int, nargs="+", default=[1, 5])
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--check", action="store_true", help="first check that r = 1 is the inpaint command, bit for bit")
 args = p.parse_args()
-model, d, classes, cfg = ddpm.load_sampler(args.ckpt, torch.device("cpu"))
-S = cfg["image_size"]
-pick = ddpm.random_subset(args.n, torch.Generator().manual_seed(args.seed))
-images, labels, names = ddpm.load_images(args.data, image_size=S, pick=pick)
+run = sampling.load_run(args.ckpt, "cpu")
+model = run.model
+d = run.diffusion
+classes = run.classes
+S = run.cfg["image_size"]
+pick = data.random_subset(args.n, args.seed)
+images, labels, names = data.load_images(args.data, image_size=S, pick=pick)
 x_true = images.float() / 127.5 - 1
 y = torch.tensor([classes.index(names[c]) for c in labels.tolist()])
-known = ddpm.load_mask(None, S).expand(args.n, 1, S, S)
+known = sampling.load_mask(None, S).expand(args.n, 1, S, S)
 hole = (known == 0).expand_as(x_true)
 ring = torch.zeros_like(known)
 ring[..., S // 4:S // 4 + S // 2, S // 4:S // 4 + S // 2] = 1

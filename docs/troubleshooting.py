@@ -6,11 +6,12 @@ removes it. Needs the MNIST folder torchvision reads (shared/data) and the bundl
 import argparse, os, subprocess, sys, tempfile
 
 import numpy as np
+import torch
 from PIL import Image
 
 here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, here)
-import ddpm  # noqa: E402
+from ddpm_tool import data  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--mnist", required=True, help="the folder torchvision's MNIST reads (MNIST/raw/...)")
@@ -53,7 +54,7 @@ def train(name, *flags):
     return os.path.join(out, "ckpt.pt")
 
 
-images, labels, _ = ddpm.load_images("mnist", args.mnist, 28)
+images, labels, _ = data.load_images("mnist", args.mnist, 28)
 print("Noisy, grey: the MNIST preset (the quick start) after 40, 300 and its 1,150 steps; then η = 0 on the last")
 steps = {n: train(f"steps{n}", "--steps", str(n)) for n in (40, 300, 1150)}
 for n, ckpt in steps.items():
@@ -73,9 +74,9 @@ print("A NaN loss: a learning rate far too high")
 train("nan", "--lr", "1", "--warmup", "0", "--steps", "300", "--log-every", "10")
 
 print("Black samples: one NaN among the MNIST model's weights")
-ckpt = ddpm.torch.load(steps[1150], weights_only=True)
+ckpt = torch.load(steps[1150], weights_only=True)
 ckpt["ema"]["model"]["conv_in.weight"][0] = float("nan")
-ddpm.torch.save(ckpt, os.path.join(work, "nan.pt"))
+torch.save(ckpt, os.path.join(work, "nan.pt"))
 black = os.path.join(work, "black.png")
 said = subprocess.run([sys.executable, os.path.join(here, "ddpm.py"), "sample", "--ckpt", os.path.join(work, "nan.pt"),
                        "--n", "2", "--out", black], capture_output=True, text=True).stderr

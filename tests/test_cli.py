@@ -221,7 +221,8 @@ def test_optional_packages_are_imported_where_used_and_without_one_a_command_nam
 
 
 def test_a_16_by_32_run_trains_resumes_bitwise_and_every_command_follows_its_size(banners, tmp_path, capsys,
-                                                                                fake_inception):
+                                                                                fake_inception, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # img2img and interpolate write into outputs/ here, not the repository's
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     assert cli.main(["train", "--data", banners, "--out", straight, "--steps", "4", *WIDE]) == 0
     assert cli.main(["train", "--data", banners, "--out", resumed, "--steps", "2", *WIDE]) == 0
