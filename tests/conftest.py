@@ -2,6 +2,7 @@
 trained checkpoints, non-square ones, and a stand-in for Inception; the exact-ε oracle and random weights come from
 test_ddpm.py, the method's tests. Every test runs on the CPU and downloads nothing."""
 import os
+import shutil
 
 import pytest
 import torch
@@ -54,6 +55,15 @@ def folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def one_step(folder, tmp_path_factory):
+    """train's first step on folder (a conditional TINY network, no dropout or warm-up, half the labels dropped): the
+    one-process reference the multi-process and micro-batch tests compare with → its run folder."""
+    out = tmp_path_factory.mktemp("one_step") / "run"
+    assert cli.main([*ONE_STEP, "--data", folder, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def ckpts(folder, tmp_path_factory):
     """A conditional and an unconditional checkpoint, two training steps each."""
     base = tmp_path_factory.mktemp("runs")
@@ -88,17 +98,28 @@ def fake_inception(monkeypatch):
     monkeypatch.setattr(tfi, "FeatureExtractorInceptionV3", lambda *a, **k: FakeInception().eval())
 
 
+GREY = {}  # the run grey_run trains once a session, then copies
+
+
 def grey_run(tmp_path):
-    """A checkpoint of one step on three grey 16×16 images (tmp_path/grey) → its path."""
+    """A checkpoint of one step on three grey 16×16 images (tmp_path/grey, in tmp_path/run) → its path. Trained once a
+    session (in the first caller's tmp_path) and copied into every later caller's."""
+    if "made" in GREY:
+        shutil.copytree(GREY["made"] / "grey", tmp_path / "grey")
+        shutil.copytree(GREY["made"] / "run", tmp_path / "run", ignore=shutil.ignore_patterns(".lock"))
+        return str(tmp_path / "run" / "ckpt.pt")
+    g = torch.Generator().manual_seed(0)
     for i in range(3):
         (tmp_path / "grey" / "c").mkdir(parents=True, exist_ok=True)
-        grey = (torch.rand(16, 16) * 255).to(torch.uint8).numpy()
+        grey = (torch.rand(16, 16, generator=g) * 255).to(torch.uint8).numpy()
         Image.fromarray(grey, "L").save(tmp_path / "grey" / "c" / f"{i}.png")
     assert cli.main(["train", "--data", str(tmp_path / "grey"), "--out", str(tmp_path / "run"), "--steps", "1",
                       *TINY]) == 0
+    GREY["made"] = tmp_path
     return str(tmp_path / "run" / "ckpt.pt")
 
 
+ONE_STEP = ["train", "--steps", "1", "--dropout", "0", "--warmup", "0", "--p-uncond", "0.5", *TINY]
 WIDE = [*TINY, "--image-size", "16,32"]  # TINY's network on 16 × 32 images
 
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 import ddpm
 from ddpm_tool import cli, data, runs, trainer
-from conftest import HERE, TINY, WIDE, run_main
+from conftest import HERE, ONE_STEP, TINY, WIDE, run_main
 
 
 def test_the_paper_model_on_a_cpu_says_it_is_sized_for_a_gpu(folder, tmp_path, monkeypatch, capsys):
@@ -17,7 +17,7 @@ def test_the_paper_model_on_a_cpu_says_it_is_sized_for_a_gpu(folder, tmp_path, m
     t.announce()  # what run() says first (not its step: saving the 35.7M-parameter run writes 0.6 GB)
     err = capsys.readouterr().err
     assert err.count("note:") == 1 and "U-Net is sized for a GPU" in err and "--preset small" in err
-    assert "training 35.75M-parameter U-Net" in err
+    assert "training 34.43M-parameter U-Net on 6 images (2 classes)" in err  # at 8 px: no attention at 16 px
 
 
 # ---------------------------------------------------------------------------------------------- training loop
@@ -235,14 +235,13 @@ def run_ddp(argv, world=2):
     return [p.exitcode for p in procs]
 
 
-def test_two_processes_take_the_same_step_as_one(folder, tmp_path, capsys):
-    args = ["train", "--data", folder, "--steps", "1", "--dropout", "0", "--warmup", "0", "--p-uncond", "0.5", *TINY]
-    assert cli.main(args + ["--out", str(tmp_path / "one")]) == 0
+def test_two_processes_take_the_same_step_as_one(folder, one_step, tmp_path, capsys):
+    args = [*ONE_STEP, "--data", folder]
     report = ["--report-to", "tensorboard"] if importlib.util.find_spec("tensorboard") else []
     # and with activation checkpointing under DDP: the same step (it changes memory, not results)
     assert run_ddp(args + ["--out", str(tmp_path / "two"), *report, "--grad-checkpoint"]) == [0, 0]
     assert len(glob.glob(str(tmp_path / "two" / "tensorboard" / "*"))) == len(report) // 2  # rank 0's events only
-    a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("one", "two"))
+    a, b = (torch.load(r / "ckpt.pt", weights_only=True) for r in (one_step, tmp_path / "two"))
     for key, value in a["model"].items():
         assert torch.allclose(b["model"][key], value, rtol=1e-5, atol=1e-8), key
     for i, state in a["optimizer"]["state"].items():   # Adam's first moment is 0.1 × the (averaged) gradient
@@ -251,13 +250,14 @@ def test_two_processes_take_the_same_step_as_one(folder, tmp_path, capsys):
     capsys.readouterr()
 
 
-def test_micro_batches_accumulate_the_gradient_of_the_whole_batch_in_one_process_and_in_two(folder, tmp_path, capsys):
-    args = ["train", "--data", folder, "--steps", "1", "--dropout", "0", "--warmup", "0", "--p-uncond", "0.5", *TINY]
-    assert cli.main(args + ["--out", str(tmp_path / "whole")]) == 0                          # batch 4 at once
+def test_micro_batches_accumulate_the_gradient_of_the_whole_batch_in_one_process_and_in_two(folder, one_step, tmp_path,
+                                                                                          capsys):
+    args = [*ONE_STEP, "--data", folder]                                                     # one_step: batch 4 at once
     assert cli.main(args + ["--micro-batch", "1", "--out", str(tmp_path / "micro")]) == 0    # 4 parts of 1
     assert run_ddp(args + ["--micro-batch", "1", "--out", str(tmp_path / "two")]) == [0, 0]   # 2 processes × 2 parts
-    runs = [torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("whole", "micro", "two")]
-    logs = [re.search(r"loss (\S+)", (tmp_path / r / "log.txt").read_text())[1] for r in ("whole", "micro", "two")]
+    folders = (one_step, tmp_path / "micro", tmp_path / "two")
+    runs = [torch.load(r / "ckpt.pt", weights_only=True) for r in folders]
+    logs = [re.search(r"loss (\S+)", (r / "log.txt").read_text())[1] for r in folders]
     for other in runs[1:]:
         for i, state in runs[0]["optimizer"]["state"].items():  # Adam's first moment: 0.1 × the gradient
             grad, got = state["exp_avg"], other["optimizer"]["state"][i]["exp_avg"]
