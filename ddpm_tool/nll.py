@@ -1,9 +1,10 @@
 """
 nll.py: the negative log-likelihood bound of images in bits/dim, as Ho et al. report it (Table 2): the variational bound
-L = L_T + Σ_{t>1} L_{t−1} + L_0 (Eq. 5), summed over its T terms, each of which a Diffusion computes (ddpm.py's method
-half: prior_bpd, vb_terms_bpd), with x_t drawn once for each term as Ho et al.'s calc_bpd_loop draws it; or, where T
+L = L_T + Σ_{t>1} L_{t−1} + L_0 (Eq. 5), summed over its T terms, each of which a Diffusion computes (ddpm.py:
+prior_bpd, vb_terms_bpd), with x_t drawn once for each term as Ho et al.'s calc_bpd_loop draws it; or, where T
 network calls an image cost too much (a CPU), an unbiased stratified estimate of the sum from K terms. It imports
-nothing from ddpm.py: any object with q_sample, vb_terms_bpd, prior_bpd and num_timesteps serves.
+nothing from ddpm.py or the rest of the tool: any object with q_sample, vb_terms_bpd, prior_bpd and num_timesteps
+serves.
 
     prior, decoder, kl = bits_per_dim(model, diffusion, images)           # uint8 images (N, C, H, W)
     print((prior + decoder + kl).mean())                                   # bits/dim, ≤ 3.75 for Ho et al.'s model

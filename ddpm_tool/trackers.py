@@ -1,7 +1,7 @@
 """
 trackers.py: a training run's numbers and pictures, also in TensorBoard and in Weights & Biases, as `ddpm.py train
 --report-to tensorboard,wandb` asks: each optional (pip install tensorboard, or wandb) and imported only when asked
-for. It imports nothing from ddpm.py.
+for. It imports nothing from ddpm.py or the rest of the tool.
 
     trackers = Trackers(dict(report_to=("tensorboard",), out="runs/mine"), step=0)
     trackers.log(100, loss=0.031, samples=pil_image)     # numbers as scalars, PIL images as images
