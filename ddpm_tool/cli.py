@@ -21,7 +21,7 @@ from .devices import autocast, get_device, init_processes
 from .runs import (DEFAULTS, NATIVE_SIZE, PRESETS, UserError, ensure_writable, export_model, hold, missing, run_config,
                    save_atomic)
 from .sampling import (SAMPLERS, class_labels, describe, draw, edit_inputs, fid_reference, find_checkpoint, inception,
-                       load_checkpoint, load_mask, load_run, reverse_process, forward_process, sample_out,
+                       is_folder, load_checkpoint, load_mask, load_run, reverse_process, forward_process, sample_out,
                        sampler_options, write_samples)
 from .trainer import Trainer
 
@@ -47,11 +47,26 @@ def _num(kind, lo, hi, lo_open=False):
     return parse
 
 
-def _numbers(kind, lo, hi):
-    """argparse type: comma-separated numbers, each in [lo, hi]: "1,2,2" → (1, 2, 2); "" → ()."""
+def _numbers(kind, lo, hi, least=1):
+    """argparse type: comma-separated numbers, each in [lo, hi], at least `least`: "1,2,2" → (1, 2, 2); "" → ()."""
     def parse(text):
-        return tuple(_num(kind, lo, hi)(v) for v in text.split(",") if v.strip())
+        values = tuple(_num(kind, lo, hi)(v) for v in text.split(",") if v.strip())
+        if len(values) < least:
+            raise argparse.ArgumentTypeError(f"{text!r}: no number; give one, or several comma-separated")
+        return values
     return parse
+
+
+def _out(text):  # where a command writes pictures: NAME.png, or a folder/ for a PNG each, that can be written
+    folder = is_folder(text)
+    if not folder and not text.lower().endswith(".png"):
+        raise argparse.ArgumentTypeError(f"{text!r}: write a PNG (NAME.png), or a folder/ with a PNG each")
+    place = os.path.abspath(text if folder else os.path.dirname(text) or ".")
+    while not os.path.exists(place):  # the folder it goes into, or the nearest one there is on the way
+        place = os.path.dirname(place)
+    if not os.path.isdir(place) or not os.access(place, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text!r}: cannot write into {place}")
+    return text
 
 
 def _size(text):  # "32" → 32; "16,32" → (16, 32): height, width
@@ -67,7 +82,7 @@ EVERY = _num(int, 0, 10 ** 9)  # an interval, or 0: never
 SOME = _num(int, 1, 10 ** 5)  # results, steps, terms
 SUBSET = _num(int, 2, 10 ** 7)  # a random subset of images (2: a covariance)
 FRACTION = _num(float, 0, 1)
-SIDES = _numbers(int, 1, 4096)  # channel multipliers, resolutions
+SIDES = _numbers(int, 1, 4096)  # channel multipliers
 
 
 def _steps(text):  # "all" → 0 (every step), else a whole number of steps
@@ -126,7 +141,7 @@ SAMPLER = [CKPT, COMPILE,  # every command that samples
             "ancestral on a GPU; on a CPU dpm++, 10 steps, or ddim, 25, for a model of train --eta > 0)"),
            ("--spacing", ("uniform", "quadratic", "logsnr"), "the steps' spacing: uniform or quadratic in t, "
             "uniform in log-SNR (default: dpm++ quadratic, ddim uniform)")]
-OUT = ("--out", str, "a PNG, or a folder/ for a PNG each (default: outputs/<class or command>.png)")
+OUT = ("--out", _out, "a PNG, or a folder/ for a PNG each (default: outputs/<class or command>.png)")
 INPUT = ("input", "IMAGE|FOLDER", ..., "an image, or a folder of images (<folder>/<class>/*.png|jpg, or *.png|jpg)")
 DATA_ROOT = ("--data-root", str, "where cifar10, mnist and fashion-mnist are downloaded (decoded images and "
              "FID statistics are cached in $DDPM_CACHE, by default ~/.cache/ddpm: set it to move them)")
@@ -145,7 +160,7 @@ TRAIN = RUN + [DATA_ROOT, WORKERS, INCEPTION, COMPILE] + [  # a run's config: th
     ("--grad-clip", _num(float, 0, 1e6, True), "the gradient's norm is clipped to this"),
     ("--ch", _num(int, 8, 4096), "base channels"), ("--num-res-blocks", _num(int, 1, 64), "blocks a level"),
     ("--ch-mult", SIDES, "channels per level, e.g. 1,2,2"),
-    ("--attn-res", SIDES, "resolutions with self-attention, e.g. 16 or 16,8 ('' for none); "
+    ("--attn-res", _numbers(int, 1, 4096, 0), "resolutions with self-attention, e.g. 16 or 16,8 ('' for none); "
      "a map counts by its shorter side, so H×W gets attention where a square image of side min(H, W) would"),
     ("--dropout", _num(float, 0, 0.99), "dropout"), ("--ema-decay", FRACTION, "EMA decay"),
     ("--timesteps", _num(int, 2, 100_000), "diffusion steps T"),
@@ -174,7 +189,9 @@ TRAIN = RUN + [DATA_ROOT, WORKERS, INCEPTION, COMPILE] + [  # a run's config: th
 
 TRAIN_ONLY = [("--preset", tuple(PRESETS), "paper", "paper: Ho et al.'s setup (the defaults shown); small: "
                + ", ".join(f"{k} {v}" for k, v in PRESETS["small"].items()) + "; flags override"),
-              ("--resume", "switch", "continue the run in --out exactly where it stopped")]
+              ("--resume", "switch", "continue the run in --out exactly where it stopped; of its flags only --steps, "
+               "the intervals, --eta, --device, --precision, --compile, --data, --data-root, --out, --num-workers, "
+               "--micro-batch, --grad-checkpoint, --report-to and the FID flags may change")]
 
 
 def cmd_train(args):
@@ -247,8 +264,12 @@ def cmd_sample(args):
     --process: NAME.gif (x_t beside x̂_0 at 10 steps, looping, the last frame held) and NAME.png (the same 10 steps
     left to right, two rows for each of the first 8 samples: x_t above x̂_0)."""
     run = sampling_run(args)
-    labels, nrow, name = class_labels(run, args.n, True, getattr(args, "class"))
+    grid = args.process or not (args.out and is_folder(args.out))  # a grid has whole rows, a class each
+    labels, nrow, name = class_labels(run, args.n, grid, getattr(args, "class"))
     n = args.n if labels is None else len(labels)
+    if n != args.n:
+        print(f"note: --n {args.n} makes a grid of {n}, {nrow} of each class, a row each (--out DIR/: exactly "
+              f"{args.n}, the classes in turn)", file=sys.stderr)
     if not args.process:
         return write_samples(run, args.out, args.seed, f"{name}.png", draw(run, n, y=labels),
                              lambda x: pictures.grid(to_uint8(x), nrow), "samples")
@@ -269,8 +290,8 @@ def cmd_sample(args):
 INPAINT = [INPUT] + RUN + SAMPLER + [
     OUT, ("--n", SOME, 8, "results: a random N of FOLDER's images, or IMAGE N times, each with noise "
           "of its own"),
-    ("--mask", str, "a PNG, white where the model paints, of the model's or the image's size (default: the "
-     "centre square of half the side)"),
+    ("--mask", str, "a PNG, white (≥ 128 of 255) where the model paints, of the model's or the image's size "
+     "(default: the centre square of half the side)"),
     ("--resample", _num(int, 1, 100), 1, "RePaint's resampling: each step redone R times (R × the cost; R > 1 samples "
      "with DDIM, 25 steps, η = 1 unless given)")]
 
@@ -284,6 +305,9 @@ def cmd_inpaint(args):
     x_known = images[index]
     known = load_mask(args.mask, run.cfg["image_size"], args.input).expand(args.n, *run.shape)
     shown = (1 - known) * 2 - 1  # white where the model paints
+    if known.all() or not known.any():
+        what = "nothing: the results are the inputs" if known.all() else "everything: it is plain sampling"
+        print(f"note: --mask {args.mask} paints {what}", file=sys.stderr)
 
     def strip(results):  # a row each: input, mask, result
         rows = to_uint8(torch.stack([x_known, shown, results], 1))
@@ -423,6 +447,8 @@ def cmd_nll(args):
     pick = random_subset(args.n, args.seed)
     images = load_images(data, args.data_root, run.cfg["image_size"], args.num_workers, pick,
                          train=args.split == "train")[0]
+    if len(images) < 2:  # as --n 1
+        raise UserError(f"--data {data}: one image; the bound's standard error needs at least 2")
     if images.shape[1:] != run.shape:
         raise UserError(f"--data {data}: its images are {'×'.join(map(str, images.shape[1:]))} (channels × pixels), "
                         f"the model's are {'×'.join(map(str, run.shape))}")
@@ -461,6 +487,8 @@ def cmd_export(args):
     if os.path.exists(out):
         raise UserError(f"--out {out} exists: choose a new path")
     ensure_writable(os.path.dirname(os.path.abspath(out)), "--out")
+    if args.keep_classes and args.format == "fp16":
+        raise UserError("--keep-classes is for --format diffusers: an fp16 export keeps the classes anyway")
     path = find_checkpoint(args.ckpt)
     ckpt = load_checkpoint(path)
     if args.format == "fp16":
@@ -480,7 +508,7 @@ FORWARD = [SEED, DATA_ROOT,
         ("--data", str, "cifar10", "cifar10, mnist, fashion-mnist or an image folder"),
         ("--image-size", _num(int, 4, 4096), "side in pixels (default: the data's own; folders: 32)"),
         ("--n", _num(int, 1, 100), 3, "training images, two rows each: linear and cosine schedule"),
-        ("--out", str, "PNG file (default: outputs/forward_<data>.png)")]
+        ("--out", _out, "a PNG, or a folder/ (default: outputs/forward_<data>.png)")]
 
 
 def cmd_forward(args):
@@ -496,7 +524,10 @@ def cmd_forward(args):
     x0 = load_images(args.data, args.data_root, size, pick=random_subset(args.n, g))[0]
     x0 = x0.float() / 127.5 - 1  # decoded: just the n chosen images, not the whole folder
     rows, ts = forward_process(x0, torch.randn(x0.shape, generator=g), list(schedules.values()))
-    out = sample_out(args.out, f"forward_{os.path.basename(os.path.normpath(args.data))}.png")[0]
+    name = f"forward_{os.path.basename(os.path.normpath(args.data))}.png"
+    out, per_file = sample_out(args.out, name)
+    if per_file:
+        out = os.path.join(out, name)
     save_atomic(out, pictures.forward_strip(to_uint8(rows), ts).save)
     chart = os.path.splitext(out)[0] + "_schedule.png"  # and the numbers behind it, at the CPU sampler's steps
     save_atomic(chart, lambda f: fig.savefig(f, format="png"))

@@ -157,11 +157,17 @@ def save_diffusers(ckpt, out, keep_classes=False):
     unet.load_state_dict(to_diffusers_state(ema, cfg, fold_null=not keep_classes))
     pipeline = DDPMPipeline(unet=unet.eval(), scheduler=DDPMScheduler(**diffusers_scheduler(cfg)))
     pipeline.save_pretrained(out)
-    if keep_classes and num_classes:  # the class names, in a key diffusers skips (its private keys start with "_")
-        path = os.path.join(out, "unet", "config.json")
-        config = dict(read_json(path), _ddpm_classes=list(ckpt["classes"]))
-        with open(path, "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
+    extra = dict(_ddpm_eta=cfg["eta"])  # how ddpm.py samples it, in keys diffusers skips (its private ones: "_…")
+    if keep_classes and num_classes:
+        extra["_ddpm_classes"] = list(ckpt["classes"])
+    path = os.path.join(out, "unet", "config.json")
+    config = dict(read_json(path), **extra)
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    mode = os.stat(os.path.join(out, "model_index.json")).st_mode  # safetensors writes its weights 0600
+    for folder, _, names in os.walk(out):
+        for name in names:
+            os.chmod(os.path.join(folder, name), mode)
 
 
 def refuse_pickles(folder):
@@ -298,7 +304,10 @@ def load_diffusers(path):
                            f"({type(e).__name__}: {what})") from None
     if our_config(dict(unet.config), config_file) != cfg:
         raise ConvertError(f"{folder}: its config reads differently once loaded")
-    cfg.update(timesteps=T, schedule=schedule, variance=variance, data=None)  # the data it learnt: unknown
+    eta = config.get("_ddpm_eta", 0.0)  # ddpm.py's export: the model's η
+    if type(eta) not in (int, float) or not 0 <= eta <= 1:
+        raise ConvertError(f"{config_file}: _ddpm_eta is {eta!r}, not a number in [0, 1]")
+    cfg.update(timesteps=T, schedule=schedule, variance=variance, eta=eta, data=None)  # the data it learnt: unknown
     classes = [] if cfg["unconditional"] else [str(k) for k in range(unet.config["num_class_embeds"] - 1)]
     if not os.path.isfile(scheduler_file):  # said once the model has loaded
         print(f"note: no {scheduler_file}: Ho et al.'s schedule assumed (linear β 1e-4 → 0.02, T = 1000, σ²_t = β_t)",

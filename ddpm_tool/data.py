@@ -9,6 +9,7 @@ import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -95,7 +96,9 @@ def torchvision_images(data, name, root, image_size, pick=None, train=True):
     except Exception as e:  # no network, full disk: say so in one line, and leave no folder of ours behind
         if made:
             shutil.rmtree(root, ignore_errors=True)
-        raise UserError(f"could not get {data} into {root} ({e}); pass a folder of its images instead")
+        copy = "cifar-10-batches-py" if data == "cifar10" else f"{name}/raw"  # where torchvision looks for it
+        raise UserError(f"could not get {data} into {root} ({str(e).splitlines()[0]}); offline, pass --data-root a "
+                        f"folder holding a copy as torchvision lays it out ({copy}/), or --data a folder of its images")
     keep = slice(None) if pick is None else pick(len(ds.data))
     images = torch.as_tensor(ds.data)[keep]  # CIFAR-10: (N, 32, 32, 3); MNIST: (N, 28, 28), grey
     images = images[:, None] if images.dim() == 3 else images.permute(0, 3, 1, 2).contiguous()
@@ -106,20 +109,46 @@ def torchvision_images(data, name, root, image_size, pick=None, train=True):
     return images, torch.as_tensor(ds.targets)[keep], classes
 
 
+def viewed(im):
+    """A PIL image as a viewer shows it, 8 bits a channel: "L" for grey ones, 16-bit grey scaled down (0..65535 →
+    0..255), else "RGB"; anything transparent over white. None for a mode with no range to scale: 32-bit floats, or
+    integers past 16 bits."""
+    if im.mode == "F":
+        return None
+    if im.mode.startswith("I"):  # "I;16…" (16-bit PNGs, TIFFs), or "I" holding 16-bit values
+        grey = np.asarray(im, np.int64)
+        if grey.min() < 0 or grey.max() > 65535:
+            return None
+        return Image.fromarray(((grey * 255 + 32767) // 65535).astype(np.uint8))
+    mode = "L" if im.mode in ("1", "L", "LA", "La") else "RGB"
+    if im.has_transparency_data:  # alpha, or a transparent colour (palettes, PNG's tRNS)
+        im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
+    return im.convert(mode)
+
+
 def decode_images(paths, image_size, workers=4):
-    """Image files → uint8 (N, C, H, W), each resized to cover image_size and centre-cropped, decoded in threads
-    (PIL releases the GIL); C = 1 if every image is grey, else 3, grey images repeated into R, G and B."""
+    """Image files → uint8 (N, C, H, W), each as a viewer shows it (viewed), resized to cover image_size and
+    centre-cropped, decoded in threads (PIL releases the GIL); C = 1 if every image is grey, else 3, grey images
+    repeated into R, G and B. Every file that cannot be read is named, the first three of them, in one UserError."""
     import torchvision.transforms.functional as TF
 
-    def decode(path):
+    def decode(path):  # → the image, or why not
         try:
             with Image.open(path) as im:
-                im = im.convert("L" if im.mode in ("1", "L", "LA", "I", "I;16") else "RGB")
-                return TF.pil_to_tensor(resize_crop(im, image_size))
+                image = viewed(im)
+                if image is None:
+                    return f"mode {im.mode}: no range to show it in 8 bits"
+                return TF.pil_to_tensor(resize_crop(image, image_size))
         except Exception as e:
-            raise UserError(f"cannot read image {path} ({type(e).__name__}); fix or remove it")
+            return type(e).__name__
     with ThreadPoolExecutor(workers) as pool:
         images = list(tqdm(pool.map(decode, paths), "loading", len(paths), leave=False, disable=None))
+    bad = [f"{path} ({why})" for path, why in zip(paths, images) if isinstance(why, str)]
+    if len(bad) == 1:
+        raise UserError(f"cannot read image {bad[0]}; fix or remove it")
+    if bad:
+        more = ", …" if len(bad) > 3 else ""
+        raise UserError(f"cannot read {len(bad)} images: {', '.join(bad[:3])}{more}; fix or remove them")
     channels = max(len(x) for x in images)
     return torch.stack([x.expand(channels, -1, -1) for x in images])
 
@@ -128,7 +157,7 @@ def cached_images(data, paths, image_size, workers=4):
     """decode_images of the folder data, kept in cache_dir("images")/images-<hash>.npy and mapped later. The hash
     covers the folder, each file's name, size and time and the image size: a changed folder is decoded anew. A damaged
     cache is decoded anew, one that cannot be written is skipped with a note: a cache is never a reason to stop."""
-    import hashlib, numpy as np
+    import hashlib
     made_of = [(os.path.relpath(f, data), s.st_size, s.st_mtime_ns) for f, s in ((f, os.stat(f)) for f in paths)]
     key = hashlib.sha256(repr((os.path.abspath(data), image_size, made_of)).encode()).hexdigest()[:20]
     path = os.path.join(cache_dir("images"), f"images-{key}.npy")

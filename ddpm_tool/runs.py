@@ -187,7 +187,7 @@ def new_config(preset, given, init):
         near = [" or ".join(map(str, sorted({max(factor, s - s % factor), s + -s % factor}))) for s in sides]
         raise UserError(f"--image-size {','.join(map(str, dict.fromkeys(sides)))}: a U-Net of {len(cfg['ch_mult'])} "
                         f"levels halves it {len(cfg['ch_mult']) - 1} times, so each side must be a multiple of "
-                        f"{factor}; the nearest: {' by '.join(near)}")
+                        f"{factor}; the nearest: {' by '.join(dict.fromkeys(near))}")
     return cfg
 
 

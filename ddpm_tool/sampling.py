@@ -19,7 +19,7 @@ from tqdm import tqdm
 import ddpm
 
 from . import convert, fid
-from .data import decode_images, load_images, random_subset, resize_crop, to_uint8, class_rows
+from .data import class_rows, decode_images, load_images, random_subset, resize_crop, to_uint8, viewed
 from .devices import autocast, get_device, resolve_precision
 from .pictures import grid
 from .runs import UserError, cache_dir, ensure_writable, hw, is_hub_id, read_checkpoint, save_atomic, unet_from_config
@@ -169,10 +169,14 @@ def describe(run):
     return words[options["sampler"]]
 
 
+def is_folder(out):  # an --out for a PNG each
+    return out.endswith(("/", os.sep)) or os.path.isdir(out)
+
+
 def sample_out(out, default):
     """--out, by default outputs/<default> (not samples/) → (the path, whether a folder for a PNG each), writable."""
     out = out or os.path.join("outputs", default)
-    per_file = out.endswith(("/", os.sep)) or os.path.isdir(out)
+    per_file = is_folder(out)
     ensure_writable(out if per_file else os.path.dirname(out) or ".", "--out")
     return out, per_file
 
@@ -193,8 +197,11 @@ def write_samples(run, out, seed, default, batches, picture, what):
             x = torch.cat(list(batches))
             save_atomic(out, picture(x).save)
             count = len(x)
-    print(f"wrote {count} {what} ({describe(run)}, guidance {run.options['guidance']}, {run.precision}) from "
-          f"{run.path} to {out}", file=sys.stderr)
+    if count == 1:  # "1 sample", "1 result of inpaint"
+        what = what.replace("samples", "sample").replace("results", "result")
+    guidance = "" if run.cfg["unconditional"] else f", guidance {run.options['guidance']}"
+    print(f"wrote {count} {what} ({describe(run)}{guidance}, {run.precision}) from {run.path} to {out}",
+          file=sys.stderr)
     return 0
 
 
@@ -257,7 +264,7 @@ def load_mask(path, size, image=None):
         return known
     try:
         with Image.open(path) as im:
-            mask = im.convert("L")
+            mask = viewed(im).convert("L")
     except Exception as e:
         raise UserError(f"--mask {path}: cannot read it as an image ({type(e).__name__})") from None
     sizes = [(W, H)]  # PIL's (width, height)
@@ -265,7 +272,7 @@ def load_mask(path, size, image=None):
         with Image.open(image) as im:
             sizes.append(im.size)
     if mask.size not in sizes:
-        wanted = " or ".join(f"{w}×{h}" for w, h in sizes)
+        wanted = " or ".join(f"{w}×{h}" for w, h in dict.fromkeys(sizes))
         raise UserError(f"--mask {path}: {mask.size[0]}×{mask.size[1]} pixels; it must be {wanted} (width × height)")
     return (TF.pil_to_tensor(resize_crop(mask, size, nearest=True))[None] < 128).float()
 

@@ -328,9 +328,10 @@ class Trainer:
             self.say(f"note: this {params / 1e6:.1f}M-parameter U-Net is sized for a GPU (2 CPU cores train it at "
                      "~3.3 images/s); --preset small learns digits (--data mnist) on a CPU in 3-10 minutes")
         processes = f"{self.world} processes" if self.world > 1 else "1 process"
-        self.say(f"training {params / 1e6:.2f}M-parameter U-Net on {len(self.images)} images "
-                 f"({len(self.classes)} classes) on {self.device} in {processes}, step "
-                 f"{self.step} → {cfg['steps']}, run folder {self.out}")
+        images = f"{len(self.images)} image{'s' if len(self.images) > 1 else ''}"
+        classes = f"{len(self.classes)} class{'es' if len(self.classes) > 1 else ''}"
+        self.say(f"training {params / 1e6:.2f}M-parameter U-Net on {images} ({classes}) on {self.device} in "
+                 f"{processes}, step {self.step} → {cfg['steps']}, run folder {self.out}")
 
     def run(self):
         """Train to cfg["steps"] → 0, or after a signal save and → 128 + its number."""

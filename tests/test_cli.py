@@ -91,7 +91,7 @@ def _bad_inputs(ckpts, folder, tmp):
         "empty folder": ([*train, "--data", str(tmp / "empty")], "no images"),
         "unreadable image": ([*train, "--data", str(tmp / "broken")], "cannot read image"),
         "indivisible image size": ([*train, "--data", folder, "--image-size", "18", "--ch-mult", "1,2,2"],
-                                   "each side must be a multiple of 4; the nearest: 16 or 20 by 16 or 20"),
+                                   "each side must be a multiple of 4; the nearest: 16 or 20\n"),  # one side, said once
         "indivisible side": ([*train, "--data", folder, "--image-size", "16,30", "--ch-mult", "1,2,2"],
                              "--image-size 16,30: a U-Net of 3 levels halves it 2 times, so each side must be a "
                              "multiple of 4; the nearest: 16 by 28 or 32"),
@@ -249,3 +249,55 @@ def test_a_16_by_32_run_trains_resumes_bitwise_and_every_command_follows_its_siz
                  ["fid", "--n", "4"], ["nll", "--data", banners, "--n", "2", "--t-samples", "2"]):
         code, err = run_main([*argv, "--ckpt", ckpt, *([] if argv[0] == "nll" else ["--steps", "2"])], capsys)
         assert code == 0, (argv, err)
+
+
+def test_flags_are_checked_at_parsing_and_out_before_any_work(ckpts, folder, tmp_path, monkeypatch, capsys):
+    """An empty list, or an --out that is neither NAME.png nor a folder/ nor writable: one line, and the model is
+    never loaded (Diffusion.sample would raise)."""
+    monkeypatch.setattr(ddpm.Diffusion, "sample", lambda *a, **k: pytest.fail("sampled"))
+    (tmp_path / "afile").write_text("")
+    image = os.path.join(folder, "cat", "1.png")
+    for argv, needle in [(["img2img", image, "--strength", ""], "no number"),
+                         (["img2img", image, "--strength", ","], "no number"),
+                         (["train", "--data", folder, "--ch-mult", ""], "no number"),
+                         (["sample", "--out", str(tmp_path / "precious.txt")], "write a PNG (NAME.png), or a folder/"),
+                         (["sample", "--out", str(tmp_path / "noext")], "write a PNG"),
+                         (["inpaint", image, "--out", str(tmp_path / "afile" / "x.png")], "cannot write into"),
+                         (["forward", "--data", folder, "--out", str(tmp_path / "f.jpg")], "write a PNG")]:
+        code, err = run_main([*argv, "--ckpt", ckpts["cond"]] if argv[0] != "train" else argv, capsys)
+        assert code == 2 and err.count("\n") == 1 and needle in err and ".tmp" not in err, (argv, err)
+    assert sorted(os.listdir(tmp_path)) == ["afile"]
+
+
+def test_n_means_n_in_a_folder_and_a_grid_says_how_it_rounds(ckpts, tmp_path, capsys):
+    code, err = run_main(["sample", "--ckpt", ckpts["cond"], "--n", "3", "--steps", "1", "--out",
+                          f"{tmp_path}/each/"], capsys)
+    assert code == 0 and len(os.listdir(tmp_path / "each")) == 3 and "note" not in err  # the classes in turn
+    code, err = run_main(["sample", "--ckpt", ckpts["cond"], "--n", "3", "--steps", "1", "--out",
+                          str(tmp_path / "grid.png")], capsys)
+    assert code == 0 and "note: --n 3 makes a grid of 4, 2 of each class, a row each" in err and "wrote 4 samples" in err
+    code, err = run_main(["sample", "--ckpt", ckpts["uncond"], "--n", "1", "--steps", "1", "--out",
+                          str(tmp_path / "one.png")], capsys)
+    assert code == 0 and "wrote 1 sample (DDIM 1 steps, eta 0.0, fp32)" in err  # no guidance for an unconditional model
+
+
+def test_what_does_nothing_says_so_and_export_keeps_what_sampling_needs(ckpts, folder, tmp_path, capsys):
+    image = os.path.join(folder, "cat", "1.png")
+    for value, what in [(0, "paints nothing: the results are the inputs"), (255, "paints everything: it is plain")]:
+        Image.new("L", (16, 16), value).save(tmp_path / f"mask{value}.png")
+        code, err = run_main(["inpaint", image, "--ckpt", ckpts["cond"], "--mask", str(tmp_path / f"mask{value}.png"),
+                              "--n", "1", "--steps", "1", "--out", str(tmp_path / f"i{value}.png")], capsys)
+        assert code == 0 and f"note: --mask {tmp_path}/mask{value}.png {what}" in err and "wrote 1 result of" in err
+    os.makedirs(tmp_path / "one" / "c")
+    Image.new("RGB", (16, 16)).save(tmp_path / "one" / "c" / "0.png")
+    code, err = run_main(["nll", "--ckpt", ckpts["cond"], "--data", str(tmp_path / "one")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "one image; the bound's standard error needs at least 2" in err
+    code, err = run_main(["export", "--ckpt", ckpts["cond"], "--keep-classes", "--out", str(tmp_path / "x.pt")],
+                         capsys)
+    assert code == 2 and "--keep-classes is for --format diffusers" in err and not os.path.exists(tmp_path / "x.pt")
+    code, err = run_main(["train", "--data", str(tmp_path / "one"), "--out", str(tmp_path / "run"), "--steps", "1",
+                          *TINY], capsys)  # the wording of the table's row 12
+    assert code == 0 and "U-Net on 1 image (1 class) on cpu" in err
+    Image.new("L", (9, 9)).save(tmp_path / "mask9.png")
+    code, err = run_main(["inpaint", image, "--ckpt", ckpts["cond"], "--mask", str(tmp_path / "mask9.png")], capsys)
+    assert code == 2 and "9×9 pixels; it must be 16×16 (width × height)" in err  # not "16×16 or 16×16"

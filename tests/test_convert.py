@@ -1,4 +1,4 @@
-"""Tests for Ho et al.'s exact network and the way to and from diffusers (convert.py, `--ckpt FOLDER`, `export
+"""Tests for Ho et al.'s exact network and the way to and from diffusers (ddpm_tool/convert.py, `--ckpt FOLDER`, `export
 --format diffusers`): the downsampling padding against TensorFlow's "SAME" rule written out by hand, ε̂ against
 diffusers' UNet2DModel in both directions, the ancestral sampler against DDPMPipeline, and each refusal in one line.
 CPU only; nothing is downloaded (HF_HUB_OFFLINE)."""
@@ -256,3 +256,24 @@ def test_a_16_by_32_model_exports_with_sample_size_h_w_and_ddpm_pipeline_samples
     assert images.shape == (1, 16, 32, 3)
     back = sampling.load_checkpoint(str(tmp_path / "d"))["config"]
     assert back["image_size"] == (16, 32) and tuple(back["attn_res"]) == (8,)
+
+
+def test_a_diffusers_export_keeps_the_models_eta_and_the_folders_permissions(tmp_path, capsys):
+    """An exported model samples as its checkpoint does (train --eta rides in unet/config.json's "_ddpm_eta"), a
+    damaged "_ddpm_eta" is one line, and every exported file has the permissions the folder's other files have."""
+    cfg = dict(runs.DEFAULTS, ch=128, ch_mult=(1, 1), num_res_blocks=1, attn_res=(), image_size=8, channels=3,
+               unconditional=True, timesteps=20, eta=1.0)
+    model = randomize(runs.unet_from_config(cfg, None))
+    torch.save(dict(config=cfg, classes=[], step=1, ema=dict(model=model.state_dict())), tmp_path / "ckpt.pt")
+    code, err = run_main(["export", "--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "d"), "--format",
+                          "diffusers"], capsys)
+    assert code == 0, err
+    modes = {os.stat(os.path.join(f, n)).st_mode for f, _, names in os.walk(tmp_path / "d") for n in names}
+    assert len(modes) == 1, modes  # the weights too (safetensors writes them 0600)
+    assert sampling.load_checkpoint(str(tmp_path / "d"))["config"]["eta"] == 1.0
+    code, err = run_main(["sample", "--ckpt", str(tmp_path / "d"), "--n", "1", "--out", str(tmp_path / "s.png")], capsys)
+    assert code == 0 and "DDIM 20 steps, eta 1.0" in err  # the model's η picks the sampler, as its checkpoint's does
+    path = tmp_path / "d" / "unet" / "config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), _ddpm_eta="high")))
+    code, err = run_main(["sample", "--ckpt", str(tmp_path / "d"), "--n", "1", "--out", str(tmp_path / "t.png")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "_ddpm_eta is 'high', not a number in [0, 1]" in err

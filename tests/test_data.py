@@ -1,5 +1,6 @@
-"""Tests for ddpm.py: formulas against closed forms or independent computations, the network, the samplers,
-the training loop (overfit, exact resume, interruption) and every user error. CPU only, under a minute."""
+"""Tests for ddpm_tool/data.py: image folders and torchvision's data sets decoded as a viewer shows them, in every
+mode Pillow opens; the decode cache outside the data; a data folder never written into; one line for what cannot be
+read or fetched."""
 import glob, os, shutil, struct
 
 import numpy as np
@@ -273,3 +274,56 @@ def test_a_download_that_fails_is_one_line_and_leaves_no_folder_it_made(tmp_path
     code, err = run_main(["forward", "--data", "cifar10", "--data-root", str(root)], capsys)
     assert code == 2 and err.count("\n") == 1 and f"could not get cifar10 into {root} (<urlopen" in err
     assert not root.exists() and not os.path.exists("outputs/forward_cifar10.png")
+
+
+def test_every_mode_pillow_opens_decodes_as_a_viewer_shows_it_and_what_cannot_is_one_line(tmp_path, capsys):
+    """16-bit grey scaled to 8 bits (it decoded as white, convert("L") clipping at 255), transparency over white,
+    CMYK and palettes as Pillow shows them; 32-bit floats and integers past 16 bits refused by name."""
+    def uniform(mode, value, size=(4, 4)):
+        return Image.new(mode, size, value)
+    cases = {  # name: (image, the 8-bit value a viewer shows, grey?)
+        "i16.png": (uniform("I;16", 32768), 128, True), "i16_white.png": (uniform("I;16", 65535), 255, True),
+        "i32.tif": (uniform("I", 1000), round(1000 * 255 / 65535), True), "bits.png": (uniform("1", 1), 255, True),
+        "la_clear.png": (uniform("LA", (0, 0)), 255, True), "la.png": (uniform("LA", (100, 255)), 100, True),
+        "rgba_clear.png": (uniform("RGBA", (0, 0, 0, 0)), (255, 255, 255), False),
+        "cmyk.jpg": (uniform("CMYK", (0, 255, 255, 0)), None, False)}
+    palette = uniform("P", 0)
+    palette.putpalette([10, 20, 30] * 256)
+    palette.info["transparency"] = 0
+    cases["p_clear.png"] = (palette, (255, 255, 255), False)
+    for name, (image, expected, grey) in cases.items():
+        path = tmp_path / name
+        image.save(path, **({"transparency": 0} if name == "p_clear.png" else {}))
+        x = data.decode_images([str(path)], 4, 1)[0]
+        assert x.shape[0] == (1 if grey else 3), name
+        if expected is None:  # CMYK: as Pillow converts it
+            expected = tuple(Image.open(path).convert("RGB").getpixel((0, 0)))
+        want = torch.tensor(expected if isinstance(expected, tuple) else (expected,), dtype=torch.uint8)
+        assert torch.equal(x[:, 0, 0], want) and (x == x[:, :1, :1]).all(), (name, x[:, 0, 0], want)
+    uniform("F", 0.5).save(tmp_path / "float.tif")
+    uniform("I", 70000).save(tmp_path / "big.tif")
+    for name in ("float.tif", "big.tif"):
+        with pytest.raises(runs.UserError, match=rf"cannot read image .*{name} \(mode [FI]: no range to show it"):
+            data.decode_images([str(tmp_path / name)], 4, 1)
+
+
+def test_every_broken_image_of_a_folder_is_named_in_one_line(tmp_path):
+    os.makedirs(tmp_path / "d" / "c")
+    for i in range(5):
+        (tmp_path / "d" / "c" / f"{i}.png").write_bytes(b"\x89PNG broken")
+    Image.new("RGB", (8, 8)).save(tmp_path / "d" / "c" / "good.png")
+    with pytest.raises(runs.UserError) as e:
+        data.load_images(str(tmp_path / "d"), image_size=8)
+    message = str(e.value)
+    assert message.startswith("cannot read 5 images: ") and message.count("(UnidentifiedImageError)") == 3
+    assert message.endswith(", …; fix or remove them") and "\n" not in message
+
+
+def test_a_data_set_that_cannot_be_had_offline_names_data_root_and_the_layout(tmp_path, monkeypatch, capsys):
+    def offline(root, *a, **k):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://…\n<urlopen error>")
+    monkeypatch.setattr("torchvision.datasets.MNIST", offline)
+    code, err = run_main(["train", "--data", "mnist", "--data-root", str(tmp_path / "empty"), "--out",
+                          str(tmp_path / "run"), *TINY], capsys)
+    assert code == 2 and err.count("\n") == 1 and "pass --data-root a folder holding a copy" in err
+    assert "(MNIST/raw/)" in err and "Error downloading train-images-idx3-ubyte.gz:)" in err

@@ -1,5 +1,6 @@
-"""Tests for ddpm.py: formulas against closed forms or independent computations, the network, the samplers,
-the training loop (overfit, exact resume, interruption) and every user error. CPU only, under a minute."""
+"""Tests for ddpm_tool/fid.py: FID against closed forms and torch-fidelity's own, the statistics, their .npz format
+and cache; and `fid` of a checkpoint or a folder, with its one-line refusals. Inception itself is stood in for by a
+small network (conftest.FakeInception) where a test is about the plumbing."""
 import builtins, errno, glob, json, os, shutil
 
 import numpy as np

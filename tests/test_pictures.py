@@ -1,4 +1,4 @@
-"""Tests for pictures.py alone: the grids' geometry, and that the charts draw what they are given where their axes
+"""Tests for ddpm_tool/pictures.py alone: the grids' geometry, and that the charts draw what they are given where their axes
 say (pixels read back from the rendered canvas at the points the axes map the data to)."""
 import numpy as np
 import torch

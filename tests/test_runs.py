@@ -1,6 +1,6 @@
 """Tests for ddpm_tool/runs.py: atomic saves, checkpoints read weights-only (and pickles refused), exports, and a
 run's config: its defaults, presets, sizes and the keys older checkpoints lack."""
-import errno, os, struct
+import errno, os, re, struct
 
 import pytest
 import torch
@@ -160,3 +160,12 @@ def test_a_write_that_fails_otherwise_is_one_line_too(tmp_path):
                                "unexpected pos 4 vs 0)"
     with pytest.raises(TypeError):  # a bug is not a write error: it keeps its traceback
         runs.save_atomic(str(tmp_path / "x.pt"), lambda f: f.write("text"))
+
+
+def test_train_help_names_what_a_resume_may_change():
+    """--resume's help names exactly the flags runs.RESUMABLE lets a resumed run change (the intervals and the FID
+    flags as groups)."""
+    text = next(row[-1] for row in cli.TRAIN_ONLY if row[0] == "--resume")
+    named = {flag[2:].replace("-", "_") for flag in re.findall(r"--[a-z-]+[a-z]", text.split("only ")[1])}
+    groups = {"save_every", "keep_every", "sample_every", "log_every", "fid_every", "fid_n", "fid_ref", "inception"}
+    assert "the intervals" in text and "the FID flags" in text and named | groups == runs.RESUMABLE
