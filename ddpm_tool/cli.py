@@ -194,6 +194,24 @@ TRAIN_ONLY = [("--preset", tuple(PRESETS), "paper", "paper: Ho et al.'s setup (t
                "--micro-batch, --grad-checkpoint, --report-to and the FID flags may change")]
 
 
+def check_config(cfg, path):
+    """A config read from a file (a checkpoint's, an export's, a diffusers folder's), each value a train flag sets
+    checked as the flag checks it → cfg; else UserError naming the file and the key."""
+    for flag, kind, *_ in TRAIN:
+        key = flag[2:].replace("-", "_")
+        value = cfg.get(key)
+        text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+        try:
+            not_bool = kind in ("switch", "on/off") and value not in (None, False, True)
+            if not_bool or isinstance(kind, tuple) and value not in kind:
+                raise argparse.ArgumentTypeError("not one it takes")
+            if callable(kind) and value is not None:
+                kind(text)
+        except argparse.ArgumentTypeError as e:
+            raise UserError(f"{path}: its config's {key} is {value!r}, which {flag} refuses ({e})") from None
+    return cfg
+
+
 def cmd_train(args):
     """train a model (default: Ho et al.'s CIFAR-10 setup)"""
     given = {k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None}
@@ -224,13 +242,14 @@ def train_config(given, out, resume, preset):
         if not os.path.exists(path):
             raise UserError(f"--resume: no checkpoint in {out}/ to resume (start without --resume)")
         ckpt = load_checkpoint(path)
+        check_config(ckpt["config"], path)
         if "optimizer" not in ckpt:  # export_model's file: EMA weights alone
             raise UserError(f"{path} is an exported model (EMA weights only: no optimizer, no random states): it "
                             f"cannot resume a run; fine-tune from it with train --init {path} --out NEW_FOLDER")
     elif os.path.exists(path):
         raise UserError(f"{path} exists: pass --resume to continue that run, or choose another --out")
     elif given.get("init"):  # fine-tuning: --init's network (its weights are read once, by the Trainer)
-        init = load_checkpoint(given["init"], mmap=True)["config"]
+        init = check_config(load_checkpoint(given["init"], mmap=True)["config"], given["init"])
     cfg = run_config(None if ckpt is None else ckpt["config"], preset, given, init)
     if cfg["fid_every"]:  # now, not at the first FID hours in
         importlib.import_module("torch_fidelity")
@@ -245,7 +264,7 @@ def train_config(given, out, resume, preset):
 def sampling_run(args, deterministic=False, resample=1):
     """--ckpt loaded (load_run) with the sampler, batch size and compilation the flags ask for: how every command that
     samples starts. deterministic: interpolate's; resample: inpaint's --resample."""
-    run = load_run(args.ckpt, args.device, args.precision)
+    run = load_run(args.ckpt, args.device, args.precision, check=check_config)
     options = sampler_options(run.device, run.cfg["eta"], run.diffusion.num_timesteps, args.sampler, args.steps,
                               args.spacing, args.eta, args.guidance, deterministic, resample)
     # CPU: batches of 16 keep tensors under glibc's 32 MB mmap threshold, so memory is reused, not faulted in anew
@@ -431,7 +450,7 @@ def cmd_nll(args):
     """the variational bound in bits/dim (Ho et al.'s Table 2) of a checkpoint on a data set's test images
 
     Of the EMA model; a class-conditional one through its null label: p(x), as the paper's."""
-    run = load_run(args.ckpt, args.device, args.precision, "nll")
+    run = load_run(args.ckpt, args.device, args.precision, "nll", check_config)
     variance = args.variance or run.cfg["variance"]
     diffusion = Diffusion(run.cfg["timesteps"], run.cfg["schedule"], variance, device=run.device)
     T = diffusion.num_timesteps
@@ -491,6 +510,7 @@ def cmd_export(args):
         raise UserError("--keep-classes is for --format diffusers: an fp16 export keeps the classes anyway")
     path = find_checkpoint(args.ckpt)
     ckpt = load_checkpoint(path)
+    check_config(ckpt["config"], path)
     if args.format == "fp16":
         export_model(ckpt, out)
     else:

@@ -85,13 +85,16 @@ Run = namedtuple("Run", "device path model diffusion classes cfg shape precision
                  defaults=(None, None, None))
 
 
-def load_run(ckpt=None, device=None, precision="auto", task="sample"):
+def load_run(ckpt=None, device=None, precision="auto", task="sample", check=None):
     """A checkpoint (--ckpt, found by find_checkpoint) loaded on a device (None: the best found) → a Run: its EMA U-Net
-    in eval mode and its Diffusion, with `precision` resolved for `task` ("sample", "nll")."""
+    in eval mode and its Diffusion, with `precision` resolved for `task` ("sample", "nll"). check(config, path): what
+    the command line checks in a config before anything is built of it."""
     device = get_device(device)
     path = find_checkpoint(ckpt)
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
+    if check is not None:
+        check(cfg, path)
     model = unet_from_config(cfg, len(ckpt["classes"]))
     model.load_state_dict(ckpt["ema"]["model"])
     model.to(device, memory_format=torch.contiguous_format if device.type == "mps" else torch.channels_last).eval()

@@ -169,3 +169,23 @@ def test_train_help_names_what_a_resume_may_change():
     named = {flag[2:].replace("-", "_") for flag in re.findall(r"--[a-z-]+[a-z]", text.split("only ")[1])}
     groups = {"save_every", "keep_every", "sample_every", "log_every", "fid_every", "fid_n", "fid_ref", "inception"}
     assert "the intervals" in text and "the FID flags" in text and named | groups == runs.RESUMABLE
+
+
+def test_every_value_a_config_holds_is_checked_as_its_flag_would_be(ckpts, tmp_path, capsys):
+    """A checkpoint (or export, or diffusers folder) whose config holds a value its flag would refuse: one line naming
+    the file and the key, for each command that reads one, never a traceback."""
+    for key, value, needle in [("timesteps", -5, "-5 is outside [2, 100000]"), ("ch_mult", (), "no number"),
+                               ("loss", "l3", "not one it takes"), ("unconditional", "yes", "not one it takes"),
+                               ("lr", "fast", "'fast' is not a number")]:
+        ckpt = torch.load(ckpts["cond"], weights_only=True)
+        ckpt["config"][key] = value
+        path = tmp_path / key / "ckpt.pt"
+        os.makedirs(path.parent)
+        torch.save(ckpt, path)
+        for argv in (["sample", "--ckpt", str(path), "--n", "1", "--steps", "1", "--out", str(tmp_path / "s.png")],
+                     ["export", "--ckpt", str(path), "--out", str(tmp_path / "e.pt")],
+                     ["train", "--resume", "--out", str(path.parent)]):
+            code, err = run_main(argv, capsys)
+            assert code == 2 and err.count("\n") == 1 and f"{path}: its config's {key} is {value!r}" in err, err
+            assert needle in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "s.png") and not os.path.exists(tmp_path / "e.pt")
