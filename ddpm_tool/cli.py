@@ -48,7 +48,8 @@ def _num(kind, lo, hi, lo_open=False):
 
 
 def _numbers(kind, lo, hi, least=1):
-    """argparse type: comma-separated numbers, each in [lo, hi], at least `least`: "1,2,2" → (1, 2, 2); "" → ()."""
+    """argparse type: comma-separated numbers, each in [lo, hi], at least `least`: "1,2,2" → (1, 2, 2); "" → () if
+    least is 0, else refused."""
     def parse(text):
         values = tuple(_num(kind, lo, hi)(v) for v in text.split(",") if v.strip())
         if len(values) < least:
@@ -82,7 +83,6 @@ EVERY = _num(int, 0, 10 ** 9)  # an interval, or 0: never
 SOME = _num(int, 1, 10 ** 5)  # results, steps, terms
 SUBSET = _num(int, 2, 10 ** 7)  # a random subset of images (2: a covariance)
 FRACTION = _num(float, 0, 1)
-SIDES = _numbers(int, 1, 4096)  # channel multipliers
 
 
 def _steps(text):  # "all" → 0 (every step), else a whole number of steps
@@ -159,7 +159,7 @@ TRAIN = RUN + [DATA_ROOT, WORKERS, INCEPTION, COMPILE] + [  # a run's config: th
     ("--lr", _num(float, 0, 1, True), "Adam's learning rate"),
     ("--grad-clip", _num(float, 0, 1e6, True), "the gradient's norm is clipped to this"),
     ("--ch", _num(int, 8, 4096), "base channels"), ("--num-res-blocks", _num(int, 1, 64), "blocks a level"),
-    ("--ch-mult", SIDES, "channels per level, e.g. 1,2,2"),
+    ("--ch-mult", _numbers(int, 1, 4096), "channels per level, e.g. 1,2,2"),
     ("--attn-res", _numbers(int, 1, 4096, 0), "resolutions with self-attention, e.g. 16 or 16,8 ('' for none); "
      "a map counts by its shorter side, so H×W gets attention where a square image of side min(H, W) would"),
     ("--dropout", _num(float, 0, 0.99), "dropout"), ("--ema-decay", FRACTION, "EMA decay"),
@@ -505,9 +505,9 @@ def cmd_export(args):
     out = args.out.rstrip("/" + os.sep) or args.out
     if os.path.exists(out):
         raise UserError(f"--out {out} exists: choose a new path")
-    ensure_writable(os.path.dirname(os.path.abspath(out)), "--out")
     if args.keep_classes and args.format == "fp16":
         raise UserError("--keep-classes is for --format diffusers: an fp16 export keeps the classes anyway")
+    ensure_writable(os.path.dirname(os.path.abspath(out)), "--out")
     path = find_checkpoint(args.ckpt)
     ckpt = load_checkpoint(path)
     check_config(ckpt["config"], path)

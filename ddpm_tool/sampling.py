@@ -267,9 +267,13 @@ def load_mask(path, size, image=None):
         return known
     try:
         with Image.open(path) as im:
-            mask = viewed(im).convert("L")
+            mode = im.mode
+            mask = viewed(im)
     except Exception as e:
         raise UserError(f"--mask {path}: cannot read it as an image ({type(e).__name__})") from None
+    if mask is None:  # as decode_images says it
+        raise UserError(f"--mask {path}: mode {mode}: no range to show it in 8 bits")
+    mask = mask.convert("L")
     sizes = [(W, H)]  # PIL's (width, height)
     if image is not None and os.path.isfile(image):
         with Image.open(image) as im:

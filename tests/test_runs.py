@@ -182,9 +182,12 @@ def test_every_value_a_config_holds_is_checked_as_its_flag_would_be(ckpts, tmp_p
         path = tmp_path / key / "ckpt.pt"
         os.makedirs(path.parent)
         torch.save(ckpt, path)
-        for argv in (["sample", "--ckpt", str(path), "--n", "1", "--steps", "1", "--out", str(tmp_path / "s.png")],
-                     ["export", "--ckpt", str(path), "--out", str(tmp_path / "e.pt")],
-                     ["train", "--resume", "--out", str(path.parent)]):
+        commands = [["sample", "--ckpt", str(path), "--n", "1", "--steps", "1", "--out", str(tmp_path / "s.png")]]
+        if key == "timesteps":  # each command that reads a config checks it alike: every kind through sample
+            commands += [["export", "--ckpt", str(path), "--out", str(tmp_path / "e.pt")],
+                         ["train", "--resume", "--out", str(path.parent)],
+                         ["nll", "--ckpt", str(path), "--data", str(path.parent)]]
+        for argv in commands:
             code, err = run_main(argv, capsys)
             assert code == 2 and err.count("\n") == 1 and f"{path}: its config's {key} is {value!r}" in err, err
             assert needle in err and "Traceback" not in err

@@ -165,10 +165,12 @@ def test_editing_refusals_are_one_line(ckpts, folder, tmp_path, capsys):
     image = os.path.join(folder, "cat", "1.png")
     Image.new("L", (9, 9), 255).save(tmp_path / "small_mask.png")
     (tmp_path / "not_an_image.png").write_text("hello")
+    Image.new("F", (16, 16), 0.5).save(tmp_path / "float_mask.tif")
     grey_image = os.path.join(tmp_path, "grey", "c", "0.png")
     cases = [
         (["inpaint", image, "--mask", str(tmp_path / "small_mask.png")], "9×9 pixels; it must be 16×16"),
         (["inpaint", image, "--mask", str(tmp_path / "not_an_image.png")], "cannot read it as an image"),
+        (["inpaint", image, "--mask", str(tmp_path / "float_mask.tif")], "float_mask.tif: mode F: no range to show"),
         (["inpaint", str(tmp_path / "not_an_image.png")], "cannot read image"),
         (["img2img", str(tmp_path / "not_an_image.png")], "cannot read image"),
         (["img2img", str(tmp_path / "nowhere.png")], "no such file or folder"),

@@ -1,10 +1,11 @@
 """Tests for ddpm_tool/trainer.py: exact resume, fine-tuning, the finite check, signals and the run folder's lock,
 two processes under torchrun, micro-batches, activation checkpointing and a full disk while training."""
-import errno, glob, importlib, multiprocessing, os, re, shutil, signal, socket, subprocess, sys, time
+import errno, glob, importlib, multiprocessing, os, re, shutil, signal, socket, subprocess, sys, threading, time
 
 import pytest
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 import ddpm
 from ddpm_tool import cli, data, runs, trainer
@@ -211,6 +212,9 @@ def test_where_files_cannot_be_locked_a_run_says_so_once_and_goes_on(folder, tmp
 
 # ---------------------------------------------------------------------------------------------- several processes (DDP)
 def _ddp_process(rank, world, port, argv):
+    # A lock of its own for tqdm: fork shares the parent's (a multiprocessing semaphore), and a child killed while it
+    # holds it (test_a_process_that_dies_…) would leave the parent's next progress bar waiting for ever.
+    tqdm.set_lock(threading.RLock())
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
