@@ -6,6 +6,8 @@ ddpm.py: Denoising Diffusion Probabilistic Models, the method in one file.
     DPM++   Lu et al. 2022, https://arxiv.org/abs/2211.01095  (DPM-Solver++: second order)
     CFG     Ho & Salimans 2022, https://arxiv.org/abs/2207.12598  (classifier-free guidance)
     cosine  Nichol & Dhariwal 2021, https://arxiv.org/abs/2102.09672  (cosine noise schedule)
+    v       Salimans & Ho 2022, https://arxiv.org/abs/2202.00512  (v-prediction)
+    MinSNR  Hang et al. 2023, https://arxiv.org/abs/2303.09556  (Min-SNR-γ loss weights)
 
 The method, top to bottom: schedule and math, samplers, U-Net, EMA, Algorithm 1's step. It needs
 only torch and tqdm: copied alone into a project, it trains and samples. The tool that runs it,
@@ -13,7 +15,8 @@ the package ddpm_tool/ beside this file, is its command line: `python ddpm.py --
 
 Notation: T steps, 0-based in code: code t is the paper's t + 1 (t = 0: the last denoising step).
 β_t is the noise variance of step t, α_t = 1 − β_t, ᾱ_t = ∏_{s≤t} α_s. Data x_0 is in [-1, 1];
-x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε, ε ~ N(0, I); the network predicts ε: ε̂ = ε_θ(x_t, t, y).
+x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε, ε ~ N(0, I); the network predicts ε: ε̂ = ε_θ(x_t, t, y)
+(or v = sqrt(ᾱ_t) ε − sqrt(1 − ᾱ_t) x_0, or x_0: Diffusion's `prediction`).
 """
 import copy
 import math
@@ -71,8 +74,12 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
 class Diffusion:
     """q, p_θ, the loss, the bound, the samplers. Schedules: (T,) float32 made in float64; t: (B,)
     LongTensor of 0-based steps; x: (B, C, H, W) in [-1, 1]; `model(x_t, t, y)` → ε̂ shaped as x."""
-    def __init__(self, timesteps=1000, schedule="linear", variance="fixedlarge", device=None):
+    def __init__(self, timesteps=1000, schedule="linear", variance="fixedlarge", device=None,
+                 prediction="eps"):
+        if prediction not in ("eps", "v", "x0"):
+            raise ValueError(f"unknown prediction {prediction!r}: use 'eps', 'v' or 'x0'")
         self.num_timesteps = timesteps
+        self.prediction = prediction  # what the network outputs: ε (Ho et al.), v or x_0
         betas = make_betas(schedule, timesteps)
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)                             # ᾱ_t
         alphas_cumprod_prev = F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)  # ᾱ_{t−1}, 1 at t = 0
@@ -121,23 +128,40 @@ class Diffusion:
         mean = from_x0 + _extract(self.posterior_mean_coef2, t, x_t) * x_t
         return mean, _extract(self.posterior_variance, t, x_t)
 
-    def predict_eps(self, model, x_t, t, y=None, guidance=1.0):
-        """ε̂, guided if y is given and guidance s ≠ 1: ε̃ = ε_u + s (ε_c − ε_u), ε_u for the null
-        label (index model.num_classes). s = 1: conditional, 0: unconditional (Ho & Salimans'
-        w = s − 1)."""
+    def model_output(self, model, x_t, t, y=None, guidance=1.0):
+        """The network's output, guided if y is given and guidance s ≠ 1: ε̃ = ε_u + s (ε_c − ε_u),
+        ε_u for the null label (index model.num_classes). s = 1: conditional, 0: unconditional (Ho
+        & Salimans' w = s − 1). v and x_0 are linear in ε at a given x_t: guided alike."""
         if y is None or guidance == 1.0:
             return model(x_t, t, y).float()
         null = torch.full_like(y, model.num_classes)
         # Both halves in one batched forward (as DiT's sample.py): one pass over the weights.
-        eps = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).float()
-        eps_c, eps_u = eps.chunk(2)
-        return eps_u + guidance * (eps_c - eps_u)
+        out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).float()
+        out_c, out_u = out.chunk(2)
+        return out_u + guidance * (out_c - out_u)
+
+    def eps_and_x0(self, x_t, t, out):
+        """(ε̂, x̂_0) from the network's output, whatever it predicts: derived here alone, so every
+        sampler, guidance, inpainting and the bound work for any prediction."""
+        a = _extract(self.sqrt_alphas_cumprod, t, x_t)                              # sqrt(ᾱ_t)
+        s = _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t)                    # sqrt(1 − ᾱ_t)
+        if self.prediction == "v":  # v = sqrt(ᾱ_t) ε − sqrt(1 − ᾱ_t) x_0 and Eq. 4 give
+            # ε = sqrt(1 − ᾱ_t) x_t + sqrt(ᾱ_t) v and x_0 = sqrt(ᾱ_t) x_t − sqrt(1 − ᾱ_t) v
+            return s * x_t + a * out, a * x_t - s * out
+        if self.prediction == "x0":  # Eq. 4 solved for ε: sqrt(1/ᾱ_t) x_t − x_0 = sqrt(1/ᾱ_t − 1) ε
+            eps = _extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - out
+            return eps / _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t), out
+        return out, self.predict_x0_from_eps(x_t, t, out)
+
+    def predict_eps(self, model, x_t, t, y=None, guidance=1.0):
+        """ε̂ from the (guided) output."""
+        return self.eps_and_x0(x_t, t, self.model_output(model, x_t, t, y, guidance))[0]
 
     def predict_x0(self, model, x_t, t, y=None, guidance=1.0):
-        """x̂_0 from the (guided) ε̂, clipped: what every sampler steps with."""
-        eps = self.predict_eps(model, x_t, t, y, guidance)
+        """x̂_0 from the (guided) output, clipped: what every sampler steps with."""
+        out = self.model_output(model, x_t, t, y, guidance)
         # Clip x̂_0, not x_t: data lies in [-1, 1], and an x̂_0 out of range pulls the mean off it.
-        return self.predict_x0_from_eps(x_t, t, eps).clamp(-1, 1)
+        return self.eps_and_x0(x_t, t, out)[1].clamp(-1, 1)
 
     def p_mean_variance(self, model, x_t, t, y=None, guidance=1.0):
         """Mean and variance of p_θ(x_{t−1} | x_t), and the clipped x̂_0 of the mean."""
@@ -146,11 +170,14 @@ class Diffusion:
         return mean, _extract(self.model_variance, t, x_t), pred_x0
 
     def training_loss(self, model, x0, y=None, p_uncond=0.0, generator=None, part=slice(None),
-                      loss="l2"):
+                      loss="l2", snr_gamma=0.0):
         """Algorithm 1's loss: t ~ U{0, …, T−1}, ε ~ N(0, I), ‖ε − ε_θ(x_t, t)‖², the pixel mean
-        (Eq. 14; "l1": |ε − ε̂|; "huber": smooth L1, β = 1). A label becomes the null label with
-        probability p_uncond: one network learns ε_c and guidance's ε_u. t, ε and the drops are
-        drawn for the whole batch, the loss is over x0[part] (processes share the draws)."""
+        (Eq. 14; "l1": |ε − ε̂|; "huber": smooth L1, β = 1), or v's or x_0's error for those
+        predictions. A label becomes the null label with probability p_uncond: one network learns
+        ε_c and guidance's ε_u. t, ε and the drops are drawn for the whole batch, the loss is over
+        x0[part] (processes share the draws). snr_gamma γ > 0: Min-SNR-γ weights (Hang et al.
+        2023), min(SNR_t, γ) times x_0's error, SNR_t = ᾱ_t / (1 − ᾱ_t): the easy low-noise
+        steps stop dominating the gradient."""
         batch = x0.shape[:1]
         t = torch.randint(0, self.num_timesteps, batch, generator=generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device)
@@ -158,9 +185,22 @@ class Diffusion:
             drop = torch.rand(y.shape, generator=generator, device=y.device) < p_uncond
             y = torch.where(drop, torch.full_like(y, model.num_classes), y)
         y_part = None if y is None else y[part]
-        eps = model(self.q_sample(x0[part], t[part], noise[part]), t[part], y_part)
+        x0 = x0[part]
+        t = t[part]
+        noise = noise[part]
+        out = model(self.q_sample(x0, t, noise), t, y_part).float()  # in fp32, also under autocast
+        a = _extract(self.sqrt_alphas_cumprod, t, x0)
+        s = _extract(self.sqrt_one_minus_alphas_cumprod, t, x0)
+        targets = dict(eps=noise, v=a * noise - s * x0, x0=x0)  # v = sqrt(ᾱ) ε − sqrt(1 − ᾱ) x_0
         losses = {"l2": F.mse_loss, "l1": F.l1_loss, "huber": F.smooth_l1_loss}
-        return losses[loss](eps.float(), noise[part])  # in fp32, also under autocast
+        if not snr_gamma:
+            return losses[loss](out, targets[self.prediction])
+        per_image = losses[loss](out, targets[self.prediction], reduction="none").flatten(1).mean(1)
+        snr = self.alphas_cumprod[t] / (1 - self.alphas_cumprod[t])
+        # ‖ε − ε̂‖² = SNR ‖x_0 − x̂_0‖² and ‖v − v̂‖² = (SNR + 1) ‖x_0 − x̂_0‖²: each divisor
+        # makes the weighted loss min(SNR, γ) ‖x_0 − x̂_0‖², whatever the network predicts
+        divisors = dict(eps=snr, v=snr + 1, x0=torch.ones_like(snr))
+        return (per_image * snr.clamp(max=snr_gamma) / divisors[self.prediction]).mean()
 
     # ---- The variational bound L = L_T + Σ_{t>1} L_{t−1} + L_0 (Eq. 5), in bits per dimension
     def prior_bpd(self, x0):
@@ -552,8 +592,9 @@ def train_step(model, ema, opt, diffusion, x0, y, step, hp, generator, part=None
                autocast=nullcontext()):
     """Algorithm 1 once: the loss on the batch x0 (labels y or None), the lr's linear warm-up, the
     gradient's global norm clipped, Adam's step and the EMA update → (lr, loss, grad_norm), the last
-    two tensors. hp: lr, warmup, grad_clip, p_uncond, micro_batch (None: all at once), loss. part:
-    this process's rows under DDP; forward: model, compiled or under DDP; generator: t, ε, drops."""
+    two tensors. hp: lr, warmup, grad_clip, p_uncond, micro_batch (None: all at once), loss and
+    snr_gamma (optional). part: this process's rows under DDP; forward: model, compiled or under
+    DDP; generator: t, ε, drops."""
     if forward is None:
         forward = model
     if part is None:
@@ -577,7 +618,7 @@ def train_step(model, ema, opt, diffusion, x0, y, step, hp, generator, part=None
         with autocast:
             micro = slice(start, start + M)
             part_loss = diffusion.training_loss(forward, x0, y, hp["p_uncond"], generator, micro,
-                                                hp["loss"])
+                                                hp["loss"], hp.get("snr_gamma", 0.0))
             part_loss = part_loss * (M / size)
         part_loss.backward()
         loss = loss + part_loss.detach()

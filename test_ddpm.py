@@ -187,6 +187,90 @@ def test_each_loss_matches_its_closed_form_on_a_fixed_prediction():
         d.training_loss(Fixed(), x0, loss="l3")
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_min_snr_weights_make_every_loss_min_snr_gamma_times_the_error_of_x0(prediction):
+    d, out = ddpm.Diffusion(50, prediction=prediction), torch.randn(6, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+
+    class Fixed(torch.nn.Module):
+        num_classes = None
+
+        def forward(self, x, t, y=None):
+            return out
+    x0 = torch.rand(6, 3, 4, 4, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    g = torch.Generator().manual_seed(0)  # the draws training_loss makes: t, then ε
+    t = torch.randint(0, 50, (6,), generator=g)
+    eps = torch.randn(x0.shape, generator=g).double()
+    a = d.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    # x̂_0 of each prediction (Eq. 4; v = sqrt(ᾱ) ε − sqrt(1 − ᾱ) x_0), and its own target, in float64
+    x0_hat = dict(eps=(x_t - (1 - a).sqrt() * out) / a.sqrt(), v=a.sqrt() * x_t - (1 - a).sqrt() * out, x0=out)
+    target = dict(eps=eps, v=a.sqrt() * eps - (1 - a).sqrt() * x0, x0=x0.double())[prediction]
+    snr = (a / (1 - a)).flatten()
+    x0_error = ((x0 - x0_hat[prediction]) ** 2).flatten(1).mean(1)
+    for gamma in [0.5, 5.0, 1e6]:  # γ below, among and above the SNRs drawn
+        got = d.training_loss(Fixed(), x0, generator=torch.Generator().manual_seed(0), snr_gamma=gamma)
+        assert got.item() == pytest.approx((snr.clamp(max=gamma) * x0_error).mean().item(), rel=1e-5)
+    assert 0.5 < snr.max() and snr.min() < 5  # the γ cut some of the t drawn
+    plain = d.training_loss(Fixed(), x0, generator=torch.Generator().manual_seed(0))  # γ = 0: Eq. 14 on the target
+    assert plain.item() == pytest.approx(((out - target) ** 2).mean().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("t", [0, 1, 25, 49])
+def test_v_and_x0_give_back_the_eps_and_x0_they_were_made_of_in_float64(t):
+    x0, eps = torch.rand(2, 3, 4, 4, dtype=torch.float64) * 2 - 1, torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    ts = torch.full((2,), t)
+    for prediction in ["eps", "v", "x0"]:
+        d = ddpm.Diffusion(50, "cosine", prediction=prediction)
+        ac = torch.cumprod(1 - ddpm.make_betas("cosine", 50).double(), 0)  # what eps_and_x0 reads, in float64
+        d.sqrt_alphas_cumprod, d.sqrt_one_minus_alphas_cumprod = ac.sqrt(), (1 - ac).sqrt()
+        d.sqrt_recip_alphas_cumprod, d.sqrt_recipm1_alphas_cumprod = ac.rsqrt(), (1 / ac - 1).sqrt()
+        a = ac[ts].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps  # Eq. 4
+        v = a.sqrt() * eps - (1 - a).sqrt() * x0
+        # x_0 = sqrt(ᾱ) x_t − sqrt(1 − ᾱ) v and ε = sqrt(1 − ᾱ) x_t + sqrt(ᾱ) v
+        assert torch.allclose(a.sqrt() * x_t - (1 - a).sqrt() * v, x0, rtol=0, atol=1e-12)
+        assert torch.allclose((1 - a).sqrt() * x_t + a.sqrt() * v, eps, rtol=0, atol=1e-12)
+        eps_hat, x0_hat = d.eps_and_x0(x_t, ts, dict(eps=eps, v=v, x0=x0)[prediction])
+        assert torch.allclose(eps_hat, eps, rtol=0, atol=1e-9) and torch.allclose(x0_hat, x0, rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="unknown prediction 'y'"):
+        ddpm.Diffusion(50, prediction="y")
+
+
+class AsPrediction(torch.nn.Module):
+    """An ε network seen as the v or x_0 network that predicts the same thing (converted in float64)."""
+    def __init__(self, eps_model, d, prediction):
+        super().__init__()
+        self.eps_model, self.d, self.prediction = eps_model, d, prediction
+        self.in_channels, self.image_size, self.num_classes = eps_model.in_channels, 8, eps_model.num_classes
+
+    def forward(self, x, t, y=None):
+        eps = self.eps_model(x, t, y).double()
+        a = self.d.alphas_cumprod[t].double().view(-1, 1, 1, 1)
+        x0 = (x.double() - (1 - a).sqrt() * eps) / a.sqrt()
+        return dict(v=a.sqrt() * eps - (1 - a).sqrt() * x0, x0=x0)[self.prediction].float()
+
+
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+def test_every_sampler_guidance_editing_and_the_bound_give_with_v_or_x0_what_they_give_with_the_same_eps(prediction):
+    d_eps, d_other = ddpm.Diffusion(20), ddpm.Diffusion(20, prediction=prediction)
+    model = randomize(ddpm.UNet(3, 16, (1, 2), 1, (), 0.0, 8, num_classes=3, same_padding=False, norm_eps=1e-5))
+    other = AsPrediction(model, d_other, prediction)
+    noise, y = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 2])
+    image, mask = torch.rand(2, 3, 8, 8) * 2 - 1, (torch.rand(1, 1, 8, 8) > 0.5).float()
+    cases = [dict(), dict(steps=6), dict(steps=6, eta=1.0), dict(steps=6, sampler="dpm++"),
+             dict(steps=6, known=(image, mask, 2)), dict(steps=6, image=image, strength=0.6)]
+    for options in cases:
+        ours, theirs, misread = (d.sample(m, 2, y, 2.5, noise=noise, generator=torch.Generator().manual_seed(1),
+                                          **options) for d, m in [(d_eps, model), (d_other, other), (d_eps, other)])
+        assert torch.allclose(ours, theirs, atol=1e-4), options
+        assert not torch.allclose(ours, misread, atol=1e-2), options  # read as ε, the v or x_0 network differs
+    t = torch.tensor([0, 17])
+    x_t = d_eps.q_sample(image, t, noise)
+    with torch.no_grad():
+        assert torch.allclose(d_eps.vb_terms_bpd(model, image, x_t, t, y), d_other.vb_terms_bpd(other, image, x_t, t, y),
+                              rtol=1e-4)
+
+
 def test_guidance():
     d = ddpm.Diffusion(50)
     model = randomize(ddpm.UNet(3, 16, (1, 2), 1, (), 0.0, 8, num_classes=5))

@@ -181,6 +181,10 @@ TRAIN = RUN + [DATA_ROOT, WORKERS, INCEPTION, COMPILE] + [  # a run's config: th
     ("--init", str, "fine-tune: start from this checkpoint's or exported model's EMA weights and network, with "
      "a new optimizer, step and random streams"),
     ("--loss", ("l2", "l1", "huber"), "the loss on ε̂: l2 (Ho et al.'s Eq. 14), l1, huber (smooth L1, β = 1)"),
+    ("--prediction", ("eps", "v", "x0"), "what the network predicts: ε (Ho et al.), v = sqrt(ᾱ_t) ε − sqrt(1 − ᾱ_t) "
+     "x_0 (Salimans & Ho: well-conditioned at both ends of the schedule), or x_0"),
+    ("--snr-gamma", _num(float, 0, 1e6), "Min-SNR-γ loss weights (Hang et al.): each step weighted as min(SNR_t, γ) "
+     "‖x_0 − x̂_0‖², so the easy low-noise steps stop dominating the gradient; 5 is theirs (0: Ho et al.'s)"),
     ("--report-to", _trackers, "also log to tensorboard (<out>/tensorboard/), wandb ($WANDB_PROJECT, "
      "WANDB_MODE=offline), or both: tensorboard,wandb"),
     ("--flip", "on/off", "random horizontal flips (default: on, but off for --data mnist: turn them off for "
@@ -452,7 +456,7 @@ def cmd_nll(args):
     Of the EMA model; a class-conditional one through its null label: p(x), as the paper's."""
     run = load_run(args.ckpt, args.device, args.precision, "nll", check_config)
     variance = args.variance or run.cfg["variance"]
-    diffusion = Diffusion(run.cfg["timesteps"], run.cfg["schedule"], variance, device=run.device)
+    diffusion = Diffusion(run.cfg["timesteps"], run.cfg["schedule"], variance, run.device, run.cfg["prediction"])
     T = diffusion.num_timesteps
     if args.t_samples is not None and args.t_samples > T - 1:
         raise UserError(f"--t-samples {args.t_samples}: the model has T − 1 = {T - 1} terms with t ≥ 1 to draw from")

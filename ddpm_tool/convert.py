@@ -135,6 +135,9 @@ def diffusers_config(cfg, num_classes=None, keep_classes=False):
                 mid_block_scale_factor=1, add_attention=True, center_input_sample=False)
 
 
+PREDICTION_TYPES = dict(eps="epsilon", v="v_prediction", x0="sample")  # ddpm.py's → diffusers' names
+
+
 def diffusers_scheduler(cfg):
     """Our schedule and variance → DDPMScheduler's config (Ho et al.'s ancestral sampler, x̂_0 clipped)."""
     T = cfg["timesteps"]
@@ -143,7 +146,7 @@ def diffusers_scheduler(cfg):
     if cfg["schedule"] == "linear":  # ddpm.py's linear schedule: 1e-4 → 0.02, scaled by 1000/T
         schedule = dict(beta_schedule="linear", beta_start=1000 / T * 1e-4, beta_end=1000 / T * 0.02)
     return dict(num_train_timesteps=T, variance_type=variance, clip_sample=True, clip_sample_range=1.0,
-                prediction_type="epsilon", **schedule)
+                prediction_type=PREDICTION_TYPES[cfg["prediction"]], **schedule)
 
 
 def save_diffusers(ckpt, out, keep_classes=False):
@@ -196,15 +199,18 @@ def locate(path):
 
 
 def our_schedule(scheduler_file):
-    """The scheduler's config → (T, schedule, variance) of ddpm.py, or ConvertError; none: Ho et al.'s, with a note."""
+    """The scheduler's config → (T, schedule, variance, prediction) of ddpm.py, or ConvertError; none: Ho et al.'s,
+    with a note."""
     if not os.path.isfile(scheduler_file):
-        return 1000, "linear", "fixedlarge"
+        return 1000, "linear", "fixedlarge", "eps"
     s = read_json(scheduler_file)
     T = s.get("num_train_timesteps", 1000)
     for key in [k for k in ("num_train_timesteps", "beta_start", "beta_end", "clip_sample_range") if k in s]:
         if type(s[key]) not in (int, float):  # bool too
             raise ConvertError(f"{scheduler_file}: {key} is {s[key]!r}, not a number")
-    refuse = [(s.get("prediction_type", "epsilon") != "epsilon", f"prediction_type {s.get('prediction_type')}"),
+    names = {name: key for key, name in PREDICTION_TYPES.items()}
+    prediction = names.get(s.get("prediction_type", "epsilon"))
+    refuse = [(prediction is None, f"prediction_type {s.get('prediction_type')}"),
               (s.get("trained_betas") is not None, "trained_betas"),
               (str(s.get("variance_type")).startswith("learned"), f"variance_type {s.get('variance_type')} (learned)"),
               (not s.get("clip_sample", True), "clip_sample false (ddpm.py's samplers clip x̂_0 to [-1, 1])"),
@@ -221,7 +227,7 @@ def our_schedule(scheduler_file):
         if bad:
             raise ConvertError(f"{scheduler_file}: {what}: ddpm.py cannot compute it exactly")
     variance = "fixedsmall" if str(s.get("variance_type")).startswith("fixed_small") else "fixedlarge"
-    return T, schedule, variance
+    return T, schedule, variance, prediction
 
 
 def our_config(c, where):
@@ -287,7 +293,7 @@ def load_diffusers(path):
     name = config.get("_class_name", "UNet2DModel")
     if name != "UNet2DModel":
         raise ConvertError(f"{folder}: a {name}; ddpm.py reads UNet2DModel only")
-    T, schedule, variance = our_schedule(scheduler_file)
+    T, schedule, variance, prediction = our_schedule(scheduler_file)
     given = UNet2DModel.extract_init_dict(UNet2DModel.load_config(folder))[0]  # legacy keys renamed
     signature = inspect.signature(UNet2DModel.__init__).parameters.values()
     defaults = {p.name: p.default for p in signature if p.default is not inspect.Parameter.empty}
@@ -307,7 +313,7 @@ def load_diffusers(path):
     eta = config.get("_ddpm_eta", 0.0)  # ddpm.py's export: the model's η
     if type(eta) not in (int, float) or not 0 <= eta <= 1:
         raise ConvertError(f"{config_file}: _ddpm_eta is {eta!r}, not a number in [0, 1]")
-    cfg.update(timesteps=T, schedule=schedule, variance=variance, eta=eta, data=None)  # the data it learnt: unknown
+    cfg.update(timesteps=T, schedule=schedule, variance=variance, prediction=prediction, eta=eta, data=None)  # the data it learnt: unknown
     classes = [] if cfg["unconditional"] else [str(k) for k in range(unet.config["num_class_embeds"] - 1)]
     if not os.path.isfile(scheduler_file):  # said once the model has loaded
         print(f"note: no {scheduler_file}: Ho et al.'s schedule assumed (linear β 1e-4 → 0.02, T = 1000, σ²_t = β_t)",

@@ -128,7 +128,7 @@ DEFAULTS = dict(  # Ho et al.'s CIFAR-10 run
     ch=128, num_res_blocks=2, ch_mult=(1, 2, 2, 2), attn_res=(16,), dropout=0.1, ema_decay=0.9999, timesteps=1000,
     schedule="linear", p_uncond=0.1, eta=0.0, save_every=5000, log_every=100, keep_every=0, sample_every=10000,
     fid_every=0, fid_n=1000, fid_ref=None, micro_batch=None, grad_checkpoint=False, init=None, loss="l2",
-    report_to=(), flip=None, unconditional=False,
+    report_to=(), flip=None, unconditional=False, prediction="eps", snr_gamma=0.0,
     same_padding=True, norm_eps=1e-6, variance="fixedlarge")  # no flags: Ho et al.'s exact network, σ²_t = β_t
 # What older runs lack, as they ran: among them the network's padding and GroupNorm ε before Ho et al.'s exact ones
 LEGACY = dict(channels=3, same_padding=False, norm_eps=1e-5)  # (no flip, eta, variance: as the defaults)
@@ -176,7 +176,8 @@ def new_config(preset, given, init):
             if key in given and given[key] != init[key]:
                 raise UserError(f"--{key.replace('_', '-')} {given[key]}: the network comes from --init "
                                 f"{cfg['init']}, which has {init[key]}")
-        cfg.update({k: init[k] for k in INIT_KEYS}, image_size=cfg["image_size"] or init["image_size"])
+        cfg.update({k: init[k] for k in INIT_KEYS}, image_size=cfg["image_size"] or init["image_size"],
+                   prediction=given.get("prediction", init["prediction"]))  # what its weights predict, unless given
     native = NATIVE_SIZE.get(cfg["data"], 32)  # the data's own size if the U-Net can halve it enough, else 32
     cfg["image_size"] = cfg["image_size"] or (32 if native % 2 ** (len(cfg["ch_mult"]) - 1) else native)
     if preset == "paper" and init is None and "ch_mult" not in given:  # a network sized for the images

@@ -98,7 +98,7 @@ def load_run(ckpt=None, device=None, precision="auto", task="sample", check=None
     model = unet_from_config(cfg, len(ckpt["classes"]))
     model.load_state_dict(ckpt["ema"]["model"])
     model.to(device, memory_format=torch.contiguous_format if device.type == "mps" else torch.channels_last).eval()
-    diffusion = ddpm.Diffusion(cfg["timesteps"], cfg["schedule"], cfg["variance"], device=device)
+    diffusion = ddpm.Diffusion(cfg["timesteps"], cfg["schedule"], cfg["variance"], device, cfg["prediction"])
     shape = (cfg["channels"], *hw(cfg["image_size"]))
     return Run(device, path, model, diffusion, ckpt["classes"], cfg, shape, resolve_precision(precision, device, task))
 

@@ -39,7 +39,7 @@ class Trainer:
         self.model = self.build_model(ckpt)
         self.ema = EMA(self.model, cfg["ema_decay"])
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg["lr"], fused=device.type == "cuda")
-        self.diffusion = Diffusion(cfg["timesteps"], cfg["schedule"], device=device)
+        self.diffusion = Diffusion(cfg["timesteps"], cfg["schedule"], device=device, prediction=cfg["prediction"])
         # Two random streams: `data` draws t, ε, flips and label drops for the whole global batch (the same in every
         # process), the global one dropout (its own in each process). Both are saved, so a resumed run is exact.
         self.data = torch.Generator(device).manual_seed(cfg["seed"])

@@ -143,6 +143,28 @@ def test_a_folder_with_a_pickle_that_would_run_code_is_refused_before_it_runs(tm
     assert not flag.exists()
 
 
+@pytest.mark.parametrize("prediction, name", [("v", "v_prediction"), ("x0", "sample")])
+def test_a_v_or_x0_model_exports_with_its_prediction_type_and_samples_in_ddpm_pipeline_as_here(tmp_path, capsys,
+                                                                                                prediction, name):
+    cfg = dict(runs.DEFAULTS, ch=128, ch_mult=(1, 1), num_res_blocks=1, attn_res=(8,), image_size=8, channels=3,
+               unconditional=True, timesteps=20, variance="fixedlarge", prediction=prediction)
+    model = randomize(runs.unet_from_config(cfg, 0))
+    torch.save(dict(config=cfg, classes=[], step=1, ema=dict(model=model.state_dict())), tmp_path / "ckpt.pt")
+    code, err = run_main(["export", "--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "d"), "--format",
+                          "diffusers"], capsys)
+    assert code == 0, err
+    pipe = diffusers.DDPMPipeline.from_pretrained(str(tmp_path / "d"), low_cpu_mem_usage=False)
+    assert pipe.scheduler.config.prediction_type == name
+    theirs = pipe(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=20,
+                  output_type="np").images
+    run = sampling.load_run(str(tmp_path / "d"), "cpu")
+    assert run.cfg["prediction"] == prediction and run.diffusion.prediction == prediction
+    ours = run.diffusion.sample(run.model, 2, generator=torch.Generator().manual_seed(3))
+    ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    difference = abs(ours - theirs)  # as for ε: float32 rounding in another order, through 20 steps
+    assert difference.max() <= 1e-3 and float(np.median(difference)) <= 1e-6
+
+
 def test_refusals_are_one_line(tmp_path, capsys):
     cases = [
         (dict(SMALL, attention_head_dim=32), SCHEDULER, "more than one attention head"),
@@ -151,7 +173,7 @@ def test_refusals_are_one_line(tmp_path, capsys):
         (dict(SMALL, resnet_time_scale_shift="scale_shift"), SCHEDULER, "resnet_time_scale_shift scale_shift"),
         (dict(SMALL, norm_num_groups=16), SCHEDULER, "norm_num_groups 16"),
         (dict(SMALL, block_out_channels=[64, 64]), SCHEDULER, "norm_num_groups 32: ddpm.py's U-Net builds [16, 32]"),
-        (SMALL, dict(SCHEDULER, prediction_type="v_prediction"), "prediction_type v_prediction"),
+        (SMALL, dict(SCHEDULER, prediction_type="flow"), "prediction_type flow"),
         (SMALL, dict(SCHEDULER, variance_type="learned_range"), "(learned)"),
         (SMALL, dict(SCHEDULER, beta_schedule="scaled_linear"), "beta_schedule scaled_linear"),
         (SMALL, dict(SCHEDULER, beta_end=0.03), "linear betas 0.0001 → 0.03"),

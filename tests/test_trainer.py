@@ -22,15 +22,19 @@ def test_the_paper_model_on_a_cpu_says_it_is_sized_for_a_gpu(folder, tmp_path, m
 
 
 # ---------------------------------------------------------------------------------------------- training loop
-def test_exact_resume_is_bitwise_identical(folder, tmp_path, capsys):
+@pytest.mark.parametrize("options, saved", [(["--loss", "huber"], dict(loss="huber", prediction="eps", snr_gamma=0)),
+                                            (["--prediction", "v", "--snr-gamma", "5"], dict(prediction="v", snr_gamma=5)),
+                                            (["--prediction", "x0", "--snr-gamma", "0.5"], dict(prediction="x0"))])
+def test_exact_resume_is_bitwise_identical(folder, tmp_path, capsys, options, saved):
     args = ["train", "--data", folder, "--steps", "6", "--dropout", "0.3", "--p-uncond", "0.5", "--keep-every", "2",
-            *TINY, "--batch-size", "5", "--loss", "huber"]            # batches of 5 over 6 images straddle epochs
+            *TINY, "--batch-size", "5", *options]            # batches of 5 over 6 images straddle epochs
     assert cli.main(args + ["--out", str(tmp_path / "straight")]) == 0
     half = args + ["--out", str(tmp_path / "resumed")]
     assert cli.main([*half[:half.index("--steps") + 1], "3", *half[half.index("--steps") + 2:]]) == 0
     assert cli.main(["train", "--resume", "--out", str(tmp_path / "resumed"), "--steps", "6"]) == 0
     a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("straight", "resumed"))
-    assert a["step"] == b["step"] == 6 and b["ema"]["num_updates"] == 6 and a["config"]["loss"] == "huber"
+    assert a["step"] == b["step"] == 6 and b["ema"]["num_updates"] == 6
+    assert saved.items() <= a["config"].items() and saved.items() <= b["config"].items()
     for part in ("model", "optimizer"):
         flat_a, flat_b = torch.utils._pytree.tree_flatten(a[part])[0], torch.utils._pytree.tree_flatten(b[part])[0]
         assert all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(flat_a, flat_b))
@@ -75,6 +79,16 @@ def test_init_starts_from_the_ema_weights_of_a_checkpoint_or_an_export_with_all_
     assert all(torch.equal(a["model"][k], v) for k, v in b["model"].items())
     assert dict(a["config"], out=None) == dict(b["config"], out=None) and a["config"]["init"] == exported
     capsys.readouterr()
+
+
+def test_init_keeps_what_its_weights_predict_unless_told(ckpts, folder, tmp_path, monkeypatch, capsys):
+    source = torch.load(ckpts["cond"], weights_only=True)
+    source["config"]["prediction"] = "v"
+    torch.save(source, tmp_path / "v.pt")
+    run = ["train", "--data", folder, "--batch-size", "4", "--sample-every", "0", "--init", str(tmp_path / "v.pt")]
+    for flags, prediction in [([], "v"), (["--prediction", "x0"], "x0")]:
+        t, _ = _trainer_of([*run, *flags, "--out", str(tmp_path / prediction)], monkeypatch, capsys)
+        assert t.cfg["prediction"] == t.diffusion.prediction == prediction
 
 
 def test_init_on_other_classes_starts_the_class_embedding_anew_but_keeps_the_null_label(ckpts, tmp_path, monkeypatch,
