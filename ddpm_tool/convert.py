@@ -313,7 +313,8 @@ def load_diffusers(path):
     eta = config.get("_ddpm_eta", 0.0)  # ddpm.py's export: the model's η
     if type(eta) not in (int, float) or not 0 <= eta <= 1:
         raise ConvertError(f"{config_file}: _ddpm_eta is {eta!r}, not a number in [0, 1]")
-    cfg.update(timesteps=T, schedule=schedule, variance=variance, prediction=prediction, eta=eta, data=None)  # the data it learnt: unknown
+    # data=None: the data it learnt is unknown
+    cfg.update(timesteps=T, schedule=schedule, variance=variance, prediction=prediction, eta=eta, data=None)
     classes = [] if cfg["unconditional"] else [str(k) for k in range(unet.config["num_class_embeds"] - 1)]
     if not os.path.isfile(scheduler_file):  # said once the model has loaded
         print(f"note: no {scheduler_file}: Ho et al.'s schedule assumed (linear β 1e-4 → 0.02, T = 1000, σ²_t = β_t)",
