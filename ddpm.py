@@ -8,6 +8,8 @@ ddpm.py: Denoising Diffusion Probabilistic Models, the method in one file.
     cosine  Nichol & Dhariwal 2021, https://arxiv.org/abs/2102.09672  (cosine noise schedule)
     v       Salimans & Ho 2022, https://arxiv.org/abs/2202.00512  (v-prediction)
     MinSNR  Hang et al. 2023, https://arxiv.org/abs/2303.09556  (Min-SNR-γ loss weights)
+    SR3     Saharia et al. 2021, https://arxiv.org/abs/2104.07636  (p(x | c): super-resolution)
+    Palette Saharia et al. 2022, https://arxiv.org/abs/2111.05826  (p(x | c): colourisation)
 
 The method, top to bottom: schedule and math, samplers, U-Net, EMA, Algorithm 1's step. It needs
 only torch and tqdm: copied alone into a project, it trains and samples. The tool that runs it,
@@ -128,15 +130,16 @@ class Diffusion:
         mean = from_x0 + _extract(self.posterior_mean_coef2, t, x_t) * x_t
         return mean, _extract(self.posterior_variance, t, x_t)
 
-    def model_output(self, model, x_t, t, y=None, guidance=1.0):
+    def model_output(self, model, x_t, t, y=None, guidance=1.0, cond=None):
         """The network's output, guided if y is given and guidance s ≠ 1: ε̃ = ε_u + s (ε_c − ε_u),
         ε_u for the null label (index model.num_classes). s = 1: conditional, 0: unconditional (Ho
         & Salimans' w = s − 1). v and x_0 are linear in ε at a given x_t: guided alike."""
         if y is None or guidance == 1.0:
-            return model(x_t, t, y).float()
+            return model(x_t, t, y, cond).float()
         null = torch.full_like(y, model.num_classes)
+        both = None if cond is None else torch.cat([cond, cond])  # the image, seen by both halves
         # Both halves in one batched forward (as DiT's sample.py): one pass over the weights.
-        out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).float()
+        out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]), both).float()
         out_c, out_u = out.chunk(2)
         return out_u + guidance * (out_c - out_u)
 
@@ -153,31 +156,31 @@ class Diffusion:
             return eps / _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t), out
         return out, self.predict_x0_from_eps(x_t, t, out)
 
-    def predict_eps(self, model, x_t, t, y=None, guidance=1.0):
+    def predict_eps(self, model, x_t, t, y=None, guidance=1.0, cond=None):
         """ε̂ from the (guided) output."""
-        return self.eps_and_x0(x_t, t, self.model_output(model, x_t, t, y, guidance))[0]
+        return self.eps_and_x0(x_t, t, self.model_output(model, x_t, t, y, guidance, cond))[0]
 
-    def predict_x0(self, model, x_t, t, y=None, guidance=1.0):
+    def predict_x0(self, model, x_t, t, y=None, guidance=1.0, cond=None):
         """x̂_0 from the (guided) output, clipped: what every sampler steps with."""
-        out = self.model_output(model, x_t, t, y, guidance)
+        out = self.model_output(model, x_t, t, y, guidance, cond)
         # Clip x̂_0, not x_t: data lies in [-1, 1], and an x̂_0 out of range pulls the mean off it.
         return self.eps_and_x0(x_t, t, out)[1].clamp(-1, 1)
 
-    def p_mean_variance(self, model, x_t, t, y=None, guidance=1.0):
+    def p_mean_variance(self, model, x_t, t, y=None, guidance=1.0, cond=None):
         """Mean and variance of p_θ(x_{t−1} | x_t), and the clipped x̂_0 of the mean."""
-        pred_x0 = self.predict_x0(model, x_t, t, y, guidance)
+        pred_x0 = self.predict_x0(model, x_t, t, y, guidance, cond)
         mean, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)  # Eq. 11, written through x̂_0
         return mean, _extract(self.model_variance, t, x_t), pred_x0
 
     def training_loss(self, model, x0, y=None, p_uncond=0.0, generator=None, part=slice(None),
-                      loss="l2", snr_gamma=0.0):
+                      loss="l2", snr_gamma=0.0, cond=None):
         """Algorithm 1's loss: t ~ U{0, …, T−1}, ε ~ N(0, I), ‖ε − ε_θ(x_t, t)‖², the pixel mean
         (Eq. 14; "l1": |ε − ε̂|; "huber": smooth L1, β = 1), or v's or x_0's error for those
         predictions. A label becomes the null label with probability p_uncond: one network learns
         ε_c and guidance's ε_u. t, ε and the drops are drawn for the whole batch, the loss is over
         x0[part] (processes share the draws). snr_gamma γ > 0: Min-SNR-γ weights (Hang et al.
         2023), min(SNR_t, γ) times x_0's error, SNR_t = ᾱ_t / (1 − ᾱ_t): the easy low-noise
-        steps stop dominating the gradient."""
+        steps stop dominating the gradient. cond: the images c of p(x | c), beside x_t."""
         batch = x0.shape[:1]
         t = torch.randint(0, self.num_timesteps, batch, generator=generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device)
@@ -185,10 +188,11 @@ class Diffusion:
             drop = torch.rand(y.shape, generator=generator, device=y.device) < p_uncond
             y = torch.where(drop, torch.full_like(y, model.num_classes), y)
         y_part = None if y is None else y[part]
+        cond_part = None if cond is None else cond[part]
         x0 = x0[part]
         t = t[part]
         noise = noise[part]
-        out = model(self.q_sample(x0, t, noise), t, y_part).float()  # in fp32, also under autocast
+        out = model(self.q_sample(x0, t, noise), t, y_part, cond_part).float()  # fp32 in autocast
         a = _extract(self.sqrt_alphas_cumprod, t, x0)
         s = _extract(self.sqrt_one_minus_alphas_cumprod, t, x0)
         targets = dict(eps=noise, v=a * noise - s * x0, x0=x0)  # v = sqrt(ᾱ) ε − sqrt(1 − ᾱ) x_0
@@ -256,12 +260,13 @@ class Diffusion:
     @torch.inference_mode()
     def sample(self, model, n, y=None, guidance=1.0, steps=None, eta=0.0, generator=None,
                noise=None, progress=False, callback=None, sampler=None, spacing="uniform",
-               known=None, image=None, strength=1.0):
+               known=None, image=None, strength=1.0, cond=None):
         """n images (n, C, H, W) in [-1, 1] from x_{T−1} = noise ~ N(0, I). sampler: "ancestral"
         (the default for steps=None: Algorithm 2 over all T steps), "ddim" (the default for steps=S:
         the S steps of sampling_steps(S, spacing)) or "dpm++" (DPM-Solver++(2M) over them). known:
         inpaint (paste_known). image, strength: SDEdit (Meng et al. 2021), from image noised by
-        q(x_t | x_0) to t = strength · (T − 1); strength 0 returns the image."""
+        q(x_t | x_0) to t = strength · (T − 1); strength 0 returns the image. cond: (n, C', H, W),
+        the conditioning images of a model that takes them (p(x | c): SR3, Palette)."""
         if sampler is None:
             sampler = "ancestral" if steps is None else "ddim"
         loops = {"ancestral": self.p_sample_loop, "ddim": self.ddim_sample_loop,
@@ -286,16 +291,17 @@ class Diffusion:
             ts = [t for t in ts if t < t_start] + [t_start]
             x = self.q_sample(image.to(device), torch.full((n,), t_start, device=device), x)
         options = {"eta": eta} if sampler == "ddim" else {}
-        return loops[sampler](model, x, ts, y, guidance, generator, callback, progress, known,
+        cond = None if cond is None else cond.to(device)
+        return loops[sampler](model, x, ts, y, guidance, generator, callback, progress, known, cond,
                               **options)
 
     def p_sample_loop(self, model, x, ts, y=None, guidance=1.0, generator=None, callback=None,
-                      progress=False, known=None):
+                      progress=False, known=None, cond=None):
         """Algorithm 2: x_{t−1} = μ_θ(x_t, t) + σ_t z over all T steps (ts: every t)."""
         for i, t, again in _countdown(ts, x, progress, known):
             # z ~ N(0, I), and no noise at the last step
             z = torch.randn(x.shape, generator=generator, device=x.device) if i > 0 else 0
-            mean, var, pred_x0 = self.p_mean_variance(model, x, t, y, guidance)
+            mean, var, pred_x0 = self.p_mean_variance(model, x, t, y, guidance, cond)
             x_prev = mean + var.sqrt() * z
             if callback is not None:
                 callback(ts[i], x, pred_x0)
@@ -303,14 +309,14 @@ class Diffusion:
         return x
 
     def ddim_sample_loop(self, model, x, ts, y=None, guidance=1.0, generator=None, callback=None,
-                         progress=False, known=None, eta=0.0):
+                         progress=False, known=None, cond=None, eta=0.0):
         """DDIM (Song et al.) over the steps ts: eta 0 deterministic, 1 DDPM-like (σ²_t = β_t, the
         ancestral sampler's, is very bad with few steps: their Table 1)."""
         alphas_cumprod = self.alphas_cumprod.tolist()  # floats: no device syncs in the loop
         for i, t, again in _countdown(ts, x, progress, known):
             noisy = i > 0 and eta > 0
             z = torch.randn(x.shape, generator=generator, device=x.device) if noisy else 0
-            pred_x0 = self.predict_x0(model, x, t, y, guidance)
+            pred_x0 = self.predict_x0(model, x, t, y, guidance, cond)
             a = alphas_cumprod[ts[i]]
             a_prev = alphas_cumprod[ts[i - 1]] if i > 0 else 1.0  # 1.0: x_0 itself
             # Re-derive ε from the clipped x̂_0 so the step stays on the line between x̂_0 and x_t.
@@ -326,7 +332,7 @@ class Diffusion:
         return x
 
     def dpm_solver_sample_loop(self, model, x, ts, y=None, guidance=1.0, generator=None,
-                               callback=None, progress=False, known=None):
+                               callback=None, progress=False, known=None, cond=None):
         """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) over ts: with α = sqrt(ᾱ), σ = sqrt(1 − ᾱ),
         λ = log(α/σ), each step solves the flow ODE for x̂_0 linear in λ through this and the last
         x̂_0. First order (DDIM, η = 0): the first step, and below 15 steps the one into t = 0."""
@@ -334,7 +340,7 @@ class Diffusion:
         last_x0 = None  # x̂_0 and h of the previous step
         h_last = None
         for i, t, again in _countdown(ts, x, progress, known):
-            pred_x0 = self.predict_x0(model, x, t, y, guidance)
+            pred_x0 = self.predict_x0(model, x, t, y, guidance, cond)
             a = alphas_cumprod[ts[i]]
             if i == 0:  # to σ = 0: h = ∞, e^{−h} = 0, and the update is x̂_0 itself
                 x_prev = pred_x0
@@ -354,7 +360,6 @@ class Diffusion:
                 callback(ts[i], x, pred_x0)
             x = self.paste_known(x_prev, ts, i, known, generator, again)
         return x
-
 
     def paste_known(self, x_prev, ts, i, known=None, generator=None, again=False):
         """Inpainting: x_{t−1}'s known pixels (t − 1 = ts[i − 1]) drawn from q(x_{t−1} | x_known)
@@ -470,13 +475,14 @@ class ResBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """ε_θ(x, t, y) → ε̂ shaped as x (B, C, H, W); t: (B,) in 0..T−1; y: (B,) labels or None
-    (label num_classes is the null label). The defaults are Ho et al.'s CIFAR-10 network, 35.7M
-    parameters: 32→16→8→4 px at 128/256/256/256 channels, num_res_blocks blocks a level down and one
-    more up (each takes a skip), attention at attn_resolutions and in the middle."""
+    """ε_θ(x, t, y, c) → ε̂ shaped as x (B, C, H, W); t: (B,) in 0..T−1; y: (B,) labels or None
+    (label num_classes is the null label); c: (B, cond_channels, H, W) or None. The defaults are
+    Ho et al.'s CIFAR-10 network, 35.7M parameters: 32→16→8→4 px at 128/256/256/256 channels,
+    num_res_blocks blocks a level down and one more up (each takes a skip), attention at
+    attn_resolutions and in the middle."""
     def __init__(self, in_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
                  attn_resolutions=(16,), dropout=0.1, image_size=32, num_classes=None,
-                 same_padding=True, norm_eps=1e-6):
+                 same_padding=True, norm_eps=1e-6, cond_channels=0):
         super().__init__()
         if not ch_mult:
             raise ValueError("ch_mult needs at least one level")
@@ -492,7 +498,7 @@ class UNet(nn.Module):
         emb_ch = 4 * ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
         self.class_emb = nn.Embedding(num_classes + 1, emb_ch) if num_classes else None  # + null
-        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.conv_in = nn.Conv2d(in_channels + cond_channels, ch, 3, padding=1)  # x_t and c
         self.down = nn.ModuleList()
         self.up = nn.ModuleList()
         skips = [ch]  # the channels of every output on the way down
@@ -539,7 +545,9 @@ class UNet(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def forward(self, x, t, y=None):
+    def forward(self, x, t, y=None, cond=None):
+        if cond is not None:  # SR3 and Palette: the image c concatenated to x_t on the channels
+            x = torch.cat([x, cond], dim=1)
         emb = self.time_mlp(timestep_embedding(t, self.ch))                          # (B, 4·ch)
         if self.class_emb is not None:
             if y is None:
@@ -589,12 +597,12 @@ class EMA:
 
 # ======== 4. Algorithm 1: one optimisation step ==================================================
 def train_step(model, ema, opt, diffusion, x0, y, step, hp, generator, part=None, forward=None,
-               autocast=nullcontext()):
+               autocast=nullcontext(), cond=None):
     """Algorithm 1 once: the loss on the batch x0 (labels y or None), the lr's linear warm-up, the
     gradient's global norm clipped, Adam's step and the EMA update → (lr, loss, grad_norm), the last
     two tensors. hp: lr, warmup, grad_clip, p_uncond, micro_batch (None: all at once), loss and
     snr_gamma (optional). part: this process's rows under DDP; forward: model, compiled or under
-    DDP; generator: t, ε, drops."""
+    DDP; generator: t, ε, drops; cond: the batch's conditioning images, or None."""
     if forward is None:
         forward = model
     if part is None:
@@ -618,7 +626,7 @@ def train_step(model, ema, opt, diffusion, x0, y, step, hp, generator, part=None
         with autocast:
             micro = slice(start, start + M)
             part_loss = diffusion.training_loss(forward, x0, y, hp["p_uncond"], generator, micro,
-                                                hp["loss"], hp.get("snr_gamma", 0.0))
+                                                hp["loss"], hp.get("snr_gamma", 0.0), cond)
             part_loss = part_loss * (M / size)
         part_loss.backward()
         loss = loss + part_loss.detach()

@@ -30,7 +30,7 @@ class Oracle(torch.nn.Module):
         self.in_channels, self.image_size, self.num_classes = x_star.shape[1], tuple(x_star.shape[2:]), None
         self.dummy = torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, x, t, y=None):
+    def forward(self, x, t, y=None, cond=None):
         self.calls.append(t.clone())
         a = self.d.alphas_cumprod[t].double().view(-1, 1, 1, 1)
         return ((x.double() - a.sqrt() * self.x_star.double()) / (1 - a).sqrt()).float()
@@ -154,7 +154,7 @@ def test_training_loss_draws_all_t_and_drops_labels_per_sample():
     class Spy(torch.nn.Module):
         num_classes = 10
 
-        def forward(self, x, t, y=None):
+        def forward(self, x, t, y=None, cond=None):
             self.t, self.y = t, y
             return torch.zeros_like(x)
     d, spy = ddpm.Diffusion(50), Spy()
@@ -173,7 +173,7 @@ def test_each_loss_matches_its_closed_form_on_a_fixed_prediction():
     class Fixed(torch.nn.Module):
         num_classes = None
 
-        def forward(self, x, t, y=None):
+        def forward(self, x, t, y=None, cond=None):
             return eps_hat
     x0 = torch.rand(2, 3, 4, 4) * 2 - 1
     closed = {"l2": lambda e: (e ** 2).mean(), "l1": lambda e: e.abs().mean(),
@@ -194,7 +194,7 @@ def test_min_snr_weights_make_every_loss_min_snr_gamma_times_the_error_of_x0(pre
     class Fixed(torch.nn.Module):
         num_classes = None
 
-        def forward(self, x, t, y=None):
+        def forward(self, x, t, y=None, cond=None):
             return out
     x0 = torch.rand(6, 3, 4, 4, generator=torch.Generator().manual_seed(2)) * 2 - 1
     g = torch.Generator().manual_seed(0)  # the draws training_loss makes: t, then ε
@@ -243,8 +243,8 @@ class AsPrediction(torch.nn.Module):
         self.eps_model, self.d, self.prediction = eps_model, d, prediction
         self.in_channels, self.image_size, self.num_classes = eps_model.in_channels, 8, eps_model.num_classes
 
-    def forward(self, x, t, y=None):
-        eps = self.eps_model(x, t, y).double()
+    def forward(self, x, t, y=None, cond=None):
+        eps = self.eps_model(x, t, y, cond).double()
         a = self.d.alphas_cumprod[t].double().view(-1, 1, 1, 1)
         x0 = (x.double() - (1 - a).sqrt() * eps) / a.sqrt()
         return dict(v=a.sqrt() * eps - (1 - a).sqrt() * x0, x0=x0)[self.prediction].float()
@@ -338,7 +338,7 @@ class Gaussian(Oracle):
         super().__init__(diffusion, torch.zeros(1, *shape))
         self.mu, self.s = mu, s
 
-    def forward(self, x, t, y=None):
+    def forward(self, x, t, y=None, cond=None):
         a = self.d.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
         return ((1 - a).sqrt() * (x.double() - a.sqrt() * self.mu) / (a * self.s ** 2 + 1 - a)).float()
 
@@ -387,7 +387,7 @@ def test_dpm_solver_is_ddim_where_it_is_first_order_and_guidance_goes_through_it
             super().__init__()
             self.p = torch.nn.Parameter(torch.zeros(1))
 
-        def forward(self, x, t, _):
+        def forward(self, x, t, _, cond=None):
             eps_u = model(x, t, torch.full_like(y, 3))
             return eps_u + 2.5 * (model(x, t, y) - eps_u)
     assert torch.allclose(run(model, "dpm++", 8, 2.5), run(Guided(), "dpm++", 8, 1.0), atol=1e-5)
@@ -434,7 +434,7 @@ def test_samplers_draw_exact_training_points_under_the_mixture_oracle(steps):
     d, data = ddpm.Diffusion(100), four_images()
 
     class Mixture(Oracle):
-        def forward(self, x, t, y=None):
+        def forward(self, x, t, y=None, cond=None):
             a = d.alphas_cumprod[t].view(-1, 1, 1, 1)
             logp = -((x[:, None] - a.sqrt()[:, None] * data[None]) ** 2).sum(dim=(2, 3, 4)) / (2 * (1 - a.view(-1, 1)))
             x0 = (logp.softmax(1)[:, :, None, None, None] * data[None]).sum(1)
@@ -593,7 +593,7 @@ def test_strength_starts_the_sampler_at_its_step_from_the_noised_image(options):
     seen = []
     model = tiny(7)
     real = model.forward
-    model.forward = lambda x, t, y=None: seen.append((x.clone(), t.clone())) or real(x, t, y)
+    model.forward = lambda x, t, y=None, cond=None: seen.append((x.clone(), t.clone())) or real(x, t, y)
     image = torch.rand(2, 3, 16, 16) * 2 - 1
     noise = torch.randn(2, 3, 16, 16)
     d.sample(model, 2, noise=noise, image=image, strength=0.4, **options)
@@ -647,7 +647,7 @@ def test_resampling_redoes_each_step_as_repaint_does_and_keeps_the_known_pixels(
     mask = centre_known(2)
     calls = []
     real = model.forward
-    model.forward = lambda x, t, y=None: calls.append(int(t[0])) or real(x, t, y)
+    model.forward = lambda x, t, y=None, cond=None: calls.append(int(t[0])) or real(x, t, y)
     x = d.sample(model, 2, y, 2.0, 4, 1.0, torch.Generator().manual_seed(1), known=(x_known, mask, 3))
     ts = d.sampling_steps(4)
     assert calls == [ts[3]] * 3 + [ts[2]] * 3 + [ts[1]] * 3 + [ts[0]]              # guided: one batched call a step
