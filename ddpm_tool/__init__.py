@@ -13,6 +13,7 @@ imports them all.
     data       images decoded once into memory, from folders or torchvision's data sets
     devices    devices, precision and processes (DDP under torchrun)
     sampling   sampling from a checkpoint: the loader, the sampler's options, one batched loop, editing inputs
+    restore    upscale and colorize: a conditioned model's inputs, rows and measures
     trainer    the Trainer: batches, DDP and the bookkeeping around ddpm.train_step
     flags      the flags' types, the rows several commands share and train's, the check of a saved config
     cli        each command's flags beside its handler, and main

@@ -25,6 +25,7 @@ from .runs import (DEFAULTS, NATIVE_SIZE, UserError, ensure_writable, export_mod
 from .sampling import (SAMPLERS, class_labels, describe, draw, edit_inputs, fid_reference, find_checkpoint, inception,
                        is_folder, load_checkpoint, load_mask, load_run, reverse_process, forward_process, sample_out,
                        sampler_options, write_samples)
+from .restore import restore
 from .trainer import Trainer
 
 def cmd_train(args):
@@ -79,7 +80,8 @@ def train_config(given, out, resume, preset):
 def sampling_run(args, deterministic=False, resample=1):
     """--ckpt loaded (load_run) with the sampler, batch size and compilation the flags ask for: how every command that
     samples starts. deterministic: interpolate's; resample: inpaint's --resample."""
-    run = load_run(args.ckpt, args.device, args.precision, check=check_config)
+    run = load_run(args.ckpt, args.device, args.precision,
+                   check=lambda cfg, path: check_config(cfg, path, args.command))
     options = sampler_options(run.device, run.cfg["eta"], run.diffusion.num_timesteps, args.sampler, args.steps,
                               args.spacing, args.eta, args.guidance, deterministic, resample)
     # CPU: batches of 16 keep tensors under glibc's 32 MB mmap threshold, so memory is reused, not faulted in anew
@@ -126,8 +128,8 @@ INPAINT = [INPUT] + RUN + SAMPLER + [
           "of its own"),
     ("--mask", str, "a PNG, white (≥ 128 of 255) where the model paints, of the model's or the image's size "
      "(default: the centre square of half the side)"),
-    ("--resample", number(int, 1, 100), 1, "RePaint's resampling: each step redone R times (R × the cost; R > 1 samples "
-     "with DDIM, 25 steps, η = 1 unless given)")]
+    ("--resample", number(int, 1, 100), 1, "RePaint's resampling: each step redone R times (R × the cost; R > 1 "
+     "samples with DDIM, 25 steps, η = 1 unless given)")]
 
 
 def cmd_inpaint(args):
@@ -199,6 +201,29 @@ def cmd_img2img(args):
     return write_samples(run, args.out, args.seed, "img2img.png", batches, strip, "results of img2img")
 
 
+RESTORE = [INPUT] + RUN + SAMPLER + [
+    OUT, ("--n", SOME, 8, "results: a random N of FOLDER's images, or IMAGE N times, each with noise of its own")]
+
+
+def cmd_upscale(args):
+    """super-resolution (SR3) with a model of `train --task upscale`: rows of input, bicubic, result (and truth)
+
+    An input of the model's low resolution is upscaled; one of its own size is area-downsampled first, as in training,
+    so that the truth is known: the PSNR of the result and of bicubic against it, and the consistency (the result
+    downsampled again, against the input), are printed."""
+    run = sampling_run(args)
+    return restore(run, args.input, args.n, args.seed, getattr(args, "class"), "upscale", args.out)
+
+
+def cmd_colorize(args):
+    """colourisation (Palette) with a model of `train --task colorize`: rows of grey input, result (and truth)
+
+    A grey input is coloured; a colour one of the model's size is made grey first, as in training, so that the truth
+    is known: the PSNR of the result and of the grey image against it are printed."""
+    run = sampling_run(args)
+    return restore(run, args.input, args.n, args.seed, getattr(args, "class"), "colorize", args.out)
+
+
 FID = RUN + SAMPLER + [INCEPTION, DATA_ROOT, WORKERS, JSON,
         ("--ref", str, "cifar10 or mnist (their training sets), an image folder, or an .npz of mu and sigma "
          "(pytorch-fid's format) (default: the checkpoint's training data)"),
@@ -265,7 +290,7 @@ def cmd_nll(args):
     """the variational bound in bits/dim (Ho et al.'s Table 2) of a checkpoint on a data set's test images
 
     Of the EMA model; a class-conditional one through its null label: p(x), as the paper's."""
-    run = load_run(args.ckpt, args.device, args.precision, "nll", check_config)
+    run = load_run(args.ckpt, args.device, args.precision, "nll", lambda cfg, path: check_config(cfg, path, "nll"))
     variance = args.variance or run.cfg["variance"]
     diffusion = Diffusion(run.cfg["timesteps"], run.cfg["schedule"], variance, run.device, run.cfg["prediction"])
     T = diffusion.num_timesteps
@@ -326,6 +351,10 @@ def cmd_export(args):
     path = find_checkpoint(args.ckpt)
     ckpt = load_checkpoint(path)
     check_config(ckpt["config"], path)
+    task = ckpt["config"]["task"]
+    if task != "generate" and args.format == "diffusers":  # its U-Net takes c: DDPMPipeline would not give it one
+        raise UserError(f"{path}: a model of --task {task} takes an image, which diffusers' DDPMPipeline cannot give "
+                        "it: export it with --format fp16")
     if args.format == "fp16":
         export_model(ckpt, out)
     else:
@@ -375,7 +404,8 @@ def cmd_forward(args):
 COMMANDS = {"train": (cmd_train, TRAIN + TRAIN_ONLY), "sample": (cmd_sample, SAMPLE),
             "inpaint": (cmd_inpaint, INPAINT), "interpolate": (cmd_interpolate, INTERPOLATE),
             "img2img": (cmd_img2img, IMG2IMG), "fid": (cmd_fid, FID), "nll": (cmd_nll, NLL),
-            "export": (cmd_export, EXPORT), "forward": (cmd_forward, FORWARD)}
+            "upscale": (cmd_upscale, RESTORE), "colorize": (cmd_colorize, RESTORE), "export": (cmd_export, EXPORT),
+            "forward": (cmd_forward, FORWARD)}
 
 
 def main(argv=None):

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
@@ -22,6 +23,22 @@ def to_uint8(x):
     return ((x.float() + 1) / 2).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
 
 
+
+
+def degrade(x, task, factor):
+    """The image c a conditioned model is given, made from its target x (B, C, H, W) in [-1, 1] as its training pairs
+    are: "upscale" (SR3): x area-downsampled by factor, brought back to full size bicubically; "colorize" (Palette): x
+    in grey, one channel (ITU-R 601 luma, as PIL's convert("L"))."""
+    if task == "colorize":
+        luma = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype)
+        return (x * luma.view(1, 3, 1, 1)).sum(1, keepdim=True)
+    return bicubic(F.avg_pool2d(x, factor), factor)
+
+
+def bicubic(low, factor):
+    """Low-resolution images (B, C, h, w) in [-1, 1] at factor times the size: bicubic, clipped (SR3's c, and the
+    baseline a super-resolution model must beat)."""
+    return F.interpolate(low, scale_factor=factor, mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
 def resize_crop(image, size, nearest=False):
@@ -56,8 +73,21 @@ def class_rows(num_classes, n):
     return torch.arange(num_classes).repeat_interleave(per), per
 
 
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif")  # what a folder's images may be
+
+
+def image_files(data, extensions=EXTENSIONS):
+    """A folder's images by class: {data/<class>: [its images, sorted]} for the subfolders holding any, else {data: the
+    images in data itself}."""
+    def images_in(folder):
+        return [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.lower().endswith(extensions)]
+    subfolders = [os.path.join(data, d) for d in sorted(os.listdir(data)) if not d.startswith(".")]
+    by_class = {d: images_in(d) for d in subfolders if os.path.isdir(d)}
+    return {d: found for d, found in by_class.items() if found} or {data: images_in(data)}  # a cache: no class
+
+
 def load_images(data, root="./data", image_size=32, workers=4, pick=None, flag="--data", cache=False,
-                extensions=(".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif"), train=True):
+                extensions=EXTENSIONS, train=True):
     """→ (images uint8 (N, C, H, W), labels (N,), class names) of "cifar10", "mnist", "fashion-mnist" (downloaded into
     root; train: the training split, else the test split) or a folder data/<class>/*.png|jpg (or data/*.png), decoded
     now: a bad file is refused before training. C = 1 if all are grey, else 3; resize_crop to image_size, S or
@@ -68,11 +98,7 @@ def load_images(data, root="./data", image_size=32, workers=4, pick=None, flag="
         return torchvision_images(data, sets[data], root, image_size, pick, train)
     if not os.path.isdir(data):
         raise UserError(f"{flag} {data}: no such folder (use {', '.join(sets)} or a folder <folder>/<class>/*.png)")
-    def images_in(folder):
-        return [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.lower().endswith(extensions)]
-    subfolders = [os.path.join(data, d) for d in sorted(os.listdir(data)) if not d.startswith(".")]
-    by_class = {d: images_in(d) for d in subfolders if os.path.isdir(d)}
-    by_class = {d: found for d, found in by_class.items() if found} or {data: images_in(data)}  # a cache: no class
+    by_class = image_files(data, extensions)
     classes = [os.path.basename(os.path.normpath(d)) for d in by_class]
     files = [(f, i) for i, found in enumerate(by_class.values()) for f in found]
     if not files:

@@ -71,6 +71,13 @@ SUBSET = number(int, 2, 10 ** 7)  # a random subset of images (2: a covariance)
 FRACTION = number(float, 0, 1)
 
 
+def factor(text):  # --factor: 2, 4 or 8
+    value = number(int, 2, 8)(text)
+    if value not in (2, 4, 8):
+        raise argparse.ArgumentTypeError(f"{text}: 2, 4 or 8")
+    return value
+
+
 def step_count(text):  # "all" → 0 (every step), else a whole number of steps
     return 0 if text == "all" else SOME(text)
 
@@ -113,8 +120,8 @@ RUN = [  # every command that runs the network
     ("--device", str, "cuda, cuda:N, mps or cpu (default: the best found)"),
     ("--precision", ("auto", "fp32", "bf16"), "auto: bf16 autocast on CUDA, and to sample on a CPU that "
      "computes bf16 natively (AMX, AVX512-BF16); fp32 to train on a CPU and for nll (L_0 needs more than bf16)"), SEED,
-    ("--batch-size", number(int, 1, 65536), None, "images a training step (train: 128), or a batch (to sample: 1,024 on "
-     "CUDA, else 16; nll's (image, t) pairs: 1,024 or 64)")]
+    ("--batch-size", number(int, 1, 65536), None, "images a training step (train: 128), or a batch (to sample: 1,024 "
+     "on CUDA, else 16; nll's (image, t) pairs: 1,024 or 64)")]
 CKPT = ("--ckpt", str, "checkpoint, export or diffusers model (default: newest runs/*/ckpt.pt, else bundled)")
 COMPILE = ("--compile", "on/off", "torch.compile (default: on CUDA to train, and where samples × steps ≥ 2e5)")
 SAMPLER = [CKPT, COMPILE,  # every command that samples
@@ -169,6 +176,10 @@ TRAIN = RUN + [DATA_ROOT, WORKERS, INCEPTION, COMPILE] + [  # a run's config: th
     ("--loss", ("l2", "l1", "huber"), "the loss on ε̂: l2 (Ho et al.'s Eq. 14), l1, huber (smooth L1, β = 1)"),
     ("--prediction", ("eps", "v", "x0"), "what the network predicts: ε (Ho et al.), v = sqrt(ᾱ_t) ε − sqrt(1 − ᾱ_t) "
      "x_0 (Salimans & Ho: well-conditioned at both ends of the schedule), or x_0"),
+    ("--task", ("generate", "upscale", "colorize"), "generate: p(x); upscale: super-resolution, p(x | c) for c the "
+     "image area-downsampled by --factor, brought back bicubically (SR3); colorize: c the grey image (Palette). The "
+     "pairs are made from the training images; the U-Net sees c beside x_t; sample with `upscale` or `colorize`"),
+    ("--factor", factor, "upscale's: 2, 4 or 8"),
     ("--snr-gamma", number(float, 0, 1e6), "Min-SNR-γ loss weights (Hang et al.): each step weighted as min(SNR_t, γ) "
      "‖x_0 − x̂_0‖², so the easy low-noise steps stop dominating the gradient; 5 is theirs (0: Ho et al.'s)"),
     ("--report-to", tracker_names, "also log to tensorboard (<out>/tensorboard/), wandb ($WANDB_PROJECT, "
@@ -184,9 +195,10 @@ TRAIN_ONLY = [("--preset", tuple(PRESETS), "paper", "paper: Ho et al.'s setup (t
                "--micro-batch, --grad-checkpoint, --report-to and the FID flags may change")]
 
 
-def check_config(cfg, path):
+def check_config(cfg, path, command=None):
     """A config read from a file (a checkpoint's, an export's, a diffusers folder's), each value a train flag sets
-    checked as the flag checks it → cfg; else UserError naming the file and the key."""
+    checked as the flag checks it → cfg; else UserError naming the file and the key. command: the one that samples it,
+    refused for a model of another --task."""
     for flag, kind, *_ in TRAIN:
         key = flag[2:].replace("-", "_")
         value = cfg.get(key)
@@ -199,4 +211,11 @@ def check_config(cfg, path):
                 kind(text)
         except argparse.ArgumentTypeError as e:
             raise UserError(f"{path}: its config's {key} is {value!r}, which {flag} refuses ({e})") from None
+    task = cfg["task"]
+    conditioned = command in ("upscale", "colorize")
+    if command is not None and task != "generate" and command != task:
+        raise UserError(f"{path}: a model of --task {task}, p(x | c), takes an image: use `python ddpm.py {task} "
+                        f"IMAGE|FOLDER --ckpt {path}`")
+    if conditioned and task != command:
+        raise UserError(f"{path}: a model that generates (no --task); {command} needs one of --task {command}")
     return cfg

@@ -129,6 +129,7 @@ DEFAULTS = dict(  # Ho et al.'s CIFAR-10 run
     schedule="linear", p_uncond=0.1, eta=0.0, save_every=5000, log_every=100, keep_every=0, sample_every=10000,
     fid_every=0, fid_n=1000, fid_ref=None, micro_batch=None, grad_checkpoint=False, init=None, loss="l2",
     report_to=(), flip=None, unconditional=False, prediction="eps", snr_gamma=0.0,
+    task="generate", factor=4,
     same_padding=True, norm_eps=1e-6, variance="fixedlarge")  # no flags: Ho et al.'s exact network, σ²_t = β_t
 # What older runs lack, as they ran: among them the network's padding and GroupNorm ε before Ho et al.'s exact ones
 LEGACY = dict(channels=3, same_padding=False, norm_eps=1e-5)  # (no flip, eta, variance: as the defaults)
@@ -140,7 +141,7 @@ NET_BY_SIZE = {64: dict(ch_mult=(1, 2, 3, 4), attn_res=(16, 8)), 128: dict(ch_mu
                256: dict(ch_mult=(1, 1, 2, 2, 4, 4), attn_res=(16,), lr=2e-5, batch_size=64, dropout=0.0)}
 NATIVE_SIZE = {"cifar10": 32, "mnist": 28, "fashion-mnist": 28}  # torchvision's data sets, in pixels
 INIT_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_res", "timesteps", "schedule", "unconditional", "same_padding",
-             "norm_eps")  # --init's network
+             "norm_eps", "task", "factor")  # --init's network
 # What a resumed run may change; everything else must match the checkpoint, or the run would silently differ.
 RESUMABLE = {"steps", "save_every", "keep_every", "sample_every", "log_every", "device", "num_workers", "eta",
              "precision", "compile", "data", "data_root", "out", "fid_every", "fid_n", "fid_ref", "inception",
@@ -184,6 +185,8 @@ def new_config(preset, given, init):
         cfg.update({k: v for k, v in NET_BY_SIZE.get(max(hw(cfg["image_size"])), {}).items() if k not in given})
     factor = 2 ** (len(cfg["ch_mult"]) - 1)  # now, not once the data is decoded
     sides = hw(cfg["image_size"])
+    if cfg["task"] == "upscale" and any(side % cfg["factor"] for side in sides):
+        raise UserError(f"--factor {cfg['factor']}: the image size {cfg['image_size']} is no multiple of it")
     if any(side % factor for side in sides):
         near = [" or ".join(map(str, sorted({max(factor, s - s % factor), s + -s % factor}))) for s in sides]
         raise UserError(f"--image-size {','.join(map(str, dict.fromkeys(sides)))}: a U-Net of {len(cfg['ch_mult'])} "
@@ -203,10 +206,14 @@ def read_checkpoint(path, mmap=False):
     return ckpt
 
 
+def cond_channels(cfg):  # what the U-Net sees beside x_t: nothing, the low-res image at full size, or the grey one
+    return {"generate": 0, "upscale": cfg["channels"], "colorize": 1}[cfg["task"]]
+
+
 def unet_from_config(cfg, num_classes):
     return UNet(cfg["channels"], cfg["ch"], cfg["ch_mult"], cfg["num_res_blocks"], cfg["attn_res"],
                 cfg["dropout"], cfg["image_size"], None if cfg["unconditional"] else num_classes,
-                cfg["same_padding"], cfg["norm_eps"])
+                cfg["same_padding"], cfg["norm_eps"], cond_channels(cfg))
 
 
 def export_model(ckpt, out):

@@ -230,24 +230,25 @@ def forward_process(x0, noise, diffusions, columns=10):
                         for x, eps in zip(x0, noise) for d in diffusions])
     return rows, ts.tolist()
 
-def edit_inputs(path, run, n, seed, name=None, command="inpaint"):
-    """IMAGE|FOLDER (path) of inpaint and img2img at the model's size, in [-1, 1]: the image, or a random n of the
-    folder's (drawn with seed) → (images (k, C, H, W), the labels of the n results or None, the index of each result's
-    image, in turn). Labels: the class `name` (--class), else each image's own if its folder is named as a class of
-    the model's (CIFAR-10's test set), else none."""
+def edit_inputs(path, run, n, seed, name=None, command="inpaint", size=None, channels=None):
+    """IMAGE|FOLDER (path) of inpaint and img2img at the model's size (or `size`), in [-1, 1]: the image, or a random n
+    of the folder's (drawn with seed) → (images (k, C, H, W), the labels of the n results or None, the index of each
+    result's image, in turn). Labels: the class `name` (--class), else each image's own if its folder is named as a
+    class of the model's (CIFAR-10's test set), else none. channels: the counts taken (default: the model's)."""
     cfg = run.cfg
     labels = None
+    size = size or cfg["image_size"]
     if os.path.isfile(path):
-        images = decode_images([path], cfg["image_size"], 1)
+        images = decode_images([path], size, 1)
     elif os.path.isdir(path):
         pick = random_subset(n, seed)
-        images, folder_labels, names = load_images(path, image_size=cfg["image_size"], pick=pick, flag=command)
+        images, folder_labels, names = load_images(path, image_size=size, pick=pick, flag=command)
         if set(names) <= set(run.classes) and not cfg["unconditional"]:
             labels = torch.tensor([run.classes.index(names[c]) for c in folder_labels.tolist()])
     else:
         raise UserError(f"{command} {path}: no such file or folder")
     kinds = {1: "grey", 3: "colour"}
-    if images.shape[1] != cfg["channels"]:
+    if images.shape[1] not in (channels or [cfg["channels"]]):
         raise UserError(f"{command} {path}: {kinds[images.shape[1]]} images; the model makes "
                         f"{kinds[cfg['channels']]} ones")
     if name is not None:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from ddpm import EMA, Diffusion, ResBlock, train_step
 
 from . import fid, pictures, trackers
-from .data import batch_indices, class_rows, load_images, to_uint8
+from .data import batch_indices, class_rows, degrade, load_images, to_uint8
 from .devices import autocast, resolve_precision
 from .runs import UserError, cache_dir, hw, missing, save_atomic, unet_from_config
 from .sampling import fid_reference, inception, load_checkpoint, sample_batches
@@ -34,6 +34,8 @@ class Trainer:
         torch.manual_seed(cfg["seed"])  # the weights' initialisation
         images, labels, self.classes = self.load_data(cfg, ckpt)
         cfg = dict(cfg, channels=images.shape[1])  # the data decides: 1 (grey) or 3, saved with the config
+        if cfg["task"] == "colorize" and cfg["channels"] != 3:
+            raise UserError(f"--task colorize: the images of --data {cfg['data']} are grey; it learns from colour ones")
         self.cfg = cfg
         self.fmt = torch.contiguous_format if device.type == "mps" else torch.channels_last  # NHWC: see build_model
         self.model = self.build_model(ckpt)
@@ -172,8 +174,9 @@ class Trainer:
         flip = torch.rand(B, generator=self.data, device=self.device) < 0.5 * cfg["flip"]  # horizontal flips
         x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0).contiguous(memory_format=self.fmt)
         y = None if cfg["unconditional"] else self.labels[idx]
+        cond = None if cfg["task"] == "generate" else degrade(x0, cfg["task"], cfg["factor"])  # c of the pair (x0, c)
         lr, loss, grad_norm = train_step(self.model, self.ema, self.opt, self.diffusion, x0, y, self.step, cfg,
-                                         self.data, self.part, self.forward, self.amp)
+                                         self.data, self.part, self.forward, self.amp, cond)
         self.pending.append(torch.stack([loss, grad_norm]))
         self.step += 1
         return lr
@@ -271,9 +274,15 @@ class Trainer:
         from a generator of their own: the EMA model is in eval mode, so the training RNG is untouched."""
         cfg = self.cfg
         y = None if cfg["unconditional"] else class_rows(len(self.classes), n)[0][:n]
+        cond = None
+        if cfg["task"] != "generate":  # a conditioned model: c of the first n training images, and their classes
+            idx = torch.arange(n) % len(self.images)
+            y = None if cfg["unconditional"] else self.labels[idx.to(self.labels.device)]
+            x0 = self.images[idx.to(self.images.device)].to(self.device).float() / 127.5 - 1
+            cond = degrade(x0, cfg["task"], cfg["factor"])
         g = torch.Generator(self.device).manual_seed(cfg["seed"])
         return sample_batches(self.ema.model, self.diffusion, n, batch_size, y=y, guidance=2.0,
-                              steps=min(100, cfg["timesteps"]), eta=cfg["eta"], generator=g)
+                              steps=min(100, cfg["timesteps"]), eta=cfg["eta"], generator=g, cond=cond)
 
     def preview(self):  # a grid of EMA samples in the run folder, a row per class
         labels, nrow = (None, 8) if self.cfg["unconditional"] else class_rows(len(self.classes), 64)
