@@ -144,6 +144,74 @@ def test_default_unet_is_the_papers_35_7m():
     assert abs(n - 35.7e6) <= 0.1e6, n
 
 
+def test_a_unet_conditioned_on_an_image_takes_it_beside_x_t_on_the_channels():
+    model = randomize(ddpm.UNet(3, 16, (1, 2), 1, (), 0.0, (8, 16), num_classes=2, cond_channels=1))
+    assert model.conv_in.in_channels == 4 and model.out[-1].out_channels == 3
+    x, c, t = torch.randn(2, 3, 8, 16), torch.randn(2, 1, 8, 16), torch.tensor([0, 30])
+    with torch.no_grad():
+        out = model(x, t, torch.tensor([0, 1]), c)
+        assert out.shape == x.shape
+        assert not torch.allclose(out, model(x, t, torch.tensor([0, 1]), -c), atol=1e-3)  # c reaches the output
+    # the first convolution sees torch.cat([x_t, c]): its weights on c's channel apply to c
+    first = torch.nn.functional.conv2d(torch.cat([x, c], 1), model.conv_in.weight, model.conv_in.bias, padding=1)
+    assert torch.allclose(model.conv_in(torch.cat([x, c], 1)), first)
+
+
+class ImageOracle(Oracle):
+    """The exact ε for data that is its conditioning image c: p(x | c) puts all its mass on x = c."""
+    def forward(self, x, t, y=None, cond=None):
+        self.calls.append(t.clone())
+        a = self.d.alphas_cumprod[t].double().view(-1, 1, 1, 1)
+        return ((x.double() - a.sqrt() * cond.double()) / (1 - a).sqrt()).float()
+
+
+@pytest.mark.parametrize("options", [dict(), dict(steps=8), dict(steps=8, eta=1.0), dict(steps=8, sampler="dpm++"),
+                                     dict(steps=8, known=None, image=None, strength=0.5)])
+def test_every_sampler_and_guidance_give_each_sample_its_own_conditioning_image(options):
+    d = ddpm.Diffusion(50)
+    cond = torch.rand(3, 3, 4, 4) * 2 - 1  # three different c: a mix-up of rows would show
+    model = ImageOracle(d, cond[:1])
+    model.num_classes = 2
+    if "image" in options:
+        options["image"] = torch.rand(3, 3, 4, 4) * 2 - 1  # img2img from elsewhere still ends at c
+    for y, guidance in [(None, 1.0), (torch.tensor([0, 1, 0]), 3.0)]:  # guidance: c with both halves of the batch
+        x = d.sample(model, 3, y, guidance, generator=torch.Generator().manual_seed(0), cond=cond, **options)
+        assert torch.allclose(x, cond, atol=1e-4), (options, guidance)
+
+
+def test_micro_batches_give_a_conditioned_model_the_step_of_the_whole_batch():
+    x0, cond, params = torch.rand(4, 3, 8, 8) * 2 - 1, torch.rand(4, 1, 8, 8) * 2 - 1, []
+    for micro_batch in [None, 1]:
+        torch.manual_seed(0)
+        model = ddpm.UNet(3, 16, (1, 2), 1, (), 0.0, 8, cond_channels=1)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        hp = dict(lr=1e-3, warmup=0, grad_clip=1.0, p_uncond=0.0, micro_batch=micro_batch, loss="l2")
+        ddpm.train_step(model, ddpm.EMA(model), opt, ddpm.Diffusion(20), x0, None, 0, hp,
+                        torch.Generator().manual_seed(1), cond=cond)
+        params.append(torch.cat([p.flatten() for p in model.parameters()]))
+    assert torch.allclose(params[0], params[1], atol=1e-6)
+
+
+def test_a_tiny_model_given_c_reproduces_it_and_one_given_zeros_cannot():
+    """Trained to make x = c, the same network and budget with c zeroed: only the first can know which image (x_0
+    predicted: the first network's answer is then its input, quickly learnt)."""
+    data, d = four_images(), ddpm.Diffusion(50, prediction="x0")
+    errors = {}
+    for name, cond in [("c", data), ("zeros", torch.zeros_like(data))]:
+        torch.manual_seed(0)
+        model = ddpm.UNet(3, 16, (1,), 1, (), 0.0, 8, cond_channels=3)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        g = torch.Generator().manual_seed(0)
+        for step in range(40):
+            loss = d.training_loss(model, data, generator=g, cond=cond)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        x = d.sample(model.eval(), 4, steps=10, generator=torch.Generator().manual_seed(1), cond=cond[:4])
+        errors[name] = ((x - data) ** 2).mean().item()  # each sample against the image it was asked for
+    assert errors["c"] < 0.1 < errors["zeros"] / 3, errors  # measured: 0.025 and 0.72
+
+
 def test_unet_rejects_indivisible_image_size():
     with pytest.raises(ValueError, match="not divisible by 4"):
         ddpm.UNet(ch_mult=(1, 2, 2), image_size=18)
@@ -489,18 +557,19 @@ def test_ddpm_alone_trains_with_its_step_and_samples_with_each_sampler(tmp_path)
     assert top == {"copy", "math", "contextlib", "torch", "tqdm"}, top
     assert not hasattr(m, "Trainer") and not hasattr(m, "os") and not hasattr(m, "argparse")  # the method alone
     torch.manual_seed(0)
-    model = m.UNet(3, 16, (1, 2), 1, (8,), 0.0, 16, num_classes=2)
+    model = m.UNet(3, 16, (1, 2), 1, (8,), 0.0, 16, num_classes=2, cond_channels=1)  # conditioned on c too
     ema = m.EMA(model, 0.9)
     opt = torch.optim.Adam(model.parameters())
     diffusion = m.Diffusion(20)
     hp = dict(lr=1e-3, warmup=2, grad_clip=1.0, p_uncond=0.2, micro_batch=2, loss="l2")
     x0 = torch.rand(4, 3, 16, 16) * 2 - 1
     y = torch.tensor([0, 1, 0, 1])
+    cond = x0.mean(1, keepdim=True)  # c: a grey image of each
     g = torch.Generator().manual_seed(1)
     before = [p.detach().clone() for p in model.parameters()]
     lrs = []
     for step in range(3):
-        lr, loss, grad_norm = m.train_step(model, ema, opt, diffusion, x0, y, step, hp, g)
+        lr, loss, grad_norm = m.train_step(model, ema, opt, diffusion, x0, y, step, hp, g, cond=cond)
         assert math.isfinite(loss.item()) and math.isfinite(grad_norm.item())
         lrs.append(lr)
     assert lrs == pytest.approx([5e-4, 1e-3, 1e-3])  # the warm-up: lr · min(1, (step + 1) / warmup)
@@ -508,9 +577,10 @@ def test_ddpm_alone_trains_with_its_step_and_samples_with_each_sampler(tmp_path)
     # The same module, run by ddpm.py's own classes, gives the same samples bit for bit with each sampler.
     reference = ddpm.Diffusion(20)
     for options in [dict(), dict(steps=5), dict(steps=5, eta=1.0), dict(steps=5, sampler="dpm++")]:
-        x = diffusion.sample(ema.model, 4, y, 2.0, generator=torch.Generator().manual_seed(2), **options)
+        x = diffusion.sample(ema.model, 4, y, 2.0, generator=torch.Generator().manual_seed(2), cond=cond, **options)
         assert x.shape == (4, 3, 16, 16) and x.abs().max() <= 1
-        same = reference.sample(ema.model, 4, y, 2.0, generator=torch.Generator().manual_seed(2), **options)
+        same = reference.sample(ema.model, 4, y, 2.0, generator=torch.Generator().manual_seed(2), cond=cond,
+                                **options)
         assert torch.equal(x, same), options
 
 
