@@ -403,8 +403,8 @@ def cmd_forward(args):
 # Each command: its handler, whose docstring's first line is its --help, and its flags, which stand above the handler
 COMMANDS = {"train": (cmd_train, TRAIN + TRAIN_ONLY), "sample": (cmd_sample, SAMPLE),
             "inpaint": (cmd_inpaint, INPAINT), "interpolate": (cmd_interpolate, INTERPOLATE),
-            "img2img": (cmd_img2img, IMG2IMG), "fid": (cmd_fid, FID), "nll": (cmd_nll, NLL),
-            "upscale": (cmd_upscale, RESTORE), "colorize": (cmd_colorize, RESTORE), "export": (cmd_export, EXPORT),
+            "img2img": (cmd_img2img, IMG2IMG), "upscale": (cmd_upscale, RESTORE), "colorize": (cmd_colorize, RESTORE),
+            "fid": (cmd_fid, FID), "nll": (cmd_nll, NLL), "export": (cmd_export, EXPORT),
             "forward": (cmd_forward, FORWARD)}
 
 

@@ -250,7 +250,7 @@ def our_config(c, where):
     cfg = dict(channels=c["in_channels"], ch=ch, ch_mult=tuple(b // ch for b in bc), image_size=size,
                num_res_blocks=c["layers_per_block"], attn_res=tuple(S // 2 ** i for i, a in enumerate(attn) if a),
                dropout=c.get("dropout", 0.0), same_padding=c["downsample_padding"] == 0, norm_eps=c["norm_eps"],
-               unconditional=c.get("num_class_embeds") is None)
+               unconditional=c.get("num_class_embeds") is None, task="generate")  # DDPMPipeline's: no image c
     heads = [b // (c["attention_head_dim"] or b) for b in bc]
     try:
         groups = unet_plan(cfg)[1]

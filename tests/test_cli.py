@@ -50,9 +50,10 @@ def test_every_command_has_help(capsys):
     # ddpm.py itself runs as a script in test_sigterm_to_torchrun_stops_every_process_after_the_same_step
     with pytest.raises(SystemExit) as exit:
         cli.main(["--help"])
-    commands = "{train,sample,inpaint,interpolate,img2img,fid,nll,export,forward}"  # in the README's order
+    commands = "{train,sample,inpaint,interpolate,img2img,upscale,colorize,fid,nll,export,forward}"  # the README's order
     assert exit.value.code == 0 and commands in capsys.readouterr().out
-    for command in ("train", "sample", "inpaint", "interpolate", "img2img", "fid", "nll", "export", "forward"):
+    for command in ("train", "sample", "inpaint", "interpolate", "img2img", "upscale", "colorize", "fid", "nll", "export",
+                    "forward"):
         with pytest.raises(SystemExit) as exit:
             cli.main([command, "--help"])
         assert exit.value.code == 0 and f"usage: ddpm.py {command}" in capsys.readouterr().out

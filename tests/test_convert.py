@@ -59,6 +59,9 @@ def test_new_networks_are_hos_and_old_checkpoints_load_as_they_were_trained(ckpt
     assert {m.eps for m in net.modules() if isinstance(m, torch.nn.GroupNorm)} == {1e-6}
     bundled = sampling.load_checkpoint(os.path.join(ddpm.__file__.rsplit("/", 1)[0], "samples", "cifar10_small.pt"))
     assert bundled["config"]["same_padding"] is False and bundled["config"]["norm_eps"] == 1e-5
+    # and as ε-prediction with Ho et al.'s loss, generating: keys older releases lack take the defaults
+    assert {k: bundled["config"][k] for k in ("prediction", "snr_gamma", "task")} == dict(prediction="eps",
+                                                                                          snr_gamma=0, task="generate")
     model = runs.unet_from_config(bundled["config"], 10)
     assert {m.eps for m in model.modules() if isinstance(m, torch.nn.GroupNorm)} == {1e-5}
     assert sampling.load_checkpoint(ckpts["cond"])["config"]["same_padding"] is True  # trained here, now
