@@ -75,7 +75,7 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
 
 class Diffusion:
     """q, p_θ, the loss, the bound, the samplers. Schedules: (T,) float32 made in float64; t: (B,)
-    LongTensor of 0-based steps; x: (B, C, H, W) in [-1, 1]; `model(x_t, t, y, c)` → ε̂, v̂ or x̂_0."""
+    LongTensor of 0-based steps; x: (B, C, H, W) in [-1, 1]; `model(x_t, t, y, c)` → ε̂ (v, x_0)."""
     def __init__(self, timesteps=1000, schedule="linear", variance="fixedlarge", device=None,
                  prediction="eps"):
         if prediction not in ("eps", "v", "x0"):
