@@ -53,3 +53,29 @@ for data in mnist cifar10; do
         done
     done
 done | xargs -P 2 -L 1 bash -c 'job "$@"' _
+
+# The table: each cell the mean over the seeds ± its standard error (for two seeds, half their difference)
+python - "$out/results.txt" <<'PY'
+import collections, json, math, re, sys
+cells = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    data, pred, gamma, seed = line.split()[:4]
+    fields = line.split(" | ")
+    cells[data, pred, gamma, "fid"].append(json.loads(fields[1])["fid"])
+    if data == "mnist":
+        cells[data, pred, gamma, "accuracy"].append(float(re.search(r"accuracy ([\d.]+)", fields[2])[1]))
+def cell(values):
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return f"{mean:.4g} (1 seed)"
+    error = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+    return f"{mean:.4g} ± {error:.2g} ({', '.join(f'{v:.4g}' for v in values)})"
+print("| training | MNIST FID | MNIST accuracy | CIFAR-10 FID |")
+print("|---|---|---|---|")
+for pred in ("eps", "v"):
+    for gamma in ("snr_gamma=0", "snr_gamma=5"):
+        row = [cell(cells[d, pred, gamma, m]) if cells[d, pred, gamma, m] else "–"
+               for d, m in [("mnist", "fid"), ("mnist", "accuracy"), ("cifar10", "fid")]]
+        name = {"eps": "ε", "v": "v"}[pred] + (" + Min-SNR-5" if gamma.endswith("5") else "")
+        print(f"| {name} | " + " | ".join(row) + " |")
+PY
