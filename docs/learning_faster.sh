@@ -4,13 +4,14 @@
 # (`sample`'s default: DDIM 25 steps, η 1, guidance 2):
 #   MNIST:    `--preset small` (1,150 steps of 32); FID of 1,000 samples against 2,000 training digits, and the
 #             accuracy of docs/digit_classifier.py on them (100 of each digit)
-#   CIFAR-10: `--preset small` on the JPEG folder, 1,150 steps of 32 (about 10 minutes on one core); FID at n = 1,000
-#             against the training set's statistics
+#   CIFAR-10: `--preset small` on the JPEG folder, CIFAR_STEPS steps of 32 (default 900: about 8 minutes on one core
+#             beside another run); FID at n = 1,000 against the training set's statistics
 #
-#   bash docs/learning_faster.sh OUT CIFAR10_TRAIN_FOLDER MNIST_ROOT INCEPTION.pth CIFAR10_TRAIN_STATS.npz
-# OUT gets a run folder per model and results.txt, a line per model (the table's cells).
+#   bash docs/learning_faster.sh OUT CIFAR10_TRAIN_FOLDER MNIST_ROOT INCEPTION.pth CIFAR10_TRAIN_STATS.npz [CIFAR_STEPS]
+# OUT gets a run folder per model and results.txt, a line per model (the table's cells); a model with its line there
+# is skipped, so a stopped run goes on where it stopped.
 set -euo pipefail
-out=$1 cifar=$2 mnist=$3 inception=$4 stats=$5
+out=$1 cifar=$2 mnist=$3 inception=$4 stats=$5 cifar_steps=${6:-900}
 here=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 [ -f "$out/digits.pt" ] || python "$here/docs/digit_classifier.py" train "$out/digits.pt" "$mnist"
@@ -19,11 +20,15 @@ job() {  # data prediction gamma seed
     set -euo pipefail
     local data=$1 pred=$2 gamma=$3 seed=$4
     local run="$out/${data}_${pred}_snr${gamma}_seed${seed}"
-    local source=$cifar
-    [ "$data" = mnist ] && source=mnist
+    grep -q "^$data $pred snr_gamma=$gamma seed=$seed " "$out/results.txt" 2> /dev/null && return
+    local source=$cifar steps=$cifar_steps
+    if [ "$data" = mnist ]; then
+        source=mnist
+        steps=1150  # the preset's
+    fi
     [ -f "$run/ckpt.pt" ] || OMP_NUM_THREADS=1 python "$here/ddpm.py" train --data "$source" --data-root "$mnist" \
-        --preset small --prediction "$pred" --snr-gamma "$gamma" --seed "$seed" --out "$run" --sample-every 0 \
-        > "$run.train.txt" 2>&1
+        --preset small --prediction "$pred" --snr-gamma "$gamma" --seed "$seed" --steps "$steps" --out "$run" \
+        --sample-every 0 > "$run.train.txt" 2>&1
     if [ "$data" = mnist ]; then
         OMP_NUM_THREADS=1 python "$here/ddpm.py" sample --ckpt "$run/ckpt.pt" --n 1000 --out "$run/samples/" 2> /dev/null
         fid=$(OMP_NUM_THREADS=1 python "$here/ddpm.py" fid --samples "$run/samples" --ref mnist --ref-n 2000 \
@@ -38,11 +43,11 @@ job() {  # data prediction gamma seed
         >> "$out/results.txt"
 }
 export -f job
-export out cifar mnist inception stats here
+export out cifar mnist inception stats here cifar_steps
 
 # MNIST's reference statistics first, once (cached), with two grey images as the samples: else two jobs compute them
 mkdir -p "$out/grey"
-python -c "from PIL import Image; [Image.new('L', (28, 28), 0).save(f'$out/grey/{i}.png') for i in range(2)]"
+[ -f "$out/grey/1.png" ] || python -c "from PIL import Image; [Image.new('L', (28, 28), 0).save(f'$out/grey/{i}.png') for i in range(2)]"
 python "$here/ddpm.py" fid --samples "$out/grey" --ref mnist --ref-n 2000 --data-root "$mnist" --inception "$inception"
 for data in mnist cifar10; do
     for seed in 0 1; do
