@@ -4,12 +4,14 @@
 # run on 1,000 random test images of their own size (degraded as in training, so the truth is known): the PSNR the
 # command prints, the FID of its results against the training set, and beside them those of bicubic (or of the grey
 # images). The commands' own sampler (the preset's: DDIM 25 steps, η 1, guidance 2).
-#   bash docs/conditioned.sh OUT CIFAR10_FOLDER INCEPTION.pth CIFAR10_TRAIN_STATS.npz [STEPS [N]]
+#   bash docs/conditioned.sh OUT CIFAR10_FOLDER INCEPTION.pth CIFAR10_TRAIN_STATS.npz [STEPS [N [JOBS]]]
+# JOBS: some of "upscale 2", "upscale 4", "colorize 4" (default all three, one after the other)
 set -euo pipefail
-out=$1 cifar=$2 inception=$3 stats=$4 steps=${5:-4000} n=${6:-1000}
+out=$1 cifar=$2 inception=$3 stats=$4 steps=${5:-1350} n=${6:-1000} jobs=${7:-"upscale 2,upscale 4,colorize 4"}
 here=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
-for job in "upscale 2" "upscale 4" "colorize 4"; do
+IFS=, read -ra jobs <<< "$jobs"
+for job in "${jobs[@]}"; do
     set -- $job
     task=$1 factor=$2
     name=$task$([ "$task" = upscale ] && echo "x$factor" || true)
