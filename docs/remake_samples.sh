@@ -27,6 +27,12 @@ avx2 forward --data $cifar/train --out $out/cifar10_forward.png
 avx2 train --data mnist --preset small --data-root $mnist --out $out/mnist
 avx2 sample --ckpt $out/mnist/ckpt.pt --n 100 --out $out/mnist_digits.png --precision fp32
 avx2 sample --ckpt $out/mnist/ckpt.pt --n 40 --process --out $out/mnist_process.png --precision fp32
+# The conditioned pictures come from docs/conditioned.sh's ×4 and colourisation models (one thread, as it ran them)
+one() { OMP_NUM_THREADS=1 run "$@"; }
+one train --data $cifar/train --preset small --task upscale --factor 4 --steps 1350 --sample-every 0 --out $out/sr4
+one upscale $cifar/test --ckpt $out/sr4/ckpt.pt --n 8 --out $out/upscale4.png --precision fp32
+one train --data $cifar/train --preset small --task colorize --steps 1350 --sample-every 0 --out $out/colour
+one colorize $cifar/test --ckpt $out/colour/ckpt.pt --n 8 --out $out/colorize.png --precision fp32
 status=0
 for f in samples/*.png samples/*.gif; do
   if cmp -s "$f" "$out/$(basename "$f")"; then echo "same  $f"; else echo "DIFFERS $f"; status=1; fi
