@@ -15,14 +15,18 @@ from conftest import TINY, grey_run, run_main
 
 @pytest.fixture(scope="module")
 def tasks(folder, tmp_path_factory):
-    """An upscale (×2) and a colorize checkpoint of one TINY step on folder → {task: its path}."""
+    """An upscale (×2, UPSCALE: two steps in micro-batches) and a colorize (one step) checkpoint of TINY on folder →
+    {task: its path}."""
     base = tmp_path_factory.mktemp("tasks")
     paths = {}
-    for task, extra in [("upscale", ["--factor", "2"]), ("colorize", [])]:
+    for task, extra in [("upscale", [*UPSCALE, "--steps", "2"]), ("colorize", ["--steps", "1"])]:
         out = str(base / task)
-        assert cli.main(["train", "--data", folder, "--out", out, "--steps", "1", "--task", task, *extra, *TINY]) == 0
+        assert cli.main(["train", "--data", folder, "--out", out, "--task", task, *extra, *TINY]) == 0
         paths[task] = os.path.join(out, "ckpt.pt")
     return paths
+
+
+UPSCALE = ["--task", "upscale", "--factor", "2", "--micro-batch", "2"]
 
 
 def test_the_pairs_are_sr3s_area_downsample_brought_back_bicubically_and_palettes_grey():
@@ -73,13 +77,12 @@ def test_colorize_colours_a_grey_image_and_measures_a_colour_one(tasks, folder, 
     assert Image.open(tmp_path / "g" / "000000.png").mode == "RGB"
 
 
-def test_a_conditioned_model_resumes_bitwise(folder, tmp_path, capsys):
-    args = ["train", "--data", folder, "--task", "upscale", "--factor", "2", "--micro-batch", "2", *TINY]
-    assert run_main([*args, "--steps", "3", "--out", str(tmp_path / "straight")], capsys)[0] == 0
-    assert run_main([*args, "--steps", "2", "--out", str(tmp_path / "resumed")], capsys)[0] == 0
-    assert run_main(["train", "--resume", "--out", str(tmp_path / "resumed"), "--steps", "3"], capsys)[0] == 0
-    a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("straight", "resumed"))
-    assert a["config"]["task"] == b["config"]["task"] == "upscale" and a["config"]["factor"] == 2
+def test_a_conditioned_model_resumes_bitwise(tasks, folder, tmp_path, capsys):
+    args = ["train", "--data", folder, *UPSCALE, *TINY]  # one step, then a resume: the fixture's two steps exactly
+    assert run_main([*args, "--steps", "1", "--out", str(tmp_path / "resumed")], capsys)[0] == 0
+    assert run_main(["train", "--resume", "--out", str(tmp_path / "resumed"), "--steps", "2"], capsys)[0] == 0
+    a, b = (torch.load(path, weights_only=True) for path in (tasks["upscale"], tmp_path / "resumed" / "ckpt.pt"))
+    assert a["config"]["task"] == b["config"]["task"] == "upscale" and a["config"]["factor"] == 2 and b["step"] == 2
     assert all(torch.equal(a["model"][k], v) for k, v in b["model"].items())
     assert all(torch.equal(a["ema"]["model"][k], v) for k, v in b["ema"]["model"].items())
     assert a["model"]["conv_in.weight"].shape[1] == 6  # x_t and c
