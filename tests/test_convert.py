@@ -146,16 +146,22 @@ def test_a_folder_with_a_pickle_that_would_run_code_is_refused_before_it_runs(tm
     assert not flag.exists()
 
 
-@pytest.mark.parametrize("prediction, name", [("v", "v_prediction"), ("x0", "sample")])
-def test_a_v_or_x0_model_exports_with_its_prediction_type_and_samples_in_ddpm_pipeline_as_here(tmp_path, capsys,
-                                                                                                prediction, name):
-    cfg = dict(runs.DEFAULTS, ch=128, ch_mult=(1, 1), num_res_blocks=1, attn_res=(8,), image_size=8, channels=3,
-               unconditional=True, timesteps=20, variance="fixedlarge", prediction=prediction)
+def exported(tmp_path, capsys, **config):
+    """A random unconditional model of ch 128, ch-mult 1,1, one block, 3 channels (config: the rest), saved as a
+    checkpoint and exported by `export --format diffusers` into tmp_path/d → the model."""
+    cfg = dict(runs.DEFAULTS, ch=128, ch_mult=(1, 1), num_res_blocks=1, channels=3, unconditional=True, **config)
     model = randomize(runs.unet_from_config(cfg, 0))
     torch.save(dict(config=cfg, classes=[], step=1, ema=dict(model=model.state_dict())), tmp_path / "ckpt.pt")
     code, err = run_main(["export", "--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "d"), "--format",
                           "diffusers"], capsys)
     assert code == 0, err
+    return model
+
+
+@pytest.mark.parametrize("prediction, name", [("v", "v_prediction"), ("x0", "sample")])
+def test_a_v_or_x0_model_exports_with_its_prediction_type_and_samples_in_ddpm_pipeline_as_here(tmp_path, capsys,
+                                                                                                prediction, name):
+    exported(tmp_path, capsys, attn_res=(8,), image_size=8, timesteps=20, variance="fixedlarge", prediction=prediction)
     pipe = diffusers.DDPMPipeline.from_pretrained(str(tmp_path / "d"), low_cpu_mem_usage=False)
     assert pipe.scheduler.config.prediction_type == name
     theirs = pipe(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=20,
@@ -265,13 +271,7 @@ def test_a_folder_without_a_scheduler_samples_with_hos_schedule_and_says_so(tmp_
 
 
 def test_a_16_by_32_model_exports_with_sample_size_h_w_and_ddpm_pipeline_samples_that(tmp_path, capsys):
-    cfg = dict(runs.DEFAULTS, ch=128, ch_mult=(1, 1), num_res_blocks=1, attn_res=(8,), image_size=(16, 32),
-               channels=3, unconditional=True, timesteps=50, variance="fixedlarge")
-    model = randomize(runs.unet_from_config(cfg, 0))
-    torch.save(dict(config=cfg, classes=[], step=1, ema=dict(model=model.state_dict())), tmp_path / "ckpt.pt")
-    code, err = run_main(["export", "--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "d"), "--format",
-                          "diffusers"], capsys)
-    assert code == 0, err
+    model = exported(tmp_path, capsys, attn_res=(8,), image_size=(16, 32), timesteps=50, variance="fixedlarge")
     pipe = diffusers.DDPMPipeline.from_pretrained(str(tmp_path / "d"), low_cpu_mem_usage=False)
     assert list(pipe.unet.config.sample_size) == [16, 32]
     x, t = torch.randn(2, 3, 16, 32), torch.tensor([0, 30])
@@ -286,13 +286,7 @@ def test_a_16_by_32_model_exports_with_sample_size_h_w_and_ddpm_pipeline_samples
 def test_a_diffusers_export_keeps_the_models_eta_and_the_folders_permissions(tmp_path, capsys):
     """An exported model samples as its checkpoint does (train --eta rides in unet/config.json's "_ddpm_eta"), a
     damaged "_ddpm_eta" is one line, and every exported file has the permissions the folder's other files have."""
-    cfg = dict(runs.DEFAULTS, ch=128, ch_mult=(1, 1), num_res_blocks=1, attn_res=(), image_size=8, channels=3,
-               unconditional=True, timesteps=20, eta=1.0)
-    model = randomize(runs.unet_from_config(cfg, None))
-    torch.save(dict(config=cfg, classes=[], step=1, ema=dict(model=model.state_dict())), tmp_path / "ckpt.pt")
-    code, err = run_main(["export", "--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "d"), "--format",
-                          "diffusers"], capsys)
-    assert code == 0, err
+    exported(tmp_path, capsys, attn_res=(), image_size=8, timesteps=20, eta=1.0)
     modes = {os.stat(os.path.join(f, n)).st_mode for f, _, names in os.walk(tmp_path / "d") for n in names}
     assert len(modes) == 1, modes  # the weights too (safetensors writes them 0600)
     assert sampling.load_checkpoint(str(tmp_path / "d"))["config"]["eta"] == 1.0
