@@ -193,13 +193,13 @@ class Diffusion:
         t = t[part]
         noise = noise[part]
         out = model(self.q_sample(x0, t, noise), t, y_part, cond_part).float()  # fp32 in autocast
-        a = _extract(self.sqrt_alphas_cumprod, t, x0)
-        s = _extract(self.sqrt_one_minus_alphas_cumprod, t, x0)
-        targets = dict(eps=noise, v=a * noise - s * x0, x0=x0)  # v = sqrt(ᾱ) ε − sqrt(1 − ᾱ) x_0
+        target = x0 if self.prediction == "x0" else noise  # x_0, or ε (Eq. 14)
+        if self.prediction == "v":  # v = sqrt(ᾱ_t) ε − sqrt(1 − ᾱ_t) x_0: Eq. 4, ε and −x_0 swapped
+            target = self.q_sample(noise, t, -x0)
         losses = {"l2": F.mse_loss, "l1": F.l1_loss, "huber": F.smooth_l1_loss}
         if not snr_gamma:
-            return losses[loss](out, targets[self.prediction])
-        per_image = losses[loss](out, targets[self.prediction], reduction="none").flatten(1).mean(1)
+            return losses[loss](out, target)
+        per_image = losses[loss](out, target, reduction="none").flatten(1).mean(1)
         snr = self.alphas_cumprod[t] / (1 - self.alphas_cumprod[t])
         # ‖ε − ε̂‖² = SNR ‖x_0 − x̂_0‖² and ‖v − v̂‖² = (SNR + 1) ‖x_0 − x̂_0‖²: each divisor
         # makes the weighted loss min(SNR, γ) ‖x_0 − x̂_0‖², whatever the network predicts
