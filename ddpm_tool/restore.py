@@ -35,8 +35,9 @@ def task_inputs(path, run, n, seed, name, command):
     if command == "upscale":
         sizes[(H // factor, W // factor)] = f"its low resolution (×{factor})"
     size = (H, W)
-    if os.path.isfile(first_image(path)):
-        with Image.open(first_image(path)) as im:
+    first = first_image(path)
+    if os.path.isfile(first):
+        with Image.open(first) as im:
             size = im.size[::-1]
     if size not in sizes:
         takes = " or ".join(f"{w}×{h} ({what})" for (h, w), what in sizes.items())
