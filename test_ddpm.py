@@ -516,23 +516,23 @@ def test_overfit_tiny_model_reproduces_its_training_images():
     torch.manual_seed(0)
     data, d = four_images(), ddpm.Diffusion(100)
     model = ddpm.UNet(3, 32, (1,), 1, (), 0.0, 8)
-    ema = ddpm.EMA(model, 0.99)
+    ema = ddpm.EMA(model, 0.97)
     untrained = nearest_mse(d.sample(ema.model, 16, steps=20, generator=torch.Generator().manual_seed(0)), data)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
     losses = []
-    for step in range(200):
+    for step in range(120):
         loss = d.training_loss(model, data.repeat(8, 1, 1, 1))
         opt.zero_grad()
         loss.backward()
         opt.step()
         ema.update(model)
         losses.append(loss.item())
-    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
-    assert last < first / 10, (first, last)                         # measured: 0.40 → 0.028
+    first, last = sum(losses[:12]) / 12, sum(losses[-12:]) / 12
+    assert last < first / 6, (first, last)                          # measured: 0.48 → 0.046 (seeds 0-2: ÷10-11)
     nearest = nearest_mse(d.sample(ema.model, 16, steps=20, generator=torch.Generator().manual_seed(0)), data)
-    # Measured median 0.08 (untrained: 1.25): samples sit ~10× closer to one training image than those
-    # images are to each other (≥ 0.85), and they are not collapsed onto one image.
-    assert nearest.values.median() < 0.15 < untrained.values.median(), (nearest.values, untrained.values)
+    # Measured median 0.14 with seeds 0, 1 and 2 (untrained: 1.25): samples sit ~6× closer to one training image
+    # than those images are to each other (≥ 0.85), and they are not collapsed onto one image.
+    assert nearest.values.median() < 0.25 < untrained.values.median(), (nearest.values, untrained.values)
     assert len(set(nearest.indices.tolist())) >= 3
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_tool import cli, runs
+from ddpm_tool import cli, runs, trainer
 from test_ddpm import Oracle, randomize  # noqa: F401 (for the test files)
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: ddpm.py, samples/
@@ -39,6 +39,14 @@ def data_root(tmp_path_factory):
     os.environ.pop("DDPM_CACHE")
     if cache is not None:
         os.environ["DDPM_CACHE"] = cache
+
+
+@pytest.fixture(autouse=True)
+def progress_chart(request, monkeypatch):
+    """train draws progress.png at each log line (matplotlib: ~0.08 s, over 50 times a session): only in the tests
+    marked `chart`, the ones that look at it (or at its note without matplotlib); test_pictures.py draws it alone."""
+    if "chart" not in request.keywords:
+        monkeypatch.setattr(trainer.Trainer, "draw_progress", lambda self: None)
 
 
 @pytest.fixture(scope="session")

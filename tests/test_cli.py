@@ -190,6 +190,7 @@ def test_sample_writes_into_outputs_not_into_the_repos_samples(ckpts, tmp_path, 
     assert code == 0 and sorted(os.listdir(tmp_path / "outputs")) == ["cat.png", "ship.png"]  # a class by its index
 
 
+@pytest.mark.chart
 def test_optional_packages_are_imported_where_used_and_without_one_a_command_names_what_to_install(folder, ckpts,
                                                                                                   tmp_path, monkeypatch,
                                                                                                   capsys):

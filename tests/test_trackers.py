@@ -37,6 +37,7 @@ def _wandb_history(path):
     return rows
 
 
+@pytest.mark.chart
 def test_fid_and_trackers_leave_the_training_bitwise_as_it_was_and_a_resume_continues_them(folder, tmp_path,
                                                                                          monkeypatch, capsys,
                                                                                          fake_inception):
