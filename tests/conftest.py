@@ -41,6 +41,29 @@ def data_root(tmp_path_factory):
         os.environ["DDPM_CACHE"] = cache
 
 
+@pytest.fixture(scope="session", autouse=True)
+def each_file_unpickled_once():
+    """torch.load(path, weights_only=True) of a file unchanged since a load (same inode, size and mtime) gives a copy
+    of that load's content: the ckpts fixture's checkpoint alone is read by ~60 commands, each 50 ms in the
+    weights-only unpickler (Python), 3 s a session. A first read, a file written since, an error: torch.load's own."""
+    real, loaded = torch.load, {}
+
+    def load(f, *args, **kwargs):
+        try:
+            stat = os.stat(f)
+        except (OSError, TypeError):  # not a path, or none there
+            return real(f, *args, **kwargs)
+        if args or not kwargs.get("weights_only") or stat.st_size > 2 ** 24:
+            return real(f, *args, **kwargs)
+        key = (os.path.abspath(f), stat.st_ino, stat.st_size, stat.st_mtime_ns, repr(sorted(kwargs.items())))
+        if key not in loaded:
+            loaded[key] = real(f, **kwargs)
+        return torch.utils._pytree.tree_map(lambda x: x.clone() if torch.is_tensor(x) else x, loaded[key])
+    torch.load = load
+    yield
+    torch.load = real
+
+
 @pytest.fixture(autouse=True)
 def progress_chart(request, monkeypatch):
     """train draws progress.png at each log line (matplotlib: ~0.08 s, over 50 times a session): only in the tests
