@@ -285,19 +285,6 @@ def test_micro_batches_accumulate_the_gradient_of_the_whole_batch_in_one_process
     capsys.readouterr()
 
 
-def test_two_process_resume_is_bitwise_identical(folder, tmp_path, capsys):
-    args = ["train", "--data", folder, "--dropout", "0.3", "--p-uncond", "0.5", *TINY]   # 2 images a process
-    assert run_ddp(args + ["--steps", "4", "--out", str(tmp_path / "straight")]) == [0, 0]
-    assert run_ddp(args + ["--steps", "2", "--out", str(tmp_path / "resumed")]) == [0, 0]
-    assert run_ddp(["train", "--resume", "--out", str(tmp_path / "resumed"), "--steps", "4"]) == [0, 0]
-    a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("straight", "resumed"))
-    assert a["step"] == b["step"] == 4 and len(a["rng"]["ranks"]) == 2
-    for part in ("model", "optimizer", "ema"):
-        flat_a, flat_b = torch.utils._pytree.tree_flatten(a[part])[0], torch.utils._pytree.tree_flatten(b[part])[0]
-        assert all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(flat_a, flat_b)), part
-    capsys.readouterr()
-
-
 def test_a_global_batch_that_does_not_split_is_one_line(folder, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
@@ -317,23 +304,33 @@ def _children(pid):
     return kids
 
 
-def test_sigterm_to_torchrun_stops_every_process_after_the_same_step(folder, tmp_path):
-    """ddpm.py as torchrun runs it: as a script, in two processes."""
+def test_sigterm_to_torchrun_stops_every_process_after_the_same_step_and_two_processes_resume_it_bitwise(folder,
+                                                                                                        tmp_path):
+    """ddpm.py as torchrun runs it: as a script, in two processes; then resumed for a step in two processes, equal to
+    a run of as many steps straight, bit for bit (its model, Adam, EMA and every process's random state)."""
     out, root = str(tmp_path / "run"), str(tmp_path / "root")
     data.load_images(folder, root, 16, cache=True)  # decoded once here: the workers map it (no torchvision import)
+    args = ["train", "--data", folder, "--data-root", root, "--dropout", "0.3", "--p-uncond", "0.5", *TINY]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    proc = subprocess.Popen([*torchrun, os.path.join(HERE, "ddpm.py"), "train", "--data", folder, "--out", out,
-                             "--steps", "100000", "--save-every", "1", "--log-every", "100000", "--data-root", root,
-                             *TINY], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([*torchrun, os.path.join(HERE, "ddpm.py"), *args, "--out", out, "--steps", "100000",
+                             "--save-every", "1", "--log-every", "100000"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, TMPDIR=str(tmp_path)))  # torchrun's own folder, which a signal leaves
     _wait_for(os.path.join(out, "ckpt.pt"), lambda: proc.poll() is None)  # training: its first step is saved
     workers = _children(proc.pid)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    assert f"interrupted at step {ckpt['step']}; saved" in err and err.count("interrupted at step") == 1, err
-    assert len(ckpt["rng"]["ranks"]) == 2 and len(workers) == 2 and not _children(proc.pid)
+    step = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"]
+    assert f"interrupted at step {step}; saved" in err and err.count("interrupted at step") == 1, err
+    assert len(workers) == 2 and not _children(proc.pid)
     assert all(not os.path.exists(f"/proc/{w}") for w in workers) and not any(".tmp" in f for f in os.listdir(out))
+    assert run_ddp(["train", "--resume", "--out", out, "--steps", str(step + 1)]) == [0, 0]
+    assert run_ddp([*args, "--out", str(tmp_path / "straight"), "--steps", str(step + 1)]) == [0, 0]
+    a, b = (torch.load(os.path.join(r, "ckpt.pt"), weights_only=True) for r in (tmp_path / "straight", out))
+    assert a["step"] == b["step"] == step + 1 and len(b["rng"]["ranks"]) == 2
+    for part in ("model", "optimizer", "ema", "rng"):
+        flat_a, flat_b = torch.utils._pytree.tree_flatten(a[part])[0], torch.utils._pytree.tree_flatten(b[part])[0]
+        assert all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(flat_a, flat_b)), part
 
 
 def test_a_process_that_dies_takes_the_others_down(folder, tmp_path):
