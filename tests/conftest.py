@@ -64,10 +64,14 @@ def each_file_unpickled_once():
     torch.load = real
 
 
+DRAW_PROGRESS = trainer.Trainer.draw_progress
+
+
 @pytest.fixture(autouse=True)
 def progress_chart(request, monkeypatch):
     """train draws progress.png at each log line (matplotlib: ~0.08 s, over 50 times a session): only in the tests
-    marked `chart`, the ones that look at it (or at its note without matplotlib); test_pictures.py draws it alone."""
+    marked `chart`, or from where a test sets DRAW_PROGRESS back, the ones that look at it (or at its note without
+    matplotlib); test_pictures.py draws it alone."""
     if "chart" not in request.keywords:
         monkeypatch.setattr(trainer.Trainer, "draw_progress", lambda self: None)
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_tool import cli
-from conftest import TINY, run_main
+from ddpm_tool import cli, trainer
+from conftest import DRAW_PROGRESS, TINY, run_main
 
 
 def _tracker(name):
@@ -37,7 +37,6 @@ def _wandb_history(path):
     return rows
 
 
-@pytest.mark.chart
 def test_fid_and_trackers_leave_the_training_bitwise_as_it_was_and_a_resume_continues_them(folder, tmp_path,
                                                                                          monkeypatch, capsys,
                                                                                          fake_inception):
@@ -53,6 +52,7 @@ def test_fid_and_trackers_leave_the_training_bitwise_as_it_was_and_a_resume_cont
                       "--sample-every", "4", "--report-to", "tensorboard,wandb"]) == 0
     shutil.copy(out / "ckpt.pt", tmp_path / "first.pt")
     shutil.copy(out / "ckpt_00000002.pt", out / "ckpt.pt")  # as if it had died at step 4, its last checkpoint step 2
+    monkeypatch.setattr(trainer.Trainer, "draw_progress", DRAW_PROGRESS)  # the chart looked at: the resumed run's
     assert cli.main(["train", "--resume", "--out", str(out)]) == 0
     paths = (plain / "ckpt.pt", tmp_path / "first.pt", out / "ckpt.pt")
     ckpts = [torch.load(path, weights_only=True) for path in paths]
