@@ -17,6 +17,18 @@ TINY = ["--image-size", "16", "--ch", "16", "--ch-mult", "1,2", "--num-res-block
         "--timesteps", "50", "--batch-size", "4", "--sample-every", "0", "--num-workers", "1"]
 
 
+def differing(a, b, parts):
+    """The parts of checkpoint a that b does not hold bit for bit (tensors by torch.equal, the rest by ==) → a list."""
+    out = []
+    for part in parts:
+        flat_a, flat_b = (torch.utils._pytree.tree_flatten(c[part])[0] for c in (a, b))
+        pairs = zip(flat_a, flat_b)
+        same = all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in pairs)
+        if not same or len(flat_a) != len(flat_b):
+            out.append(part)
+    return out
+
+
 def run_main(argv, capsys):
     """The command line (ddpm.py's) in-process → (exit code, stderr). argparse errors count as their SystemExit code."""
     try:

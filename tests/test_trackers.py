@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from ddpm_tool import cli, trainer
-from conftest import DRAW_PROGRESS, TINY, run_main
+from conftest import DRAW_PROGRESS, TINY, differing, run_main
 
 
 def _tracker(name):
@@ -57,9 +57,7 @@ def test_fid_and_trackers_leave_the_training_bitwise_as_it_was_and_a_resume_cont
     paths = (plain / "ckpt.pt", tmp_path / "first.pt", out / "ckpt.pt")
     ckpts = [torch.load(path, weights_only=True) for path in paths]
     for other in ckpts[1:]:  # FID, previews and trackers draw nothing from training's random streams
-        for part in ("model", "optimizer", "ema"):
-            flat_a, flat_b = (torch.utils._pytree.tree_flatten(c[part])[0] for c in (ckpts[0], other))
-            assert all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(flat_a, flat_b)), part
+        assert not differing(ckpts[0], other, ("model", "optimizer", "ema"))
     cfg, log = ckpts[2]["config"], (out / "log.txt").read_text()
     assert cfg["report_to"] == ("tensorboard", "wandb") and len(cfg["wandb_id"]) == 8
     fids = re.findall(r"^step (\d+) fid (\S+) n 5 DDIM 5 steps, eta 0.0, guidance 2.0$", log, re.M)

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 import ddpm
 from ddpm_tool import cli, data, runs, trainer
-from conftest import HERE, ONE_STEP, TINY, WIDE, run_main
+from conftest import HERE, ONE_STEP, TINY, WIDE, differing, run_main
 
 
 def test_the_paper_model_on_a_cpu_says_it_is_sized_for_a_gpu(folder, tmp_path, monkeypatch, capsys):
@@ -35,9 +35,7 @@ def test_exact_resume_is_bitwise_identical(folder, tmp_path, capsys):
     a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("straight", "resumed"))
     assert a["step"] == b["step"] == 6 and b["ema"]["num_updates"] == 6
     assert saved.items() <= a["config"].items() and saved.items() <= b["config"].items()
-    for part in ("model", "optimizer"):
-        flat_a, flat_b = torch.utils._pytree.tree_flatten(a[part])[0], torch.utils._pytree.tree_flatten(b[part])[0]
-        assert all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(flat_a, flat_b))
+    assert not differing(a, b, ("model", "optimizer"))
     assert all(torch.equal(a["ema"]["model"][k], v) for k, v in b["ema"]["model"].items())
     assert sorted(f for f in os.listdir(tmp_path / "straight") if f.startswith("ckpt_")) == \
         ["ckpt_00000002.pt", "ckpt_00000004.pt", "ckpt_00000006.pt"]
@@ -328,9 +326,7 @@ def test_sigterm_to_torchrun_stops_every_process_after_the_same_step_and_two_pro
     assert run_ddp([*args, "--out", str(tmp_path / "straight"), "--steps", str(step + 1)]) == [0, 0]
     a, b = (torch.load(os.path.join(r, "ckpt.pt"), weights_only=True) for r in (tmp_path / "straight", out))
     assert a["step"] == b["step"] == step + 1 and len(b["rng"]["ranks"]) == 2
-    for part in ("model", "optimizer", "ema", "rng"):
-        flat_a, flat_b = torch.utils._pytree.tree_flatten(a[part])[0], torch.utils._pytree.tree_flatten(b[part])[0]
-        assert all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(flat_a, flat_b)), part
+    assert not differing(a, b, ("model", "optimizer", "ema", "rng"))
 
 
 def test_a_process_that_dies_takes_the_others_down(folder, tmp_path):
