@@ -16,9 +16,9 @@ for job in "${jobs[@]}"; do
     task=$1 factor=$2
     name=$task$([ "$task" = upscale ] && echo "x$factor" || true)
     run="$out/$name"
-    [ -f "$run/ckpt.pt" ] || /usr/bin/time -f "trained in %e s (%U s of CPU time)" python "$here/ddpm.py" train --data "$cifar/train" \
-        --preset small --task "$task" --factor "$factor" --steps "$steps" --sample-every 0 --out "$run" \
-        2>&1 | tail -2
+    [ -f "$run/ckpt.pt" ] || /usr/bin/time -f "trained in %e s (%U s of CPU time)" python "$here/ddpm.py" train \
+        --data "$cifar/train" --preset small --task "$task" --factor "$factor" --steps "$steps" --sample-every 0 \
+        --out "$run" 2>&1 | tail -2
     python "$here/ddpm.py" "$task" "$cifar/test" --ckpt "$run/ckpt.pt" --n "$n" --out "$run/results/" 2>&1 | tail -2
     # the baseline on the same n test images (edit_inputs' pick: random_subset(n, seed 0) of the folder's listing)
     PYTHONPATH="$here" python - "$cifar/test" "$n" "$task" "$factor" "$run/baseline" <<'EOF'

@@ -47,7 +47,8 @@ export out cifar mnist inception stats here cifar_steps
 
 # MNIST's reference statistics first, once (cached), with two grey images as the samples: else two jobs compute them
 mkdir -p "$out/grey"
-[ -f "$out/grey/1.png" ] || python -c "from PIL import Image; [Image.new('L', (28, 28), 0).save(f'$out/grey/{i}.png') for i in range(2)]"
+[ -f "$out/grey/1.png" ] ||
+    python -c "from PIL import Image; [Image.new('L', (28, 28), 0).save(f'$out/grey/{i}.png') for i in range(2)]"
 python "$here/ddpm.py" fid --samples "$out/grey" --ref mnist --ref-n 2000 --data-root "$mnist" --inception "$inception"
 for data in mnist cifar10; do
     for seed in 0 1; do
